@@ -147,7 +147,6 @@ class LULinear(Transform):
         if permute:
             perm = torch.randperm(self.dim, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("perm", perm)
-        self.register_buffer("inv_perm", torch.argsort(perm))
 
     def matrix(self) -> Tensor:
         """The matrix S (D, D), permutation included."""
@@ -169,7 +168,7 @@ class LULinear(Transform):
         upper = torch.triu(self.upper, 1) + torch.diag(self.log_diag.exp())
         v = torch.linalg.solve_triangular(lower, y.T, upper=False, unitriangular=True)
         v = torch.linalg.solve_triangular(upper, v, upper=True)
-        x = v.T[:, self.inv_perm]
+        x = v.T[:, self.perm]
         return x, -self.log_abs_det().expand(y.shape[0])
 
 
