@@ -1,0 +1,607 @@
+"""Internal coordinates of a molecule: Z-matrix, exact bijection to Cartesians, flow-space map."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import mdtraj
+import numpy as np
+import openmm.app as app
+import torch
+from torch import Tensor, nn
+
+from openmm_nice.transforms import Transform
+
+__all__ = ["build_zmatrix", "InternalCoordinates", "MolecularTransform"]
+
+
+def build_zmatrix(topology: app.Topology | mdtraj.Topology) -> np.ndarray:
+    r"""A Z-matrix that places every atom from earlier atoms along the topology's bond graph.
+
+    The root is a heavy atom near the centre of the bond graph (it minimises the larger
+    graph distance to the two ends of a longest heavy-atom path), so that the frame atoms
+    are heavy and reference chains are short. Atoms follow in breadth-first order, heavy
+    neighbours before hydrogens. An atom i is placed by its bond partner j (the atom it was
+    reached from), the angle partner k (j's own bond partner, or for children of the root the
+    root's first child), and the torsion partner l, chosen as, in this order of preference:
+
+    1. an earlier-placed other neighbour of j (a sibling of i): the torsion i-j-k-l is then
+       fixed by the local geometry (about +-120 degrees for an sp3 centre, 180 for sp2), so
+       only the first child of j carries the free rotor torsion and the siblings' torsions are
+       narrow and nearly independent of it;
+    2. an earlier-placed neighbour of k other than j (a proper torsion);
+    3. any other earlier-placed atom (only for very short or unusual graphs).
+
+    Arguments:
+        topology: An ``openmm.app.Topology`` or ``mdtraj.Topology`` of one connected
+            molecule with at least 3 atoms and its bonds.
+
+    Returns:
+        An int64 array of shape (N, 4); row r is ``[atom, j, k, l]`` with atom indices of the
+        topology. Row 0 (the root) has ``j = k = l = -1``, row 1 has ``k = l = -1`` and row 2
+        has ``l = -1``; every reference appears in an earlier row.
+
+    Example:
+        >>> top = app.Topology()
+        >>> residue = top.addResidue("BUT", top.addChain())
+        >>> atoms = [top.addAtom(f"C{i}", app.element.carbon, residue) for i in range(4)]
+        >>> for a, b in zip(atoms[:-1], atoms[1:]):
+        ...     _ = top.addBond(a, b)
+        >>> build_zmatrix(top)
+        array([[ 1, -1, -1, -1],
+               [ 0,  1, -1, -1],
+               [ 2,  1,  0, -1],
+               [ 3,  2,  1,  0]])
+    """
+    hydrogen, neighbours = _bond_graph(topology)
+    n = len(hydrogen)
+    if n < 3:
+        raise ValueError(
+            f"internal coordinates need at least 3 atoms, the topology has {n}; "
+            "a molecule this small has no Z-matrix (use Cartesian coordinates)"
+        )
+    _check_connected(neighbours)
+    root = _central_heavy_atom(hydrogen, neighbours)
+
+    order = [root]
+    parent = {root: -1}
+    queue = deque([root])
+    while queue:
+        atom = queue.popleft()
+        for other in sorted(neighbours[atom], key=lambda a: (hydrogen[a], a)):
+            if other not in parent:
+                parent[other] = atom
+                order.append(other)
+                queue.append(other)
+
+    row_of = {atom: r for r, atom in enumerate(order)}
+    rows = [[root, -1, -1, -1]]
+    for r, atom in enumerate(order[1:], start=1):
+        j = parent[atom]
+        if r == 1:
+            rows.append([atom, j, -1, -1])
+            continue
+        # The root has no parent; its first child (row 1) is the angle partner of its children.
+        k = parent[j] if parent[j] >= 0 else order[1]
+        if r == 2:
+            rows.append([atom, j, k, -1])
+            continue
+
+        partner = (
+            _earliest(neighbours[j] - {k}, row_of, r)
+            or _earliest(neighbours[k] - {j}, row_of, r)
+            or _earliest(set(order[:r]) - {j, k}, row_of, r)
+        )
+        rows.append([atom, j, k, partner[0]])
+    return np.asarray(rows, dtype=np.int64)
+
+
+def _earliest(candidates: set[int], row_of: dict[int, int], row: int) -> tuple[int] | tuple[()]:
+    """The candidate placed first among those placed before ``row``, as a 0- or 1-tuple."""
+    placed = [a for a in candidates if row_of[a] < row]
+    return (min(placed, key=row_of.__getitem__),) if placed else ()
+
+
+def _bond_graph(topology: app.Topology | mdtraj.Topology) -> tuple[list[bool], list[set[int]]]:
+    """Hydrogen flags and neighbour sets of the atoms of an OpenMM or mdtraj topology."""
+    if isinstance(topology, app.Topology):
+        atoms, bonds = list(topology.atoms()), list(topology.bonds())
+    elif isinstance(topology, mdtraj.Topology):
+        atoms, bonds = list(topology.atoms), list(topology.bonds)
+    else:
+        raise TypeError(
+            f"expected an openmm.app.Topology or mdtraj.Topology, got {type(topology).__name__}"
+        )
+    hydrogen = [a.element is not None and a.element.symbol in ("H", "D") for a in atoms]
+    neighbours: list[set[int]] = [set() for _ in atoms]
+    for a, b in bonds:
+        if a.index != b.index:
+            neighbours[a.index].add(b.index)
+            neighbours[b.index].add(a.index)
+    return hydrogen, neighbours
+
+
+def _graph_distances(start: int, neighbours: list[set[int]]) -> np.ndarray:
+    """Bond-graph distances from ``start`` (-1 where unreachable)."""
+    distance = np.full(len(neighbours), -1, dtype=np.int64)
+    distance[start] = 0
+    queue = deque([start])
+    while queue:
+        atom = queue.popleft()
+        for other in neighbours[atom]:
+            if distance[other] < 0:
+                distance[other] = distance[atom] + 1
+                queue.append(other)
+    return distance
+
+
+def _check_connected(neighbours: list[set[int]]) -> None:
+    not_first = _graph_distances(0, neighbours) < 0
+    if not not_first.any():
+        return
+    components, unreached = 1, not_first.copy()
+    while unreached.any():
+        components += 1
+        unreached &= _graph_distances(int(np.argmax(unreached)), neighbours) < 0
+    first = np.flatnonzero(not_first)[:5].tolist()
+    raise ValueError(
+        f"the bond graph has {components} separate molecules (atoms {first}... are not bonded "
+        "to atom 0); internal coordinates need one connected molecule: remove solvent and ions, "
+        "or add the missing bonds (e.g. CONECT records for a ligand)"
+    )
+
+
+def _central_heavy_atom(hydrogen: list[bool], neighbours: list[set[int]]) -> int:
+    """A heavy atom near the graph centre, by a double sweep over heavy atoms (O(N))."""
+    candidates = np.array([i for i, h in enumerate(hydrogen) if not h] or range(len(hydrogen)))
+    first = _graph_distances(int(candidates[0]), neighbours)
+    end_a = int(candidates[np.argmax(first[candidates])])
+    from_a = _graph_distances(end_a, neighbours)
+    end_b = int(candidates[np.argmax(from_a[candidates])])
+    from_b = _graph_distances(end_b, neighbours)
+    # Smallest larger distance to the two ends first, then nearest the a-b path, then index.
+    key = np.lexsort(
+        (candidates, (from_a + from_b)[candidates], np.maximum(from_a, from_b)[candidates])
+    )
+    return int(candidates[key[0]])
+
+
+def _validate_zmatrix(zmatrix: np.ndarray | Tensor) -> np.ndarray:
+    """Check that every row references distinct atoms of earlier rows; return int64 (N, 4)."""
+    z = np.asarray(torch.as_tensor(zmatrix).cpu())
+    if z.ndim != 2 or z.shape[1] != 4 or z.shape[0] < 3:
+        raise ValueError(
+            f"a Z-matrix has shape (N, 4) with N >= 3, got {z.shape}; build it with build_zmatrix"
+        )
+    if not np.issubdtype(z.dtype, np.integer):
+        raise TypeError(f"a Z-matrix holds integer atom indices, got dtype {z.dtype}")
+    z = z.astype(np.int64)
+    n = len(z)
+    if sorted(z[:, 0].tolist()) != list(range(n)):
+        raise ValueError(f"the first column of a Z-matrix must list each atom 0..{n - 1} once")
+    row_of = {atom: r for r, atom in enumerate(z[:, 0].tolist())}
+    for r, (atom, *refs) in enumerate(z.tolist()):
+        needed, unused = refs[: min(r, 3)], refs[min(r, 3) :]
+        bad = (
+            any(u != -1 for u in unused)
+            or any(a not in row_of or row_of[a] >= r for a in needed)
+            or len({atom, *needed}) != len(needed) + 1
+        )
+        if bad:
+            raise ValueError(
+                f"Z-matrix row {r} = {[atom, *refs]} is invalid: row r needs min(r, 3) distinct "
+                "references to atoms of earlier rows and -1 for the rest; build it with "
+                "build_zmatrix"
+            )
+    return z
+
+
+def _rebuild_after_load(module: InternalCoordinates, incompatible_keys: object) -> None:
+    """Keep the placement plan in step with a Z-matrix loaded from a state dict."""
+    module._build_plan()
+
+
+def _placed(pj: Tensor, pk: Tensor, pl: Tensor, bond: Tensor, angle: Tensor, torsion: Tensor):
+    """Position of i with |i-j| = bond, angle(i, j, k) = angle, dihedral(l, k, j, i) = torsion.
+
+    All positions are (B, n, 3), the internal coordinates (B, n).
+    """
+    axis = pj - pk
+    axis = axis / torch.linalg.vector_norm(axis, dim=-1, keepdim=True)
+    normal = torch.linalg.cross(pk - pl, axis)
+    normal = normal / torch.linalg.vector_norm(normal, dim=-1, keepdim=True)
+    in_plane = torch.linalg.cross(normal, axis)
+    radial = (bond * torch.sin(angle)).unsqueeze(-1)
+    return (
+        pj
+        - (bond * torch.cos(angle)).unsqueeze(-1) * axis
+        + radial * (torch.cos(torsion).unsqueeze(-1) * in_plane)
+        + radial * (torch.sin(torsion).unsqueeze(-1) * normal)
+    )
+
+
+def _angles(pi: Tensor, pj: Tensor, pk: Tensor) -> Tensor:
+    """The angle i-j-k in [0, pi]; atan2 keeps full precision near 0 and pi, unlike acos."""
+    u, v = pi - pj, pk - pj
+    return torch.atan2(torch.linalg.vector_norm(torch.linalg.cross(u, v), dim=-1), (u * v).sum(-1))
+
+
+def _dihedrals(pi: Tensor, pj: Tensor, pk: Tensor, pl: Tensor) -> Tensor:
+    """The IUPAC dihedral of the chain l-k-j-i in (-pi, pi]."""
+    b0, b1, b2 = pk - pl, pj - pk, pi - pj
+    n1, n2 = torch.linalg.cross(b0, b1), torch.linalg.cross(b1, b2)
+    y = torch.linalg.vector_norm(b1, dim=-1) * (b0 * n2).sum(-1)
+    return torch.atan2(y, (n1 * n2).sum(-1))
+
+
+def _check_batch(x: Tensor, dim: int, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected {name} as a torch.Tensor of shape (B, {dim}), got {type(x)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected {name} as a float32 or float64 tensor, got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"expected {name} of shape (B, {dim}), got {tuple(x.shape)}")
+
+
+class InternalCoordinates(nn.Module):
+    r"""The exact map between Cartesian positions and Z-matrix internal coordinates.
+
+    For a Z-matrix with rows :math:`r = 0, \dots, N-1` (see :func:`build_zmatrix`) the
+    internal coordinates are, in this order,
+
+    .. math:: q = (b_1, \dots, b_{N-1},\ \theta_2, \dots, \theta_{N-1},\ \phi_3, \dots, \phi_{N-1})
+
+    with :math:`b_r = |x_i - x_j|` in nm, :math:`\theta_r = \angle(i, j, k) \in (0, \pi)`
+    and :math:`\phi_r` the dihedral i-j-k-l in :math:`(-\pi, \pi]` (IUPAC sign), for
+    :math:`(i, j, k, l)` = row r. So ``q[:, r - 1]`` is a bond, ``q[:, N - 3 + r]`` an angle
+    and ``q[:, 2N - 6 + r]`` a torsion, 3N - 6 numbers in all.
+
+    :meth:`to_cartesian` builds positions in the canonical frame: row 0 at the origin, row 1
+    on the +x axis, row 2 in the xy-plane with y > 0. Every configuration is
+    :math:`x = R\, x_c(q) + t` for one rotation R and translation t, and the volume element is
+
+    .. math:: d^{3N}x = d^3t\ d\mu(R)\ J(q)\ dq, \qquad
+        J(q) = b_1^2 \prod_{r=2}^{N-1} b_r^2 \sin\theta_r,
+
+    with :math:`\mu` the Haar measure of volume :math:`8\pi^2` (:math:`\sin\beta\,d\alpha\,
+    d\beta\,d\gamma` in ZYZ Euler angles). Integrating the rigid motion out, a Boltzmann
+    density :math:`e^{-U(x)}` becomes :math:`e^{-U(x(q))} J(q)` over q.
+
+    Arguments:
+        zmatrix: Integer array of shape (N, 4) from :func:`build_zmatrix`.
+
+    Example:
+        >>> ic = InternalCoordinates([[0, -1, -1, -1], [1, 0, -1, -1], [2, 1, 0, -1]])
+        >>> q = torch.tensor([[0.1, 0.2, math.pi / 2]])
+        >>> x, ladj = ic.to_cartesian(q)
+        >>> x
+        tensor([[0.0000, 0.0000, 0.0000, 0.1000, 0.0000, 0.0000, 0.1000, 0.2000, 0.0000]])
+        >>> torch.allclose(ic.to_internal(x)[0], q)
+        True
+    """
+
+    def __init__(self, zmatrix: np.ndarray | Tensor):
+        super().__init__()
+        self.register_buffer("zmatrix", torch.as_tensor(_validate_zmatrix(zmatrix)))
+        self._build_plan()
+        self.register_load_state_dict_post_hook(_rebuild_after_load)
+
+    @property
+    def n_atoms(self) -> int:
+        return self.zmatrix.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """The number 3N - 6 of internal coordinates."""
+        return 3 * self.n_atoms - 6
+
+    def _build_plan(self) -> None:
+        """Index tensors for extracting q (row order) and placing atoms (by dependency depth)."""
+        z = _validate_zmatrix(self.zmatrix)
+        n = len(z)
+        depth = np.zeros(n, dtype=np.int64)
+        for atom, *refs in z[3:]:
+            depth[atom] = 1 + depth[refs].max()
+        # Atoms of equal depth depend only on shallower ones, so each depth is placed at once.
+        rows = 3 + np.argsort(depth[z[3:, 0]], kind="stable")
+        self._generation_sizes = np.bincount(depth[z[rows, 0]])[1:].tolist()
+        device = self.zmatrix.device
+        plan = {
+            "_rows": z.T,
+            "_place_atom": z[rows, 0],
+            "_place_refs": z[rows, 1:].T,
+            "_place_columns": np.stack([rows - 1, rows - 2, rows - 3]),
+            "_frame_atoms": z[1:3, 0],
+        }
+        for name, value in plan.items():
+            tensor = torch.as_tensor(np.ascontiguousarray(value), device=device)
+            self.register_buffer(name, tensor, persistent=False)
+        # Row 2 hangs either on the root (at the origin) or on row 1 (on the +x axis).
+        self._row2_on_root = bool(z[2, 1] == z[0, 0])
+
+    def to_internal(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Internal coordinates of Cartesian positions in any orientation.
+
+        Arguments:
+            x: Positions of shape (B, 3N) in nm, atoms in topology order (x, y, z per atom).
+
+        Returns:
+            q of shape (B, 3N - 6) in the order of the class docstring, and
+            :math:`-\log J(q)` of shape (B,), the negative of :meth:`to_cartesian`'s ladj.
+        """
+        _check_batch(x, 3 * self.n_atoms, "x")
+        pos = x.reshape(x.shape[0], self.n_atoms, 3)
+        pi, pj, pk, pl = (pos[:, rows] for rows in self._rows)
+        bonds = torch.linalg.vector_norm(pi[:, 1:] - pj[:, 1:], dim=-1)
+        angles = _angles(pi[:, 2:], pj[:, 2:], pk[:, 2:])
+        torsions = _dihedrals(pi[:, 3:], pj[:, 3:], pk[:, 3:], pl[:, 3:])
+        return torch.cat([bonds, angles, torsions], dim=1), -self._log_jacobian(bonds, angles)
+
+    def to_cartesian(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Cartesian positions in the canonical frame from internal coordinates.
+
+        Arguments:
+            q: Internal coordinates of shape (B, 3N - 6): bonds (nm) > 0, angles in
+                :math:`(0, \pi)`, torsions (any real; only their value mod :math:`2\pi` matters).
+
+        Returns:
+            x of shape (B, 3N) in nm in topology atom order, and :math:`\log J(q)` of shape (B,).
+        """
+        _check_batch(q, self.dim, "q")
+        n, batch = self.n_atoms, q.shape[0]
+        bonds, angles, torsions = q.split([n - 1, n - 2, n - 3], dim=1)
+        zero = q.new_zeros(batch)
+        b1, b2, theta2 = bonds[:, 0], bonds[:, 1], angles[:, 0]
+        along = b2 * torch.cos(theta2)
+        x2 = along if self._row2_on_root else b1 - along
+        frame = torch.stack(
+            [
+                torch.stack([b1, zero, zero], -1),
+                torch.stack([x2, b2 * torch.sin(theta2), zero], -1),
+            ],
+            dim=1,
+        )
+        pos = q.new_zeros(batch, n, 3).index_copy(1, self._frame_atoms, frame)
+        columns = self._place_columns
+        bond, angle, torsion = bonds[:, columns[0]], angles[:, columns[1]], torsions[:, columns[2]]
+        start = 0
+        for size in self._generation_sizes:
+            part = slice(start, start + size)
+            pj, pk, pl = (pos[:, refs] for refs in self._place_refs[:, part])
+            placed = _placed(pj, pk, pl, bond[:, part], angle[:, part], torsion[:, part])
+            pos = pos.index_copy(1, self._place_atom[part], placed)
+            start += size
+        return pos.reshape(batch, 3 * n), self._log_jacobian(bonds, angles)
+
+    @staticmethod
+    def _log_jacobian(bonds: Tensor, angles: Tensor) -> Tensor:
+        return 2 * torch.log(bonds).sum(1) + torch.log(torch.sin(angles)).sum(1)
+
+
+def _wrap(angle: Tensor) -> Tensor:
+    """Angles mod 2 pi in [-pi, pi)."""
+    return torch.remainder(angle + math.pi, 2 * math.pi) - math.pi
+
+
+class MolecularTransform(Transform):
+    r"""The exact bijection from an unconstrained flow space :math:`s \in R^{3N-6}` to Cartesians.
+
+    Each coordinate is first normalised, :math:`y = \mathrm{shift} + \mathrm{scale} \cdot s`,
+    then mapped onto the domain of its internal coordinate:
+
+    - bonds :math:`b = e^{y}` (nm), so s is a normalised log bond length;
+    - angles :math:`\theta = \pi\,\sigma(y)`, with :math:`\sigma` the logistic sigmoid;
+    - torsions :math:`\phi = \mathrm{offset} + \pi\,\mathrm{erf}(y / \sqrt 2)`, a bijection of R
+      onto the circle cut at :math:`\mathrm{offset} + \pi`; a uniform torsion is a standard
+      normal y, since :math:`d\phi/dy = \sqrt{2\pi}\,\mathcal N(y; 0, 1)`,
+
+    and :meth:`InternalCoordinates.to_cartesian` places the atoms in the canonical frame. The
+    log-determinant is the sum of :math:`\sum \log \mathrm{scale}`, the domain maps'
+    :math:`\sum y_b + \sum [\log\pi + \log\sigma(y_\theta) + \log\sigma(-y_\theta)]
+    + \sum [\tfrac12 \log 2\pi - y_\phi^2 / 2]` and :math:`\log J(q)`, so that with the rigid
+    motion integrated out, :math:`\log p_X(x) = \log p_S(s) - \mathrm{ladj}`.
+
+    Arguments:
+        zmatrix: Integer array of shape (N, 4) from :func:`build_zmatrix`.
+        shift: The normalisation's shift, shape (3N - 6,), in the order of
+            :class:`InternalCoordinates` (log nm for bonds, logit(theta / pi) for angles).
+        scale: The normalisation's positive scale, shape (3N - 6,).
+        torsion_offset: Offsets of the torsion maps, shape (N - 3,), in radians.
+
+    Use :meth:`from_data` to set shift, scale and offsets from a structure or a trajectory.
+    All three are buffers (saved in the state dict, not trained) and are cast to the input's
+    dtype, so the module works in float32 and float64. A row of s with a non-finite entry
+    gives a NaN row of x (no error), which an energy treats as :math:`U = +\infty`.
+
+    Example:
+        >>> zmatrix = [[0, -1, -1, -1], [1, 0, -1, -1], [2, 1, 0, -1], [3, 2, 1, 0]]
+        >>> reference = torch.tensor([[0.0, 0, 0, 0.15, 0, 0, 0.2, 0.14, 0, 0.35, 0.15, 0.05]])
+        >>> t = MolecularTransform.from_data(zmatrix, reference)
+        >>> s = torch.randn(5, 6)
+        >>> x, ladj = t.call_and_ladj(s)
+        >>> x.shape, ladj.shape
+        (torch.Size([5, 12]), torch.Size([5]))
+        >>> torch.allclose(t.inverse(x), s, atol=1e-4)
+        True
+    """
+
+    def __init__(
+        self,
+        zmatrix: np.ndarray | Tensor,
+        shift: np.ndarray | Tensor,
+        scale: np.ndarray | Tensor,
+        torsion_offset: np.ndarray | Tensor,
+    ):
+        super().__init__()
+        self.internal = InternalCoordinates(zmatrix)
+        dim, n_torsions = self.internal.dim, self.internal.n_atoms - 3
+        for name, value, size in (
+            ("shift", shift, dim),
+            ("scale", scale, dim),
+            ("torsion_offset", torsion_offset, n_torsions),
+        ):
+            value = torch.as_tensor(value, dtype=torch.float64)
+            if value.shape != (size,):
+                raise ValueError(f"{name} must have shape ({size},), got {tuple(value.shape)}")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{name} must be finite, got {value}")
+            self.register_buffer(name, value)
+        if not (self.scale > 0).all():
+            raise ValueError(f"scale must be positive, got {self.scale}")
+
+    @property
+    def dim(self) -> int:
+        """The dimension 3N - 6 of the flow space."""
+        return self.internal.dim
+
+    @classmethod
+    def from_data(
+        cls,
+        zmatrix: np.ndarray | Tensor,
+        x_frames: np.ndarray | Tensor,
+        min_scale: float = 1e-3,
+        reference_scale: tuple[float, float, float] = (0.05, 0.15, 1.0),
+        bins: int = 360,
+        smoothing: float = 5.0,
+    ) -> MolecularTransform:
+        r"""A transform normalised to a trajectory, or to one reference structure.
+
+        With F >= 2 frames, shift and scale are the mean and standard deviation (at least
+        ``min_scale``) of each coordinate in its transformed space: log b, logit(theta / pi)
+        and the torsion's :math:`y = \sqrt 2\,\mathrm{erfinv}(\mathrm{wrap}(\phi - \mathrm{offset})
+        / \pi)`, and each torsion's cut :math:`\mathrm{offset} + \pi` is the middle of the
+        least-populated region of its circular histogram (``bins`` bins, smoothed by a circular
+        Gaussian of ``smoothing`` bins), so the cut falls where the data has no mass.
+
+        With one frame, shift is the reference's value (y = 0 for torsions, whose offset is
+        the reference torsion, so the cut is opposite it) and scale is ``reference_scale``
+        = (bond, angle, torsion) for every coordinate of that kind. The defaults 0.05 (a 5%
+        bond spread) and 0.15 (about 6 degrees near 110 degrees) are somewhat wider than
+        thermal fluctuations at 300 K; 1.0 makes a standard normal s a uniform torsion.
+
+        Arguments:
+            zmatrix: Integer array of shape (N, 4) from :func:`build_zmatrix`.
+            x_frames: Positions in nm of shape (F, 3N) or (F, N, 3), numpy or torch.
+            min_scale: Floor on the data's scale, so that a stiff coordinate stays invertible.
+            reference_scale: Scales (bond, angle, torsion) used for a single frame.
+            bins: Number of histogram bins for choosing torsion cuts.
+            smoothing: Width in bins of the Gaussian that smooths the histogram.
+
+        Returns:
+            A :class:`MolecularTransform` with float64 buffers.
+        """
+        internal = InternalCoordinates(zmatrix)
+        n = internal.n_atoms
+        x = torch.as_tensor(x_frames).detach().to("cpu", torch.float64)
+        if x.ndim == 3:
+            x = x.reshape(x.shape[0], -1)
+        if x.ndim != 2 or x.shape[1] != 3 * n or x.shape[0] < 1:
+            raise ValueError(
+                f"x_frames must have shape (F, {3 * n}) or (F, {n}, 3) with F >= 1 for this "
+                f"{n}-atom Z-matrix, got {tuple(x_frames.shape)}"
+            )
+        if not torch.isfinite(x).all():
+            raise ValueError("x_frames contains non-finite coordinates; remove those frames")
+        with torch.no_grad():
+            q = internal.to_internal(x)[0]
+        bonds, angles, torsions = q.split([n - 1, n - 2, n - 3], dim=1)
+        if x.shape[0] == 1:
+            offset = torsions[0]
+            shift = torch.cat(
+                [bonds[0].log(), _logit_angle(angles[0]), torch.zeros(n - 3, dtype=torch.float64)]
+            )
+            kinds = [(n - 1, 0), (n - 2, 1), (n - 3, 2)]
+            scale = torch.cat(
+                [
+                    torch.full((size,), float(reference_scale[i]), dtype=torch.float64)
+                    for size, i in kinds
+                ]
+            )
+            return cls(zmatrix, shift, scale, offset)
+        cuts = [_least_populated_angle(t.numpy(), bins, smoothing) for t in torsions.T]
+        offset = _wrap(torch.tensor(cuts, dtype=torch.float64) - math.pi)
+        y = torch.cat(
+            [bonds.log(), _logit_angle(angles), _torsion_to_normal(torsions, offset)], dim=1
+        )
+        return cls(zmatrix, y.mean(0), y.std(0).clamp_min(min_scale), offset)
+
+    def call_and_ladj(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        """Cartesian positions (B, 3N) in nm from flow coordinates s (B, 3N - 6), and the ladj."""
+        _check_batch(s, self.dim, "s")
+        shift, scale, offset = (
+            b.to(s.dtype) for b in (self.shift, self.scale, self.torsion_offset)
+        )
+        y = shift + scale * s
+        n = self.internal.n_atoms
+        y_bond, y_angle, y_torsion = y.split([n - 1, n - 2, n - 3], dim=1)
+        q = torch.cat(
+            [
+                torch.exp(y_bond),
+                math.pi * torch.sigmoid(y_angle),
+                offset + math.pi * torch.erf(y_torsion / math.sqrt(2)),
+            ],
+            dim=1,
+        )
+        x, log_jacobian = self.internal.to_cartesian(q)
+        # An infinite angle or torsion saturates to a finite q; mark the row so that the
+        # energy sees a non-finite configuration (U = +inf) instead of a degenerate one.
+        x = torch.where(torch.isfinite(s).all(dim=1, keepdim=True), x, math.nan)
+        return x, self._ladj_of_maps(y, scale) + log_jacobian
+
+    def inverse_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Flow coordinates s (B, 3N - 6) of positions x (B, 3N) in nm, and the inverse's ladj."""
+        _check_batch(x, 3 * self.internal.n_atoms, "x")
+        shift, scale, offset = (
+            b.to(x.dtype) for b in (self.shift, self.scale, self.torsion_offset)
+        )
+        q, minus_log_jacobian = self.internal.to_internal(x)
+        n = self.internal.n_atoms
+        bonds, angles, torsions = q.split([n - 1, n - 2, n - 3], dim=1)
+        y = torch.cat(
+            [torch.log(bonds), _logit_angle(angles), _torsion_to_normal(torsions, offset)], dim=1
+        )
+        s = (y - shift) / scale
+        return s, minus_log_jacobian - self._ladj_of_maps(y, scale)
+
+    def _ladj_of_maps(self, y: Tensor, scale: Tensor) -> Tensor:
+        """log|det| of s -> q: normalisation plus the elementwise domain maps, at y."""
+        n = self.internal.n_atoms
+        y_bond, y_angle, y_torsion = y.split([n - 1, n - 2, n - 3], dim=1)
+        angle = (
+            math.log(math.pi)
+            + nn.functional.logsigmoid(y_angle)
+            + nn.functional.logsigmoid(-y_angle)
+        )
+        torsion = 0.5 * math.log(2 * math.pi) - 0.5 * y_torsion**2
+        return scale.log().sum() + y_bond.sum(1) + angle.sum(1) + torsion.sum(1)
+
+
+def _logit_angle(angle: Tensor) -> Tensor:
+    """logit(theta / pi), written so that angles near pi keep their precision."""
+    return torch.log(angle) - torch.log(math.pi - angle)
+
+
+def _torsion_to_normal(torsion: Tensor, offset: Tensor) -> Tensor:
+    """The inverse of phi = offset + pi erf(y / sqrt 2) on the circle cut at offset + pi."""
+    return math.sqrt(2) * torch.erfinv(_wrap(torsion - offset) / math.pi)
+
+
+def _least_populated_angle(angles: np.ndarray, bins: int, smoothing: float) -> float:
+    """The middle of the widest region where the smoothed circular histogram is lowest."""
+    counts = np.histogram(angles, bins=bins, range=(-math.pi, math.pi))[0].astype(np.float64)
+    reach = int(math.ceil(3 * smoothing))
+    smooth = np.zeros(bins)
+    for shift in range(-reach, reach + 1):
+        smooth += math.exp(-0.5 * (shift / max(smoothing, 1e-12)) ** 2) * np.roll(counts, shift)
+    lowest = smooth <= smooth.min() * (1 + 1e-9)
+    # Walk the circle from a bin above the minimum so that no low run is split at the seam.
+    start = int(np.argmin(lowest))
+    best_start, best_length, run = 0, 0, 0
+    for step in range(1, bins + 1):
+        index = (start + step) % bins
+        run = run + 1 if lowest[index] else 0
+        if run > best_length:
+            best_start, best_length = index - run + 1, run
+    middle = best_start + (best_length - 1) / 2
+    return (middle + 0.5) * 2 * math.pi / bins % (2 * math.pi) - math.pi

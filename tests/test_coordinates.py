@@ -1,0 +1,341 @@
+"""Internal coordinates: Z-matrix, exact round trips and log-determinants, flow-space map."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import mdtraj
+import numpy as np
+import openmm
+import openmm.app as app
+import openmm.unit as unit
+import pytest
+import torch
+from openmmtools import testsystems
+
+from openmm_nice.coordinates import InternalCoordinates, MolecularTransform, build_zmatrix
+
+
+@pytest.fixture(scope="module")
+def alanine():
+    return testsystems.AlanineDipeptideVacuum(constraints=None)
+
+
+@pytest.fixture(scope="module")
+def zmatrix(alanine):
+    return build_zmatrix(alanine.topology)
+
+
+@pytest.fixture(scope="module")
+def reference(alanine):
+    """The reference structure as a (1, 66) float64 tensor in nm."""
+    positions = alanine.positions.value_in_unit(unit.nanometer)
+    return torch.tensor(np.asarray(positions), dtype=torch.float64).reshape(1, -1)
+
+
+def rotation_zyz(angles: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices Rz(alpha) Ry(beta) Rz(gamma) of shape (B, 3, 3) from (B, 3) angles."""
+
+    def about(axis: int, angle: torch.Tensor) -> torch.Tensor:
+        c, s = torch.cos(angle), torch.sin(angle)
+        one, zero = torch.ones_like(angle), torch.zeros_like(angle)
+        if axis == 2:
+            rows = [[c, -s, zero], [s, c, zero], [zero, zero, one]]
+        else:
+            rows = [[c, zero, s], [zero, one, zero], [-s, zero, c]]
+        return torch.stack([torch.stack(row, -1) for row in rows], -2)
+
+    alpha, beta, gamma = angles.unbind(-1)
+    return about(2, alpha) @ about(1, beta) @ about(2, gamma)
+
+
+def random_rigid_motion(x: torch.Tensor) -> torch.Tensor:
+    """x (B, 3N) rotated by random rotations and shifted by random translations."""
+    batch = x.shape[0]
+    scale = torch.tensor([2 * math.pi, math.pi, 2 * math.pi], dtype=x.dtype)
+    angles = torch.rand(batch, 3, dtype=x.dtype) * scale
+    moved = x.reshape(batch, -1, 3) @ rotation_zyz(angles).transpose(-1, -2)
+    return (moved + torch.randn(batch, 1, 3, dtype=x.dtype)).reshape(batch, -1)
+
+
+def perturbed(ic: InternalCoordinates, reference: torch.Tensor, batch: int) -> torch.Tensor:
+    """Internal coordinates near the reference with uniformly random torsions."""
+    q = ic.to_internal(reference)[0].expand(batch, -1).clone()
+    n = ic.n_atoms
+    q[:, : n - 1] *= 1 + 0.05 * torch.randn(batch, n - 1)
+    q[:, n - 1 : 2 * n - 3] += 0.1 * torch.randn(batch, n - 2)
+    q[:, 2 * n - 3 :] = (2 * torch.rand(batch, n - 3) - 1) * math.pi
+    return q
+
+
+def aligned(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """x (B, 3N) optimally rotated and translated onto target (B, 3N) (Kabsch)."""
+    batch = x.shape[0]
+    a, b = x.reshape(batch, -1, 3), target.reshape(batch, -1, 3)
+    a0, b0 = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    u, _, vh = torch.linalg.svd(a0.transpose(1, 2) @ b0)
+    sign = torch.ones(batch, 3)
+    sign[:, 2] = torch.sign(torch.linalg.det(u @ vh))
+    rotation = u @ torch.diag_embed(sign) @ vh
+    return (a0 @ rotation + b.mean(1, keepdim=True)).reshape(batch, -1)
+
+
+def augmented_slogdet(forward, q: torch.Tensor, rigid: torch.Tensor) -> float:
+    """log|det| of (t, Euler angles, q) -> R(angles) x_canonical(q) + t, by autograd."""
+
+    def square_map(v: torch.Tensor) -> torch.Tensor:
+        t, angles, inner = v[:3], v[3:6], v[6:]
+        x = forward(inner.unsqueeze(0)).reshape(-1, 3)
+        return (x @ rotation_zyz(angles.unsqueeze(0))[0].T + t).reshape(-1)
+
+    jacobian = torch.autograd.functional.jacobian(square_map, torch.cat([rigid, q]))
+    return torch.linalg.slogdet(jacobian)[1].item()
+
+
+def bonded(topology) -> set[frozenset[int]]:
+    return {frozenset((a.index, b.index)) for a, b in topology.bonds()}
+
+
+def chain_topology(n_atoms: int, n_molecules: int = 1) -> app.Topology:
+    topology = app.Topology()
+    for _ in range(n_molecules):
+        residue = topology.addResidue("MOL", topology.addChain())
+        atoms = [topology.addAtom(f"C{i}", app.element.carbon, residue) for i in range(n_atoms)]
+        for a, b in zip(atoms[:-1], atoms[1:], strict=True):
+            topology.addBond(a, b)
+    return topology
+
+
+# Z-matrix
+
+
+def test_zmatrix_follows_the_bond_graph(alanine, zmatrix):
+    bonds = bonded(alanine.topology)
+    n = alanine.topology.getNumAtoms()
+    assert zmatrix.shape == (n, 4) and zmatrix.dtype == np.int64
+    assert sorted(zmatrix[:, 0]) == list(range(n))
+    root = zmatrix[0, 0]
+    assert list(alanine.topology.atoms())[root].name == "CA"
+    assert (zmatrix[0, 1:] == -1).all() and (zmatrix[1, 2:] == -1).all() and zmatrix[2, 3] == -1
+    row_of = {atom: r for r, atom in enumerate(zmatrix[:, 0])}
+    for r, (atom, j, k, torsion_ref) in enumerate(zmatrix):
+        refs = [ref for ref in (j, k, torsion_ref) if ref >= 0]
+        assert len(refs) == min(r, 3) and all(row_of[ref] < r for ref in refs)
+        if r >= 1:
+            assert frozenset((atom, j)) in bonds
+        if r >= 2:
+            assert frozenset((j, k)) in bonds
+        if r >= 3:
+            assert frozenset((k, torsion_ref)) in bonds or frozenset((j, torsion_ref)) in bonds
+    # The frame atoms (rows 0-2) are heavy.
+    elements = [a.element.symbol for a in alanine.topology.atoms()]
+    assert all(elements[a] != "H" for a in zmatrix[:3, 0])
+
+
+def test_zmatrix_from_mdtraj_topology_matches(alanine, zmatrix):
+    np.testing.assert_array_equal(
+        build_zmatrix(mdtraj.Topology.from_openmm(alanine.topology)), zmatrix
+    )
+
+
+def test_zmatrix_refuses_bad_topologies():
+    with pytest.raises(ValueError, match="2 separate molecules"):
+        build_zmatrix(chain_topology(4, n_molecules=2))
+    with pytest.raises(ValueError, match="at least 3 atoms, the topology has 2"):
+        build_zmatrix(chain_topology(2))
+    with pytest.raises(TypeError, match="openmm.app.Topology or mdtraj.Topology"):
+        build_zmatrix("not a topology")
+
+
+def test_invalid_zmatrix_is_refused():
+    with pytest.raises(ValueError, match=r"row 3 = \[3, 2, 1, 3\] is invalid"):
+        InternalCoordinates([[0, -1, -1, -1], [1, 0, -1, -1], [2, 1, 0, -1], [3, 2, 1, 3]])
+    with pytest.raises(ValueError, match="shape"):
+        InternalCoordinates(np.zeros((2, 4), dtype=int))
+
+
+# InternalCoordinates
+
+
+def test_q_to_x_to_q_round_trip(zmatrix, reference):
+    ic = InternalCoordinates(zmatrix)
+    q = perturbed(ic, reference, 64)
+    x, ladj = ic.to_cartesian(q)
+    q_back, ladj_back = ic.to_internal(x)
+    n = ic.n_atoms
+    difference = q_back - q
+    difference[:, 2 * n - 3 :] = torch.remainder(difference[:, 2 * n - 3 :] + math.pi, 2 * math.pi)
+    difference[:, 2 * n - 3 :] -= math.pi
+    assert difference.abs().max() < 1e-10
+    torch.testing.assert_close(ladj_back, -ladj, rtol=0, atol=1e-10)
+
+
+def test_x_to_q_to_x_round_trip_up_to_rigid_motion(zmatrix, reference):
+    ic = InternalCoordinates(zmatrix)
+    x = random_rigid_motion(ic.to_cartesian(perturbed(ic, reference, 32))[0])
+    x_canonical = ic.to_cartesian(ic.to_internal(x)[0])[0]
+    assert (aligned(x_canonical, x) - x).abs().max() < 1e-10
+    # The canonical frame: row 0 at the origin, row 1 on +x, row 2 in the xy-plane with y > 0.
+    pos = x_canonical.reshape(32, -1, 3)
+    a0, a1, a2 = zmatrix[:3, 0]
+    assert pos[:, a0].abs().max() == 0
+    assert (pos[:, a1, 0] > 0).all() and pos[:, a1, 1:].abs().max() == 0
+    assert (pos[:, a2, 1] > 0).all() and pos[:, a2, 2].abs().max() == 0
+
+
+def test_log_jacobian_is_exact(zmatrix, reference):
+    """slogdet of (t, ZYZ Euler angles, q) -> R x(q) + t is log sin(beta) + log J(q)."""
+    ic = InternalCoordinates(zmatrix)
+    q = perturbed(ic, reference, 3)
+    for q_one in q:
+        rigid = torch.cat([torch.randn(3), torch.tensor([0.7, 1.1, -2.0])])
+        expected = math.log(math.sin(1.1)) + ic.to_cartesian(q_one.unsqueeze(0))[1].item()
+        observed = augmented_slogdet(lambda v: ic.to_cartesian(v)[0], q_one, rigid)
+        assert observed == pytest.approx(expected, abs=1e-9)
+        # Non-trivial: log J differs by tens of units between configurations.
+    ladj = ic.to_cartesian(q)[1]
+    assert (ladj.max() - ladj.min()) > 0.1
+
+
+def test_energy_is_invariant_to_the_removed_rigid_motion(alanine, zmatrix, reference):
+    ic = InternalCoordinates(zmatrix)
+    x = random_rigid_motion(reference.expand(4, -1) + 0.002 * torch.randn(4, reference.shape[1]))
+    x_canonical = ic.to_cartesian(ic.to_internal(x)[0])[0]
+    context = openmm.Context(
+        alanine.system,
+        openmm.VerletIntegrator(0.001),
+        openmm.Platform.getPlatformByName("Reference"),
+    )
+
+    def energy(positions: torch.Tensor) -> float:
+        context.setPositions(positions.reshape(-1, 3).numpy())
+        state = context.getState(getEnergy=True)
+        return state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+
+    for a, b in zip(x, x_canonical, strict=True):
+        assert energy(b) == pytest.approx(energy(a), rel=1e-9, abs=1e-9)
+
+
+def test_internal_coordinates_float32_and_shape_errors(zmatrix, reference):
+    ic = InternalCoordinates(zmatrix)
+    x = reference.float()
+    q, ladj = ic.to_internal(x)
+    x_back, ladj_back = ic.to_cartesian(q)
+    assert q.dtype == ladj.dtype == x_back.dtype == ladj_back.dtype == torch.float32
+    assert q.shape == (1, 60) and ladj.shape == (1,)
+    assert (ic.to_internal(x_back)[0] - q).abs().max() < 1e-4
+    with pytest.raises(ValueError, match=r"shape \(B, 66\), got \(66,\)"):
+        ic.to_internal(reference[0])
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ic.to_cartesian(torch.zeros(1, 60, dtype=torch.long))
+
+
+def test_loaded_zmatrix_replaces_the_placement_plan():
+    chain = [[0, -1, -1, -1], [1, 0, -1, -1], [2, 1, 0, -1], [3, 2, 1, 0]]
+    other = [[1, -1, -1, -1], [0, 1, -1, -1], [2, 1, 0, -1], [3, 2, 1, 0]]
+    ic = InternalCoordinates(chain)
+    ic.load_state_dict(InternalCoordinates(other).state_dict())
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(ic.to_internal(x), InternalCoordinates(other).to_internal(x))
+    q = ic.to_internal(x)[0]
+    torch.testing.assert_close(ic.to_cartesian(q), InternalCoordinates(other).to_cartesian(q))
+
+
+# MolecularTransform
+
+
+@pytest.fixture(scope="module")
+def frames(zmatrix, reference):
+    """200 synthetic frames: thermal-like bonds and angles, the first torsion in two modes."""
+    # Module fixtures run before the float64 default of conftest, hence the explicit dtype.
+    torch.manual_seed(1)
+    noise = lambda *shape: torch.randn(*shape, dtype=torch.float64)
+    ic = InternalCoordinates(zmatrix)
+    q = ic.to_internal(reference)[0].expand(200, -1).clone()
+    n = ic.n_atoms
+    q[:, : n - 1] *= 1 + 0.02 * noise(200, n - 1)
+    q[:, n - 1 : 2 * n - 3] += 0.05 * noise(200, n - 2)
+    q[:, 2 * n - 3 :] += 0.2 * noise(200, n - 3)
+    modes = torch.where(torch.rand(200) < 0.5, -2.0, 2.0)
+    q[:, 2 * n - 3] = modes + 0.2 * noise(200)
+    return random_rigid_motion(ic.to_cartesian(q)[0])
+
+
+@pytest.fixture(scope="module")
+def transform(zmatrix, frames):
+    return MolecularTransform.from_data(zmatrix, frames.numpy())
+
+
+def test_from_data_normalises_the_data(transform, frames):
+    s = transform.inverse(frames)
+    torch.testing.assert_close(s.mean(0), torch.zeros(60), rtol=0, atol=1e-10)
+    torch.testing.assert_close(s.std(0), torch.ones(60), rtol=0, atol=1e-10)
+    # The two torsion modes at -2 and +2 leave the widest gap around 0: the cut goes there.
+    cut = transform.torsion_offset[0].item() + math.pi
+    assert abs(math.remainder(cut, 2 * math.pi)) < 0.3
+
+
+def test_from_reference_frame_maps_zero_to_the_reference(zmatrix, reference):
+    t = MolecularTransform.from_data(zmatrix, reference.reshape(1, -1, 3))
+    x = t(torch.zeros(1, 60))
+    assert (aligned(x, reference) - reference).abs().max() < 1e-10
+    n = t.internal.n_atoms
+    assert t.scale[: n - 1].eq(0.05).all() and t.scale[2 * n - 3 :].eq(1.0).all()
+
+
+def test_molecular_transform_round_trip(transform):
+    s = torch.randn(64, 60)
+    x, ladj = transform.call_and_ladj(s)
+    s_back, ladj_back = transform.inverse_and_ladj(random_rigid_motion(x))
+    assert (s_back - s).abs().max() < 1e-10
+    torch.testing.assert_close(ladj_back, -ladj, rtol=0, atol=1e-10)
+
+
+def test_molecular_transform_log_det_is_exact(transform):
+    s = torch.randn(2, 60)
+    ladj = transform.call_and_ladj(s)[1]
+    for s_one, ladj_one in zip(s, ladj, strict=True):
+        rigid = torch.cat([torch.randn(3), torch.tensor([-0.4, 2.5, 1.3])])
+        observed = augmented_slogdet(transform, s_one, rigid)
+        assert observed == pytest.approx(math.log(math.sin(2.5)) + ladj_one.item(), abs=1e-9)
+
+
+def test_molecular_transform_state_dict_round_trip(transform, zmatrix, reference):
+    buffer = io.BytesIO()
+    torch.save(transform.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = MolecularTransform.from_data(zmatrix, reference)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    s = torch.randn(8, 60)
+    torch.testing.assert_close(fresh.call_and_ladj(s), transform.call_and_ladj(s), rtol=0, atol=0)
+
+
+def test_molecular_transform_gradients_and_non_finite_input(transform):
+    s = torch.randn(4, 60, requires_grad=True)
+    x, ladj = transform.call_and_ladj(s)
+    (x.square().sum() + ladj.sum()).backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+    # A non-finite bond, angle or torsion (which alone would saturate to a finite q).
+    bad = torch.randn(4, 60)
+    bad[0, 5], bad[1, 40], bad[2, 50] = math.nan, math.inf, -math.inf
+    x, ladj = transform.call_and_ladj(bad)
+    assert x[:3].isnan().all(dim=1).all()
+    assert torch.isfinite(x[3]).all() and torch.isfinite(ladj[3])
+
+
+def test_molecular_transform_float32(transform):
+    s = torch.randn(16, 60)
+    x, ladj = transform.call_and_ladj(s.float())
+    assert x.dtype == ladj.dtype == torch.float32
+    assert (transform.inverse(x) - s.float()).abs().max() < 1e-2
+    torch.testing.assert_close(x.double(), transform(s), rtol=0, atol=1e-5)
+
+
+def test_molecular_transform_errors(transform, zmatrix):
+    with pytest.raises(ValueError, match=r"s of shape \(B, 60\), got \(4, 66\)"):
+        transform(torch.zeros(4, 66))
+    with pytest.raises(ValueError, match=r"x_frames must have shape \(F, 66\)"):
+        MolecularTransform.from_data(zmatrix, np.zeros((3, 65)))
+    with pytest.raises(ValueError, match="scale must be positive"):
+        MolecularTransform(zmatrix, torch.zeros(60), torch.zeros(60), torch.zeros(19))
