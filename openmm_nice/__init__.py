@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from openmm_nice.conditional import ConditionalGaussian
 from openmm_nice.energies import (
     DoubleWell1D,
     DoubleWell2D,
@@ -10,13 +11,49 @@ from openmm_nice.energies import (
     MuellerBrown,
     regularize_energy,
 )
+from openmm_nice.generator import BoltzmannGenerator
+from openmm_nice.reweighting import (
+    effective_sample_size,
+    expectation,
+    free_energy_profile,
+    log_partition_function,
+)
+from openmm_nice.training import Trainer
+from openmm_nice.transforms import AdditiveCoupling, LULinear, nice_flow
 
 __all__ = [
+    "AdditiveCoupling",
+    "BoltzmannGenerator",
+    "ConditionalGaussian",
     "DoubleWell1D",
     "DoubleWell2D",
     "Energy",
+    "LULinear",
     "ManyWell",
     "MuellerBrown",
+    "Trainer",
+    "effective_sample_size",
+    "expectation",
+    "free_energy_profile",
+    "log_partition_function",
+    "nice_flow",
     "regularize_energy",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # OpenMM-side names import lazily so that toy targets load without starting OpenMM
+    if name == "OpenMMEnergy":
+        from openmm_nice.openmm_energy import OpenMMEnergy
+
+        return OpenMMEnergy
+    if name in ("MolecularTransform", "InternalCoordinates", "build_zmatrix"):
+        from openmm_nice import coordinates
+
+        return getattr(coordinates, name)
+    if name in ("MolecularSystem", "alanine_dipeptide_vacuum", "load_molecular_system"):
+        from openmm_nice import systems
+
+        return getattr(systems, name)
+    raise AttributeError(f"module 'openmm_nice' has no attribute {name!r}")

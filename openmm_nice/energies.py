@@ -34,7 +34,9 @@ class Energy(torch.nn.Module):
         if int(dim) < 1:
             raise ValueError(f"an energy needs dim >= 1, got {dim}")
         self.dim = int(dim)
-        self.register_buffer("non_finite_count", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "non_finite_count", torch.zeros((), dtype=torch.long), persistent=False
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """Return U(x) of shape (B,) for x of shape (B, dim)."""
@@ -50,7 +52,9 @@ class Energy(torch.nn.Module):
 
     def _validate(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
-            raise TypeError(f"expected a torch.Tensor of shape (B, {self.dim}), got {type(x).__name__}")
+            raise TypeError(
+                f"expected a torch.Tensor of shape (B, {self.dim}), got {type(x).__name__}"
+            )
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point tensor (float32 or float64), got {x.dtype}")
         if x.ndim != 2 or x.shape[1] != self.dim:
@@ -76,7 +80,9 @@ def _log_integral_1d(potential, lo: float = -10.0, hi: float = 10.0, n: int = 40
     return float(np.log(np.trapezoid(np.exp(-(u - shift)), x)) - shift)
 
 
-def _probability_below_1d(potential, threshold: float, lo: float = -10.0, hi: float = 10.0) -> float:
+def _probability_below_1d(
+    potential, threshold: float, lo: float = -10.0, hi: float = 10.0
+) -> float:
     x = np.linspace(lo, hi, 400_001)
     u = potential(x)
     p = np.exp(-(u - u.min()))

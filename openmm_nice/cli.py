@@ -1,0 +1,374 @@
+"""The `openmm-nice` command: train, sample, sweep, reweight, md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from openmm_nice.config import Config, ConfigError, config_from_dict, load_config
+from openmm_nice.io import atomic_write_text, load_checkpoint, save_samples
+from openmm_nice.reporters import CheckpointReporter, MetricsReporter, ProgressReporter
+from openmm_nice.reweighting import bootstrap_error, effective_sample_size, log_partition_function
+from openmm_nice.targets import Target, build_generator, build_target, load_frames
+from openmm_nice.training import Trainer
+
+__all__ = ["main", "train_run", "load_run", "evaluate"]
+
+CHECKPOINT_FORMAT = 1
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} was asked for but torch sees no CUDA GPU; use --device cpu"
+        )
+    return device
+
+
+def _dtype(config: Config) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[config.dtype]
+
+
+def _make_trainer(config: Config, target: Target, frames, reporters=()) -> Trainer:
+    generator = build_generator(config, target, frames).to(_dtype(config))
+    t = config.training
+    return Trainer(
+        generator,
+        steps=t.steps,
+        batch_size=t.batch_size,
+        learning_rate=t.learning_rate,
+        lr_schedule=t.lr_schedule,
+        kl_weight=t.kl_weight,
+        ml_weight=t.ml_weight,
+        reweighted_fkl_weight=t.reweighted_fkl_weight,
+        beta_start=t.beta_start,
+        anneal_steps=t.anneal_steps,
+        data=None if frames is None else frames.to(_dtype(config)),
+        ml_batch_size=t.ml_batch_size,
+        energy_cut=t.energy_cut,
+        grad_clip=t.grad_clip,
+        seed=config.seed,
+        reporters=reporters,
+    )
+
+
+def evaluate(generator, n: int, seed: int = 12345) -> dict:
+    """ESS/N, log Z^ with its bootstrap error, and J_R with its standard error on n fresh latents."""
+    rng = torch.Generator(device=generator.linear.log_diag.device).manual_seed(seed)
+    _, log_w = generator.sample(n, generator=rng)
+    log_w = log_w.double().cpu().numpy()
+    neg = -log_w
+    finite = np.isfinite(neg)
+    j_r = float(neg.mean()) if finite.all() else math.inf
+    return {
+        "n": n,
+        "ess": effective_sample_size(log_w) / n,
+        "log_z": log_partition_function(log_w),
+        "log_z_error": bootstrap_error(log_partition_function, log_w, n_bootstrap=100),
+        "j_r": j_r,
+        "j_r_error": float(neg.std(ddof=1) / math.sqrt(n)) if finite.all() else math.nan,
+    }
+
+
+def train_run(
+    config: Config, out: Path, resume: bool = False, quiet: bool = False, n_eval: int = 20000
+) -> dict:
+    """Train ``config`` into the run folder ``out``; return its summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint.pt"
+    if checkpoint.exists() and not resume:
+        raise FileExistsError(
+            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    if resume and not checkpoint.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}; start the run without --resume")
+    torch.manual_seed(config.seed)
+    target = build_target(config)
+    try:
+        frames = load_frames(config.training.data, target) if config.training.data else None
+        state = load_checkpoint(checkpoint) if resume else None
+        config.save(out / "config.yaml")
+        start = int(state["step"]) if state else 0
+        reporters = [
+            MetricsReporter(
+                out / "metrics.csv",
+                config.training.report_interval,
+                resume_step=start if resume else None,
+            ),
+            CheckpointReporter(
+                checkpoint, config.training.checkpoint_interval, extra=_checkpoint_extra(config)
+            ),
+            ProgressReporter(config.training.steps, 10, initial=start, disable=quiet),
+        ]
+        trainer = _make_trainer(config, target, frames, reporters)
+        if state is not None:
+            trainer.load_state_dict(state)
+        trainer.run()
+        if trainer.step == 0 or not checkpoint.exists():
+            reporters[1].report(trainer, {})
+        summary = {"steps": trainer.step, "training_time_s": trainer.elapsed, "system": target.name}
+        summary.update(evaluate(trainer.generator, n_eval))
+        _exact_answers(target, summary)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        _run_plots(out, target, trainer.generator)
+        return summary
+    finally:
+        target.close()
+
+
+def _checkpoint_extra(config: Config) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "config": config.to_dict()}
+
+
+def _exact_answers(target: Target, summary: dict) -> None:
+    try:
+        log_z = target.energy.log_partition_function()
+    except NotImplementedError:
+        return
+    summary["log_z_exact"] = log_z
+    summary["kl_bound"] = summary["j_r"] + log_z
+
+
+def _run_plots(out: Path, target: Target, generator) -> None:
+    from openmm_nice.plots import plot_metrics, plot_note_figure
+
+    plot_metrics(out / "metrics.csv", out / "loss.png")
+    if not target.is_molecule and target.energy.dim == 1:
+        x, log_w = generator.sample(100_000, generator=torch.Generator().manual_seed(1))
+        plot_note_figure(
+            target.energy.potential,
+            x[:, 0].double().numpy(),
+            log_w.double().numpy(),
+            target.energy.log_partition_function(),
+            out / "figure1.png",
+        )
+
+
+def load_run(run: Path, device: str | None = None):
+    """Rebuild (config, target, generator) of a trained run folder from its checkpoint."""
+    state = load_checkpoint(Path(run) / "checkpoint.pt")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{run}/checkpoint.pt has format {state.get('format')}, expected {CHECKPOINT_FORMAT}"
+        )
+    config = config_from_dict(state["config"])
+    if device is not None:
+        config.device = device
+    _device(config.device)
+    target = build_target(config)
+    generator = build_generator(config, target).to(_dtype(config))
+    generator.load_state_dict(state["model"])
+    generator.eval()
+    return config, target, generator
+
+
+def _cmd_train(args) -> int:
+    out = Path(args.out)
+    if args.resume:
+        config = load_config(out / "config.yaml")
+    else:
+        config = load_config(args.config)
+    if args.steps is not None:
+        config.training.steps = args.steps
+    if args.seed is not None:
+        config.seed = args.seed
+    if args.device is not None:
+        config.device = args.device
+    _device(config.device)
+    summary = train_run(config, out, resume=args.resume, quiet=args.quiet)
+    if not args.quiet:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    config, target, generator = load_run(Path(args.run), args.device)
+    try:
+        rng = torch.Generator(device=generator.linear.log_diag.device).manual_seed(args.seed)
+        x, log_w, u = generator.sample_with_energies(
+            args.n, batch_size=args.batch_size, generator=rng
+        )
+        x = x.double().cpu().numpy()
+        log_w = log_w.double().cpu().numpy()
+        u = u.double().cpu().numpy()
+        save_samples(args.out, x, log_w, u)
+        if args.traj:
+            if not target.is_molecule:
+                raise ValueError(
+                    f"--traj needs a molecular system; {target.name!r} is a toy target"
+                )
+            _write_trajectory(args.traj, x, target)
+        ess = effective_sample_size(log_w) / len(log_w)
+        if not args.quiet:
+            print(
+                json.dumps(
+                    {
+                        "n": args.n,
+                        "ess": ess,
+                        "log_z": log_partition_function(log_w),
+                        "out": args.out,
+                    }
+                )
+            )
+    finally:
+        target.close()
+    return 0
+
+
+def _write_trajectory(path: str, x: np.ndarray, target: Target) -> None:
+    import mdtraj
+
+    top = target.mdtraj_topology()
+    traj = mdtraj.Trajectory(x.reshape(len(x), top.n_atoms, 3).astype(np.float32), top)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    traj.save(str(tmp))
+    tmp.replace(path)
+
+
+def _cmd_sweep(args) -> int:
+    base = load_config(args.config)
+    dims = [int(v) for v in args.latent_dims.split(",") if v.strip()]
+    if not dims:
+        raise ValueError("--latent-dims needs a comma-separated list such as 1,2,4")
+    out = Path(args.out)
+    rows = []
+    for dim in dims:
+        config = config_from_dict(base.to_dict())
+        config.model.latent_dim = dim
+        if args.steps is not None:
+            config.training.steps = args.steps
+        run = out / f"latent_dim_{dim}"
+        summary = train_run(
+            config,
+            run,
+            resume=(run / "checkpoint.pt").exists(),
+            quiet=args.quiet,
+            n_eval=args.n_eval,
+        )
+        rows.append({"latent_dim": dim, **summary})
+        if not args.quiet:
+            print(
+                f"D = {dim}: J_R = {summary['j_r']:.4f} +- {summary['j_r_error']:.4f}  ESS/N = {summary['ess']:.3f}"
+            )
+    finite = [r for r in rows if math.isfinite(r["j_r"])]
+    if not finite:
+        raise RuntimeError(
+            "every latent dimension gave an infinite J_R; train longer or check the energy"
+        )
+    best = min(finite, key=lambda r: r["j_r"])
+    keys = [
+        "latent_dim",
+        "j_r",
+        "j_r_error",
+        "ess",
+        "log_z",
+        "log_z_error",
+        "kl_bound",
+        "training_time_s",
+    ]
+    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
+    atomic_write_text(out / "sweep.csv", "\n".join(lines) + "\n")
+    result = {"chosen_latent_dim": best["latent_dim"], "results": rows}
+    atomic_write_text(out / "sweep.json", json.dumps(result, indent=2) + "\n")
+    print(f"{'D':>4} {'J_R (nats)':>12} {'error':>8} {'ESS/N':>7}")
+    for r in rows:
+        print(f"{r['latent_dim']:>4} {r['j_r']:>12.4f} {r['j_r_error']:>8.4f} {r['ess']:>7.3f}")
+    print(f"chosen latent_dim: {best['latent_dim']} (smallest J_R)")
+    return 0
+
+
+def _cmd_reweight(args) -> int:
+    from openmm_nice.analysis import reweight_command
+
+    return reweight_command(args)
+
+
+def _cmd_md(args) -> int:
+    from openmm_nice.md import md_command
+
+    return md_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openmm-nice", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a Boltzmann generator from a YAML config")
+    p.add_argument("config", nargs="?", help="the YAML config (not needed with --resume)")
+    p.add_argument("--out", required=True, help="the run folder (checkpoint.pt, metrics.csv, ...)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--steps", type=int, help="override training.steps")
+    p.add_argument("--seed", type=int, help="override seed")
+    p.add_argument("--device", help="override device (cpu, cuda, cuda:1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sample", help="draw samples with importance weights from a trained run")
+    p.add_argument("run", help="the run folder written by `train`")
+    p.add_argument("--n", type=int, required=True, help="number of samples")
+    p.add_argument("--out", required=True, help="the npz file (x, log_w, u)")
+    p.add_argument("--traj", help="also write a trajectory (.dcd, .h5, .xtc, .pdb) for molecules")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=65536)
+    p.add_argument("--device", help="override the run's device")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser(
+        "sweep", help="train one model per latent dimension D and pick the smallest J_R"
+    )
+    p.add_argument("config")
+    p.add_argument("--latent-dims", required=True, help="comma-separated D values, e.g. 1,2,4")
+    p.add_argument(
+        "--out", required=True, help="folder for one run per D, sweep.csv and sweep.json"
+    )
+    p.add_argument("--steps", type=int, help="override training.steps")
+    p.add_argument("--n-eval", type=int, default=20000, help="fresh latents for J_R and its error")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser(
+        "reweight", help="weighted observables and free-energy profiles from samples"
+    )
+    from openmm_nice.analysis import add_reweight_arguments
+
+    add_reweight_arguments(p)
+    p.set_defaults(func=_cmd_reweight)
+
+    p = sub.add_parser("md", help="plain OpenMM Langevin MD of a config's system")
+    p.add_argument("config")
+    p.add_argument("--out", required=True, help="trajectory file (.dcd, .h5, .xtc) or .npz")
+    p.add_argument("--steps", type=int, help="override md.steps")
+    p.add_argument("--seed", type=int, help="override seed")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_md)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and not args.resume and args.config is None:
+        parser.error("train needs a CONFIG (or --resume with --out RUN)")
+    started = time.time()
+    try:
+        code = args.func(args)
+    except (ConfigError, ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+        print(f"openmm-nice {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    if not getattr(args, "quiet", False):
+        print(f"done in {time.time() - started:.1f} s", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

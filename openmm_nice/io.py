@@ -1,0 +1,75 @@
+"""Atomic file writing: checkpoints, sample files and text outputs are never left half-written."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_samples",
+]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write a file through ``write(handle)`` into a temporary file, then rename it into place.
+
+    The rename is atomic on POSIX, so a reader (or a resumed run after SIGKILL) sees either the
+    old file or the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda h: h.write(text.encode()))
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """torch.save ``state`` atomically; it must hold only tensors, numbers, strings, lists, dicts."""
+    atomic_write(path, lambda h: torch.save(state, h))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train first with `openmm-nice train`")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def save_samples(path: str | os.PathLike, x, log_w, u, **extra) -> None:
+    """Write the contract npz: ``x`` (N, d) float64, ``log_w`` (N,), ``u`` (N,), plus extras."""
+    arrays = {
+        "x": np.asarray(x, dtype=np.float64),
+        "log_w": np.asarray(log_w, dtype=np.float64),
+        "u": np.asarray(u, dtype=np.float64),
+    }
+    n = arrays["x"].shape[0]
+    if arrays["x"].ndim != 2 or arrays["log_w"].shape != (n,) or arrays["u"].shape != (n,):
+        raise ValueError(
+            f"samples need x (N, d), log_w (N,), u (N,); got {arrays['x'].shape}, "
+            f"{arrays['log_w'].shape}, {arrays['u'].shape}"
+        )
+    arrays.update({k: np.asarray(v) for k, v in extra.items()})
+    atomic_write(path, lambda h: np.savez(h, **arrays))

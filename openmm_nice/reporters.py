@@ -1,0 +1,114 @@
+"""Training reporters in OpenMM's style: progress bar, CSV metrics, checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from openmm_nice.io import atomic_write_text, save_checkpoint
+
+__all__ = ["ProgressReporter", "MetricsReporter", "CheckpointReporter", "METRIC_COLUMNS"]
+
+# Column names carry their units: nats for KL terms, kT for energies, seconds for time.
+METRIC_COLUMNS = (
+    "step",
+    "loss",
+    "reverse_kl_nats",
+    "nll_nats",
+    "energy_kT",
+    "log_det_S",
+    "conditional_nats",
+    "ess",
+    "beta",
+    "learning_rate",
+    "elapsed_s",
+)
+_STATE_KEYS = {
+    "reverse_kl_nats": "reverse_kl",
+    "nll_nats": "nll",
+    "conditional_nats": "conditional",
+}
+
+
+class ProgressReporter:
+    """A tqdm progress bar over the training steps, showing loss and ESS/N.
+
+    Arguments:
+        total: Total number of steps (the bar's length).
+        interval: Steps between updates.
+        initial: The step the bar starts from (for resumed runs).
+        disable: Hide the bar (quiet scripts).
+    """
+
+    def __init__(self, total: int, interval: int = 10, initial: int = 0, disable: bool = False):
+        self.interval = int(interval)
+        self._bar = tqdm(
+            total=total, initial=initial, disable=disable, unit="step", dynamic_ncols=True
+        )
+        self._last = initial
+
+    def describeNextReport(self, trainer) -> int:  # noqa: N802 (OpenMM's reporter protocol)
+        return self.interval
+
+    def report(self, trainer, state: dict) -> None:
+        self._bar.update(state["step"] - self._last)
+        self._last = state["step"]
+        self._bar.set_postfix(
+            loss=f"{state['loss']:.4g}", ess=f"{state['ess']:.3f}", beta=f"{state['beta']:.3g}"
+        )
+        if state["step"] >= self._bar.total:
+            self._bar.close()
+
+
+class MetricsReporter:
+    """Appends a row of :data:`METRIC_COLUMNS` to a CSV file every ``interval`` steps.
+
+    On resume, rows past the checkpoint's step are dropped (rewritten atomically) so the
+    metrics stay one continuous record.
+    """
+
+    def __init__(self, path: str | os.PathLike, interval: int = 50, resume_step: int | None = None):
+        self.path = Path(path)
+        self.interval = int(interval)
+        if resume_step is None or not self.path.exists():
+            atomic_write_text(self.path, ",".join(METRIC_COLUMNS) + "\n")
+        else:
+            with open(self.path, newline="") as handle:
+                rows = list(csv.reader(handle))
+            kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= resume_step]
+            atomic_write_text(self.path, "".join(",".join(r) + "\n" for r in kept))
+
+    def describeNextReport(self, trainer) -> int:  # noqa: N802
+        return self.interval
+
+    def report(self, trainer, state: dict) -> None:
+        values = [state.get(_STATE_KEYS.get(c, c), "") for c in METRIC_COLUMNS]
+        line = ",".join(f"{v:.8g}" if isinstance(v, float) else str(v) for v in values)
+        with open(self.path, "a") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+class CheckpointReporter:
+    """Writes the trainer's full state atomically every ``interval`` steps (and at the end).
+
+    Arguments:
+        path: The checkpoint file.
+        interval: Steps between checkpoints.
+        extra: Plain data stored beside the state (e.g. the resolved config).
+    """
+
+    def __init__(self, path: str | os.PathLike, interval: int = 500, extra: dict | None = None):
+        self.path = Path(path)
+        self.interval = int(interval)
+        self.extra = dict(extra or {})
+
+    def describeNextReport(self, trainer) -> int:  # noqa: N802
+        return self.interval
+
+    def report(self, trainer, state: dict) -> None:
+        save_checkpoint(self.path, {**self.extra, **trainer.state_dict()})

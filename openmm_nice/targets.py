@@ -1,0 +1,143 @@
+"""Targets named by configs: toy energies and OpenMM molecules, and the models built for them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from openmm_nice.config import Config
+from openmm_nice.energies import DoubleWell1D, DoubleWell2D, Energy, ManyWell, MuellerBrown
+from openmm_nice.generator import BoltzmannGenerator
+
+__all__ = ["Target", "build_target", "build_generator", "load_frames", "TOY_SYSTEMS"]
+
+TOY_SYSTEMS = {
+    "double_well_1d": DoubleWell1D,
+    "double_well_2d": DoubleWell2D,
+    "mueller_brown": MuellerBrown,
+    "many_well": ManyWell,
+}
+
+
+@dataclass
+class Target:
+    """What a config's ``system`` names: the energy, and for molecules their structure.
+
+    Attributes:
+        name: The system's name.
+        energy: The reduced energy U in the sample files' coordinates.
+        molecule: The :class:`~openmm_nice.systems.MolecularSystem`, or None for toys.
+    """
+
+    name: str
+    energy: Energy
+    molecule: Any = None
+
+    @property
+    def is_molecule(self) -> bool:
+        return self.molecule is not None
+
+    def mdtraj_topology(self):
+        import mdtraj
+
+        return mdtraj.Topology.from_openmm(self.molecule.topology)
+
+    def close(self) -> None:
+        close = getattr(self.energy, "close", None)
+        if close is not None:
+            close()
+
+
+def _toy(spec: Any) -> Target | None:
+    if isinstance(spec, str):
+        name, options = spec, {}
+    elif isinstance(spec, dict) and "name" in spec and spec["name"] in TOY_SYSTEMS:
+        options = {k: v for k, v in spec.items() if k != "name"}
+        name = spec["name"]
+    else:
+        return None
+    if name not in TOY_SYSTEMS:
+        return None
+    try:
+        energy = TOY_SYSTEMS[name](**options)
+    except TypeError as error:
+        raise ValueError(f"bad options {options} for system {name!r}: {error}") from None
+    return Target(name, energy)
+
+
+def build_target(config: Config) -> Target:
+    """The target of ``config.system``: a toy name (with options), or a molecule."""
+    toy = _toy(config.system)
+    if toy is not None:
+        return toy
+    from openmm_nice.openmm_energy import OpenMMEnergy
+    from openmm_nice.systems import load_molecular_system
+
+    try:
+        molecule = load_molecular_system(config.system)
+    except ValueError as error:
+        raise ValueError(f"{error}; toy systems are: {', '.join(TOY_SYSTEMS)}") from None
+    energy = OpenMMEnergy(
+        molecule.system,
+        config.temperature,
+        platform=config.platform,
+        platform_properties=config.platform_properties or None,
+        n_workers=config.n_workers,
+    )
+    return Target(molecule.name, energy, molecule)
+
+
+def load_frames(path: str | Path, target: Target) -> torch.Tensor:
+    """Training frames (F, energy.dim) from an npz with ``x`` or an mdtraj-readable trajectory."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training data {path} does not exist")
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            if "x" not in data:
+                raise ValueError(
+                    f"{path} has no array 'x' (frames of shape (F, {target.energy.dim}))"
+                )
+            x = np.asarray(data["x"], dtype=np.float64)
+    else:
+        if not target.is_molecule:
+            raise ValueError(f"a trajectory {path} needs a molecular system, not {target.name!r}")
+        import mdtraj
+
+        traj = mdtraj.load(str(path), top=target.mdtraj_topology())
+        x = traj.xyz.astype(np.float64).reshape(traj.n_frames, -1)
+    if x.ndim != 2 or x.shape[1] != target.energy.dim:
+        raise ValueError(
+            f"frames in {path} have shape {x.shape}, expected (F, {target.energy.dim})"
+        )
+    return torch.as_tensor(x)
+
+
+def build_generator(
+    config: Config, target: Target, frames: torch.Tensor | None = None
+) -> BoltzmannGenerator:
+    """The model of ``config.model`` for ``target``; molecules get internal coordinates
+    normalised to ``frames`` (MD data) or, without frames, to the reference structure."""
+    coordinates = None
+    if target.is_molecule:
+        from openmm_nice.coordinates import MolecularTransform, build_zmatrix
+
+        zmatrix = build_zmatrix(target.molecule.topology)
+        reference = frames if frames is not None else target.molecule.positions.reshape(1, -1)
+        coordinates = MolecularTransform.from_data(zmatrix, reference)
+    m = config.model
+    generator = BoltzmannGenerator(
+        target.energy,
+        latent_dim=m.latent_dim,
+        layers=m.layers,
+        hidden=m.hidden,
+        conditional_hidden=m.conditional_hidden,
+        coordinates=coordinates,
+        scale=m.scale,
+        seed=config.seed,
+    )
+    return generator.to(torch.device(config.device))

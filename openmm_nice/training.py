@@ -1,0 +1,218 @@
+"""Training by reverse KL (J, J_R), with annealing, reweighted forward KL and maximum likelihood."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from openmm_nice.energies import regularize_energy
+from openmm_nice.generator import BoltzmannGenerator
+from openmm_nice.reweighting import effective_sample_size
+
+__all__ = ["Trainer", "TrainingSchedule", "reverse_kl", "nll", "reweighted_forward_kl"]
+
+
+def reverse_kl(
+    generator: BoltzmannGenerator, n: int, beta: float = 1.0, energy_cut: float = 1e3, rng=None
+):
+    r"""The reverse-KL loss :math:`J_R = \mathbb E_z[-\log w_\beta]` on n fresh latents.
+
+    With :math:`\beta = 1` and the exact energy this is :math:`KL_R - \log Z`, the note's
+    :math:`J_R` with every constant included (J when D = d); the gradient uses the
+    regularised energy so that clashes give finite gradients.
+
+    Returns:
+        (loss, draw, parts) where parts holds the mean energy, log|det S| and the
+        conditional term for reporting.
+    """
+    d = generator.draw(n, rng)
+    u_train = regularize_energy(d.u, cut=energy_cut)
+    per_sample = -d.log_weights(beta, u=u_train)
+    with torch.no_grad():
+        finite = torch.isfinite(d.u)
+        parts = {
+            "energy_kT": float(d.u[finite].mean()) if finite.any() else math.inf,
+            "log_det_S": float(generator.linear.log_abs_det()),
+            "conditional": float(-d.log_q_y.mean()),
+        }
+    return per_sample.mean(), d, parts
+
+
+def reweighted_forward_kl(
+    generator: BoltzmannGenerator, d, beta: float, energy_cut: float = 1e3
+) -> Tensor:
+    r"""Forward KL estimated on the model's own samples with self-normalised weights.
+
+    :math:`-\sum_i \bar w_i \log P(x_i, y_i)` with :math:`\bar w` the normalised weights at
+    inverse temperature :math:`\beta` (detached) and the points detached: it is mass-covering,
+    pulling density towards every region the weights find under-populated.
+    """
+    log_w = d.log_weights(beta, u=regularize_energy(d.u.detach(), cut=energy_cut)).detach()
+    w = torch.softmax(log_w, 0)
+    log_p = generator.flow_log_prob(d.x_flow.detach(), d.y.detach())
+    return -(w * log_p).sum()
+
+
+def nll(generator: BoltzmannGenerator, x_data: Tensor, rng=None) -> Tensor:
+    """Mean negative log-likelihood (its bound for D > d) of data frames in target coordinates."""
+    return -generator.log_prob(x_data, generator=rng).mean()
+
+
+@dataclass
+class TrainingSchedule:
+    """Inverse temperature and learning-rate factor as functions of the step."""
+
+    steps: int
+    beta_start: float = 1.0
+    anneal_steps: int = 0
+    lr_schedule: str = "cosine"
+
+    def beta(self, step: int) -> float:
+        if self.anneal_steps <= 0 or step >= self.anneal_steps:
+            return 1.0
+        # geometric in beta: equal ratios between neighbouring temperatures
+        return self.beta_start ** (1.0 - step / self.anneal_steps)
+
+    def lr_factor(self, step: int) -> float:
+        if self.lr_schedule == "constant" or self.steps <= 0:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(step, self.steps) / self.steps)) * 0.99 + 0.01
+
+
+class Trainer:
+    """Trains a :class:`BoltzmannGenerator`; reporters see every state, the trainer never prints.
+
+    The loss of a step is ``kl_weight * J_R(beta) + reweighted_fkl_weight * forward KL(beta)
+    + ml_weight * NLL(data)``, with beta annealed from ``beta_start`` to 1.
+
+    Reporters follow OpenMM's protocol: ``describeNextReport(trainer)`` returns the number of
+    steps until the reporter wants the next state, and ``report(trainer, state)`` receives a dict
+    with the step, the loss and its parts, the batch's ESS/N, beta and the learning rate.
+
+    Arguments:
+        generator: The model.
+        steps: Total optimisation steps.
+        batch_size: Latents per step.
+        learning_rate: Adam's step size before the schedule.
+        data: Optional MD frames (F, energy.dim) for the ML term.
+        seed: Seed of the latent draws (and data minibatches).
+        reporters: Reporter objects.
+    """
+
+    def __init__(
+        self,
+        generator: BoltzmannGenerator,
+        steps: int,
+        batch_size: int = 512,
+        learning_rate: float = 1e-3,
+        lr_schedule: str = "cosine",
+        kl_weight: float = 1.0,
+        ml_weight: float = 0.0,
+        reweighted_fkl_weight: float = 0.0,
+        beta_start: float = 1.0,
+        anneal_steps: int = 0,
+        data: Tensor | None = None,
+        ml_batch_size: int = 256,
+        energy_cut: float = 1e3,
+        grad_clip: float = 100.0,
+        seed: int = 0,
+        reporters: Sequence = (),
+    ):
+        if ml_weight > 0 and data is None:
+            raise ValueError("ml_weight > 0 needs data frames for the maximum-likelihood term")
+        self.generator = generator
+        self.steps = int(steps)
+        self.batch_size = int(batch_size)
+        self.kl_weight, self.ml_weight = float(kl_weight), float(ml_weight)
+        self.reweighted_fkl_weight = float(reweighted_fkl_weight)
+        self.schedule = TrainingSchedule(self.steps, beta_start, anneal_steps, lr_schedule)
+        self.data = data
+        self.ml_batch_size = int(ml_batch_size)
+        self.energy_cut = float(energy_cut)
+        self.grad_clip = float(grad_clip)
+        self.reporters = list(reporters)
+        self.learning_rate = float(learning_rate)
+        self.optimizer = torch.optim.Adam(generator.parameters(), lr=self.learning_rate)
+        device = next(generator.parameters()).device
+        self.rng = torch.Generator(device=device).manual_seed(seed)
+        self.data_rng = torch.Generator().manual_seed(seed + 1)
+        self.step = 0
+        self.elapsed = 0.0
+
+    def _train_step(self) -> dict:
+        beta = self.schedule.beta(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = torch.zeros((), dtype=self.generator.linear.log_diag.dtype)
+        state: dict = {"step": self.step + 1, "beta": beta}
+        rkl, d, parts = reverse_kl(self.generator, self.batch_size, beta, self.energy_cut, self.rng)
+        state.update(parts)
+        state["reverse_kl"] = float(rkl.detach())
+        if self.kl_weight > 0:
+            loss = loss + self.kl_weight * rkl
+        if self.reweighted_fkl_weight > 0:
+            fkl = reweighted_forward_kl(self.generator, d, beta, self.energy_cut)
+            loss = loss + self.reweighted_fkl_weight * fkl
+        if self.ml_weight > 0:
+            idx = torch.randint(0, len(self.data), (self.ml_batch_size,), generator=self.data_rng)
+            batch = self.data[idx].to(d.x.device)
+            ml = nll(self.generator, batch, self.rng)
+            state["nll"] = float(ml.detach())
+            loss = loss + self.ml_weight * ml
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss became {float(loss)} at step {self.step + 1}; lower the learning rate "
+                "or the initial scale of S, or raise training.energy_cut"
+            )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.grad_clip)
+        lr = self.learning_rate * self.schedule.lr_factor(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        state["learning_rate"] = lr
+        self.optimizer.step()
+        state["loss"] = float(loss.detach())
+        with torch.no_grad():
+            state["ess"] = effective_sample_size(d.log_weights()) / self.batch_size
+        return state
+
+    def run(self, steps: int | None = None) -> None:
+        """Train until ``steps`` (default: all configured steps) have been taken in total."""
+        target = self.steps if steps is None else min(int(steps), self.steps)
+        self.generator.train()
+        next_report = [r.describeNextReport(self) for r in self.reporters]
+        while self.step < target:
+            start = time.perf_counter()
+            state = self._train_step()
+            self.step += 1
+            self.elapsed += time.perf_counter() - start
+            state["elapsed_s"] = self.elapsed
+            for i, reporter in enumerate(self.reporters):
+                next_report[i] -= 1
+                if next_report[i] <= 0 or self.step == target:
+                    reporter.report(self, state)
+                    next_report[i] = reporter.describeNextReport(self)
+        self.generator.eval()
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: model, optimiser, schedule, step, random states."""
+        return {
+            "model": self.generator.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "rng": self.rng.get_state(),
+            "data_rng": self.data_rng.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.elapsed = float(state["elapsed"])
+        self.rng.set_state(state["rng"])
+        self.data_rng.set_state(state["data_rng"])

@@ -1,0 +1,163 @@
+"""The command line and its files, as the design's contracts describe them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from openmm_nice.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {
+    "system": "double_well_1d",
+    "model": {"latent_dim": 2, "layers": 2, "hidden": [8], "conditional_hidden": [8]},
+    "training": {
+        "steps": 40,
+        "batch_size": 64,
+        "anneal_steps": 20,
+        "report_interval": 10,
+        "checkpoint_interval": 20,
+    },
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def test_train_sample_reweight(tmp_path, tiny_config):
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_config), "--out", str(run), "--quiet"]) == 0
+    for name in (
+        "checkpoint.pt",
+        "config.yaml",
+        "metrics.csv",
+        "summary.json",
+        "loss.png",
+        "figure1.png",
+    ):
+        assert (run / name).is_file(), name
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 40
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"ess", "log_z", "log_z_error", "j_r", "j_r_error", "kl_bound"} <= set(summary)
+    assert summary["kl_bound"] > -3 * summary["j_r_error"]  # a KL bound is non-negative
+
+    samples = tmp_path / "s.npz"
+    assert main(["sample", str(run), "--n", "5000", "--out", str(samples), "--quiet"]) == 0
+    with np.load(samples) as data:
+        assert data["x"].shape == (5000, 1) and data["x"].dtype == np.float64
+        assert data["log_w"].shape == (5000,) and data["u"].shape == (5000,)
+        np.testing.assert_allclose(data["u"], DoubleWell_potential(data["x"][:, 0]))
+
+    out = tmp_path / "rw"
+    assert main(["reweight", str(samples), "--run", str(run), "--out", str(out)]) == 0
+    report = json.loads((out / "summary.json").read_text())
+    assert report["p(x0<0)"]["exact"] == pytest.approx(0.93273, abs=1e-5)
+    assert (out / "profile_x0.png").is_file() and (out / "profile_x0_reweighted.csv").is_file()
+
+
+def DoubleWell_potential(x):  # noqa: N802
+    return x**4 - 4 * x**2 + x
+
+
+def test_existing_run_needs_resume_and_bad_configs_are_named(tmp_path, tiny_config, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_config), "--out", str(run), "--quiet", "--steps", "5"]) == 0
+    assert main(["train", str(tiny_config), "--out", str(run), "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("system: double_well_1d\ntraining:\n  batch: 3\n")
+    assert main(["train", str(bad), "--out", str(tmp_path / "r2"), "--quiet"]) == 2
+    assert "training.batch" in capsys.readouterr().err
+    bad.write_text("system: no_such_system\n")
+    assert main(["train", str(bad), "--out", str(tmp_path / "r3"), "--quiet"]) == 2
+    assert "double_well_1d" in capsys.readouterr().err
+
+
+def test_sweep_writes_j_r_per_latent_dimension(tmp_path, tiny_config, capsys):
+    out = tmp_path / "sweep"
+    assert (
+        main(
+            [
+                "sweep",
+                str(tiny_config),
+                "--latent-dims",
+                "1,2",
+                "--out",
+                str(out),
+                "--quiet",
+                "--n-eval",
+                "2000",
+            ]
+        )
+        == 0
+    )
+    result = json.loads((out / "sweep.json").read_text())
+    assert [r["latent_dim"] for r in result["results"]] == [1, 2]
+    best = min(result["results"], key=lambda r: r["j_r"])
+    assert result["chosen_latent_dim"] == best["latent_dim"]
+    assert "chosen latent_dim" in capsys.readouterr().out
+
+
+def test_sigkill_then_resume_finishes_with_continuous_metrics(tmp_path):
+    config = dict(TINY)
+    config["training"] = dict(
+        TINY["training"], steps=3000, checkpoint_interval=25, report_interval=25
+    )
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "openmm_nice.cli",
+        "train",
+        str(path),
+        "--out",
+        str(run),
+        "--quiet",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (run / "checkpoint.pt").exists() and torch.load(
+            run / "checkpoint.pt", weights_only=True
+        )["step"] >= 100:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < killed_at < 3000
+    resume = [
+        sys.executable,
+        "-m",
+        "openmm_nice.cli",
+        "train",
+        "--resume",
+        "--out",
+        str(run),
+        "--quiet",
+        "--steps",
+        "400",
+    ]
+    subprocess.run(resume, env=env, check=True, timeout=300)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == max(400, killed_at)
+    steps = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))]
+    assert steps == list(range(25, steps[-1] + 1, 25))

@@ -1,0 +1,51 @@
+"""Configs are validated: unknown keys and wrong types are errors that name them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from openmm_nice.config import ConfigError, config_from_dict, load_config
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_is_valid(path):
+    config = load_config(path)
+    assert config.training.steps > 0
+
+
+def test_defaults_and_round_trip():
+    config = config_from_dict({"system": "double_well_2d", "model": {"latent_dim": 3}})
+    assert config.model.latent_dim == 3 and config.training.batch_size == 512
+    again = config_from_dict(config.to_dict())
+    assert again == config
+
+
+def test_unknown_key_is_named_with_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"training\.stpes.*valid keys in training are: steps"):
+        config_from_dict({"training": {"stpes": 10}})
+    with pytest.raises(ConfigError, match="unknown config key.*tempreature"):
+        config_from_dict({"tempreature": 300})
+
+
+def test_wrong_types_and_ranges_are_named():
+    with pytest.raises(ConfigError, match=r"training\.steps: expected an integer, got 'many'"):
+        config_from_dict({"training": {"steps": "many"}})
+    with pytest.raises(ConfigError, match=r"model\.hidden\[1\]"):
+        config_from_dict({"model": {"hidden": [64, "wide"]}})
+    with pytest.raises(ConfigError, match="temperature must be positive"):
+        config_from_dict({"temperature": -1})
+    with pytest.raises(ConfigError, match="needs training.data"):
+        config_from_dict({"training": {"ml_weight": 1.0}})
+    with pytest.raises(ConfigError, match="beta_start"):
+        config_from_dict({"training": {"beta_start": 0.0}})
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    (tmp_path / "frames.npz").write_bytes(b"")
+    path = tmp_path / "c.yaml"
+    path.write_text("system: double_well_1d\ntraining:\n  data: frames.npz\n")
+    assert load_config(path).training.data == str(tmp_path / "frames.npz")

@@ -1,0 +1,81 @@
+"""Training: losses, annealing, deterministic resume, and reporters."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from openmm_nice.energies import DoubleWell1D
+from openmm_nice.generator import BoltzmannGenerator
+from openmm_nice.io import load_checkpoint
+from openmm_nice.reporters import METRIC_COLUMNS, CheckpointReporter, MetricsReporter
+from openmm_nice.training import Trainer, TrainingSchedule, nll, reverse_kl
+
+
+def _trainer(reporters=(), steps=20, **kw):
+    torch.manual_seed(0)
+    bg = BoltzmannGenerator(
+        DoubleWell1D(), latent_dim=2, layers=2, hidden=[8], conditional_hidden=[8]
+    )
+    options = dict(batch_size=64, reweighted_fkl_weight=1.0, beta_start=0.2, anneal_steps=10)
+    options.update(kw)
+    return Trainer(bg, steps=steps, seed=7, reporters=reporters, **options)
+
+
+def test_reverse_kl_is_the_mean_negative_log_weight():
+    t = _trainer()
+    loss, d, parts = reverse_kl(t.generator, 256, 1.0, rng=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, -d.log_weights().mean())
+    # J_R = E[U] - E[log|det S|...]: the energy part is reported in kT
+    assert parts["energy_kT"] == pytest.approx(float(d.u.mean()))
+
+
+def test_schedule_anneals_beta_geometrically_and_decays_the_learning_rate():
+    s = TrainingSchedule(100, beta_start=0.1, anneal_steps=50)
+    assert s.beta(0) == pytest.approx(0.1) and s.beta(25) == pytest.approx(0.1**0.5)
+    assert s.beta(50) == 1.0 and s.beta(99) == 1.0
+    assert s.lr_factor(0) == pytest.approx(1.0) and s.lr_factor(100) == pytest.approx(0.01)
+
+
+def test_training_lowers_the_loss():
+    t = _trainer(steps=150, learning_rate=3e-3, anneal_steps=0, reweighted_fkl_weight=0.0)
+    before = float(reverse_kl(t.generator, 4096, rng=torch.Generator().manual_seed(1))[0])
+    t.run()
+    after = float(reverse_kl(t.generator, 4096, rng=torch.Generator().manual_seed(1))[0])
+    assert after < before - 0.1
+
+
+def test_maximum_likelihood_term_uses_the_data():
+    data = torch.randn(500, 1) * 0.3 - 1.4
+    t = _trainer(steps=5, ml_weight=1.0, data=data)
+    t.run()
+    assert torch.isfinite(nll(t.generator, data[:10]))
+    with pytest.raises(ValueError, match="needs data"):
+        _trainer(ml_weight=1.0)
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    straight = _trainer(steps=20)
+    straight.run()
+
+    first = _trainer([CheckpointReporter(tmp_path / "c.pt", interval=10)], steps=20)
+    first.run(10)
+    second = _trainer(steps=20)
+    second.load_state_dict(load_checkpoint(tmp_path / "c.pt"))
+    assert second.step == 10
+    second.run()
+    for a, b in zip(straight.generator.parameters(), second.generator.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_metrics_reporter_writes_units_and_truncates_on_resume(tmp_path):
+    path = tmp_path / "metrics.csv"
+    t = _trainer([MetricsReporter(path, interval=5)], steps=20)
+    t.run()
+    rows = list(csv.DictReader(open(path)))
+    assert tuple(rows[0].keys()) == METRIC_COLUMNS
+    assert [int(r["step"]) for r in rows] == [5, 10, 15, 20]
+    MetricsReporter(path, interval=5, resume_step=10)
+    assert [int(r["step"]) for r in csv.DictReader(open(path))] == [5, 10]
