@@ -1,0 +1,157 @@
+"""Evaluations per second of OpenMMEnergy against OpenMM's own loop, alanine dipeptide in vacuum.
+
+For each platform it times, interleaved and best of --repeats:
+  * OpenMM's own loop: setPositions + getState(getEnergy=True, getForces=True), nothing read;
+  * the usual loop that also reads energy and forces with value_in_unit;
+  * OpenMMEnergy forward + backward (values and gradients) with each worker count;
+  * OpenMM's work inside OpenMMEnergy (its evaluation loop on one Context, no torch), from
+    which the torch-side overhead of a batch follows.
+Then it prints a table and one JSON line with every number.
+
+Usage: python benchmarks/energy_throughput.py [--batch 1024] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+import openmm
+import torch
+from openmm import unit
+from openmmtools import testsystems
+
+from openmm_nice.openmm_energy import OpenMMEnergy, _evaluate
+
+KJ_PER_MOL_NM = unit.kilojoule_per_mole / unit.nanometer
+
+
+def own_loop(context: openmm.Context, positions: np.ndarray) -> None:
+    for configuration in positions:
+        context.setPositions(configuration)
+        context.getState(getEnergy=True, getForces=True)
+
+
+def value_in_unit_loop(context: openmm.Context, positions: np.ndarray) -> None:
+    energies, forces = np.empty(len(positions)), np.empty(positions.shape)
+    for i, configuration in enumerate(positions):
+        context.setPositions(configuration)
+        state = context.getState(getEnergy=True, getForces=True)
+        energies[i] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        forces[i] = state.getForces(asNumpy=True).value_in_unit(KJ_PER_MOL_NM)
+
+
+def forward_backward(energy: OpenMMEnergy, x: torch.Tensor) -> None:
+    x.grad = None
+    energy(x).sum().backward()
+
+
+def best_time(function: Callable[[], None], best: float) -> float:
+    start = time.perf_counter()
+    function()
+    return min(best, time.perf_counter() - start)
+
+
+def measure_platform(
+    system: openmm.System, positions: np.ndarray, platform: str, workers: list[int], repeats: int
+) -> dict[str, float]:
+    """Best times (s per batch) of every method on one platform, measured interleaved."""
+    context = openmm.Context(
+        system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName(platform)
+    )
+    x = torch.tensor(positions.reshape(len(positions), -1), requires_grad=True)
+    energies = {n: OpenMMEnergy(system, 300 * unit.kelvin, platform, n_workers=n) for n in workers}
+    for energy in energies.values():  # start workers and Contexts outside the timing
+        forward_backward(energy, x)
+    single = energies[min(workers)]._pool._context
+    out_e, out_f = np.empty(len(positions)), np.empty(positions.shape)
+    methods: dict[str, Callable[[], None]] = {
+        "own_loop": lambda: own_loop(context, positions),
+        "value_in_unit_loop": lambda: value_in_unit_loop(context, positions),
+        "openmm_work": lambda: _evaluate(single, positions, out_e, out_f),
+    }
+    for n, energy in energies.items():
+        methods[f"openmm_energy_{n}"] = lambda energy=energy: forward_backward(energy, x)
+    times = dict.fromkeys(methods, float("inf"))
+    for _ in range(repeats):
+        for name, method in methods.items():
+            times[name] = best_time(method, times[name])
+    for energy in energies.values():
+        energy.close()
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1024, help="configurations per batch")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per method, best kept")
+    parser.add_argument("--platforms", default="Reference,CPU", help="comma-separated names")
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    args = parser.parse_args()
+    workers = [int(n) for n in args.workers.split(",")]
+
+    test_system = testsystems.AlanineDipeptideVacuum(constraints=None)
+    reference = np.asarray(test_system.positions.value_in_unit(unit.nanometer))
+    rng = np.random.default_rng(0)
+    positions = reference + 0.01 * rng.standard_normal((args.batch, *reference.shape))
+
+    load_before = os.getloadavg()[0]
+    results: dict[str, dict[str, float]] = {}
+    rows = []
+    for platform in args.platforms.split(","):
+        times = measure_platform(test_system.system, positions, platform, workers, args.repeats)
+        own = times["own_loop"]
+        result = {f"{name}_per_s": args.batch / t for name, t in times.items()}
+        labels = {
+            "own_loop": "OpenMM's own loop (nothing read)",
+            "value_in_unit_loop": "usual loop, value_in_unit reads",
+            "openmm_work": "OpenMMEnergy's OpenMM work, 1 Context",
+        }
+        labels.update(
+            {f"openmm_energy_{n}": f"OpenMMEnergy fwd+bwd, {n} worker(s)" for n in workers}
+        )
+        for name, label in labels.items():
+            result[f"{name}_ratio"] = own / times[name]
+            rows.append((platform, label, args.batch / times[name], own / times[name]))
+        for n in workers:
+            overhead = times[f"openmm_energy_{n}"] - times["openmm_work"] / n
+            result[f"overhead_ms_{n}"] = 1e3 * overhead
+            result[f"overhead_fraction_{n}"] = overhead / times[f"openmm_energy_{n}"]
+        results[platform] = result
+
+    load_after = os.getloadavg()[0]
+    print(
+        f"alanine dipeptide (22 atoms), batch {args.batch}, best of {args.repeats}; "
+        f"1-minute load average {load_before:.2f} before, {load_after:.2f} after"
+    )
+    print(f"{'platform':<10} {'method':<40} {'evals/s':>10} {'x own loop':>11}")
+    for platform, label, rate, ratio in rows:
+        print(f"{platform:<10} {label:<40} {rate:>10,.0f} {ratio:>11.2f}")
+    print("torch-side overhead per batch = OpenMMEnergy fwd+bwd - OpenMM work / workers:")
+    for platform, result in results.items():
+        for n in workers:
+            print(
+                f"  {platform:<10} {n} worker(s): {result[f'overhead_ms_{n}']:7.2f} ms "
+                f"({100 * result[f'overhead_fraction_{n}']:.0f}% of the batch)"
+            )
+    summary = {
+        "benchmark": "energy_throughput",
+        "system": "alanine_dipeptide_vacuum",
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": [load_before, load_after],
+        "openmm": openmm.__version__,
+        "torch": torch.__version__,
+        "platforms": results,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
