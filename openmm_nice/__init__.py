@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from openmm_nice.conditional import ConditionalGaussian
+from openmm_nice.coordinates import InternalCoordinates, MolecularTransform, build_zmatrix
 from openmm_nice.energies import (
     DoubleWell1D,
     DoubleWell2D,
@@ -12,12 +13,14 @@ from openmm_nice.energies import (
     regularize_energy,
 )
 from openmm_nice.generator import BoltzmannGenerator
+from openmm_nice.openmm_energy import OpenMMEnergy
 from openmm_nice.reweighting import (
     effective_sample_size,
     expectation,
     free_energy_profile,
     log_partition_function,
 )
+from openmm_nice.systems import MolecularSystem, alanine_dipeptide_vacuum, load_molecular_system
 from openmm_nice.training import Trainer
 from openmm_nice.transforms import AdditiveCoupling, LULinear, nice_flow
 
@@ -28,32 +31,23 @@ __all__ = [
     "DoubleWell1D",
     "DoubleWell2D",
     "Energy",
+    "InternalCoordinates",
     "LULinear",
     "ManyWell",
+    "MolecularSystem",
+    "MolecularTransform",
     "MuellerBrown",
+    "OpenMMEnergy",
     "Trainer",
+    "alanine_dipeptide_vacuum",
+    "build_zmatrix",
     "effective_sample_size",
     "expectation",
     "free_energy_profile",
+    "load_molecular_system",
     "log_partition_function",
     "nice_flow",
     "regularize_energy",
 ]
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    # OpenMM-side names import lazily so that toy targets load without starting OpenMM
-    if name == "OpenMMEnergy":
-        from openmm_nice.openmm_energy import OpenMMEnergy
-
-        return OpenMMEnergy
-    if name in ("MolecularTransform", "InternalCoordinates", "build_zmatrix"):
-        from openmm_nice import coordinates
-
-        return getattr(coordinates, name)
-    if name in ("MolecularSystem", "alanine_dipeptide_vacuum", "load_molecular_system"):
-        from openmm_nice import systems
-
-        return getattr(systems, name)
-    raise AttributeError(f"module 'openmm_nice' has no attribute {name!r}")

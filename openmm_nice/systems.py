@@ -59,9 +59,23 @@ class MolecularSystem:
         return len(self.positions)
 
 
+def _import_openmmtools_testsystems():
+    """openmmtools.testsystems, without the banner its pymbar import prints to stdout."""
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("pymbar").setLevel(logging.ERROR)
+        from openmmtools import testsystems
+    return testsystems
+
+
 def alanine_dipeptide_vacuum() -> MolecularSystem:
     """Alanine dipeptide (ACE-ALA-NME, 22 atoms) in vacuum from openmmtools, no constraints."""
-    from openmmtools import testsystems
+    testsystems = _import_openmmtools_testsystems()
 
     test = testsystems.AlanineDipeptideVacuum(constraints=None)
     return MolecularSystem(test.system, test.topology, test.positions, "alanine_dipeptide_vacuum")

@@ -1,0 +1,55 @@
+"""The shipped examples do what the README and the issues promise."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from openmm_nice.cli import main
+from openmm_nice.reweighting import effective_sample_size, log_partition_function, probability
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_main_job() -> list[list[str]]:
+    """The openmm-nice commands of the README's first (main-job) command line."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    command = next(line.strip() for line in lines if line.startswith("    pip install"))
+    parts = [shlex.split(p) for p in command.split("&&")]
+    assert parts[0][:2] == ["pip", "install"]
+    return [p for p in parts[1:] if p[0] == "openmm-nice"]
+
+
+def test_readme_main_job_runs_shortened(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    (tmp_path / "data").symlink_to(ROOT / "data")
+    commands = _readme_main_job()
+    assert commands[0][1] == "train"
+    for argv in commands:
+        args = argv[1:]
+        if args[0] == "train":
+            args += ["--steps", "20", "--quiet"]
+        if args[0] == "sample":
+            args[args.index("--n") + 1] = "2000"
+        assert main(args) == 0, argv
+
+
+@pytest.mark.slow
+def test_note_example_meets_the_accuracy_of_issue_2(tmp_path):
+    """The full default training of the note's example (about a minute here)."""
+    run, samples = tmp_path / "run", tmp_path / "s.npz"
+    assert main(["train", str(ROOT / "examples/double_well_1d.yaml"), "--out", str(run), "--quiet"]) == 0
+    assert main(["sample", str(run), "--n", "200000", "--out", str(samples), "--quiet"]) == 0
+    with np.load(samples) as data:
+        x, log_w = data["x"][:, 0], data["log_w"]
+    assert effective_sample_size(log_w) / len(log_w) >= 0.95
+    assert abs(log_partition_function(log_w) - 5.03228) < 0.01
+    assert abs(probability(x < 0, log_w)[0] - 0.93273) < 0.003
+    assert abs(probability(x < 0)[0] - 0.93273) < 0.01
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["kl_bound"] >= -3 * summary["j_r_error"]
