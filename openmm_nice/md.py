@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
+import shlex
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,43 +16,119 @@ from tqdm.auto import tqdm
 from openmm_nice.config import Config, load_config
 from openmm_nice.io import atomic_write_text, save_samples
 
-__all__ = ["run_md", "md_command"]
+__all__ = [
+    "MDResult",
+    "molecular_system",
+    "run_md",
+    "write_md",
+    "md_command",
+    "TRAJECTORY_SUFFIXES",
+]
+
+TRAJECTORY_SUFFIXES = (".npz", ".dcd", ".xtc", ".trr", ".nc", ".h5", ".pdb")
+"""Output files `openmm-nice md` writes: the contract npz, or an mdtraj trajectory."""
+
+
+@dataclass
+class MDResult:
+    """Frames of one MD run and how long it took.
+
+    Attributes:
+        frames: (F, 3N) positions in nm, flattened in OpenMM atom order, float64.
+        u: (F,) reduced potential energies E/kT of the frames (kT of ``temperature``).
+        time_ps: (F,) simulated time of each frame after equilibration, in ps.
+        temperature: The thermostat's temperature in K.
+        timestep_fs: The integration time step in fs.
+        platform: The OpenMM platform that ran it.
+        wall_time_s: Wall-clock seconds of the production steps (not minimisation or
+            equilibration).
+    """
+
+    frames: np.ndarray
+    u: np.ndarray
+    time_ps: np.ndarray
+    temperature: float
+    timestep_fs: float
+    platform: str
+    wall_time_s: float
+
+    @property
+    def simulated_ns(self) -> float:
+        """Production time simulated, in ns."""
+        return float(self.time_ps[-1]) / 1000.0 if len(self.time_ps) else 0.0
+
+    @property
+    def ns_per_day(self) -> float:
+        """Simulation speed of the production steps, in ns per day of wall time."""
+        return self.simulated_ns * 86400.0 / self.wall_time_s if self.wall_time_s > 0 else np.inf
+
+
+def molecular_system(config: Config):
+    """The :class:`~openmm_nice.systems.MolecularSystem` of a config; a toy target is an error."""
+    from openmm_nice.systems import load_molecular_system
+    from openmm_nice.targets import TOY_SYSTEMS
+
+    name = config.system if isinstance(config.system, str) else config.system.get("name")
+    if name in TOY_SYSTEMS:
+        raise ValueError(
+            f"md needs a molecular system, but {name!r} is a toy target; use a config whose "
+            "`system` is e.g. alanine_dipeptide_vacuum or {pdb: ..., forcefield: [...]}"
+        )
+    return load_molecular_system(config.system)
 
 
 def run_md(
-    config: Config, n_steps: int | None = None, quiet: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
+    config: Config,
+    n_steps: int | None = None,
+    quiet: bool = False,
+    platform: str | None = None,
+) -> MDResult:
     """Langevin MD (LangevinMiddleIntegrator) of ``config.system`` at ``config.temperature``.
 
+    The structure is energy-minimised, given Maxwell-Boltzmann velocities (seeded by
+    ``config.seed``), equilibrated for ``md.equilibration_steps``, then run for ``n_steps``
+    with a frame every ``md.report_interval`` steps.
+
+    Arguments:
+        config: The config; its ``system``, ``temperature``, ``seed``, ``platform`` and ``md``.
+        n_steps: Production steps; ``md.steps`` by default.
+        quiet: No progress bar.
+        platform: An OpenMM platform name overriding ``config.platform`` (e.g. to time MD on
+            CPU); the config's ``platform_properties`` apply only to the config's own platform.
+
     Returns:
-        frames: (F, 3N) positions in nm, one every ``md.report_interval`` steps.
-        u: (F,) reduced potential energies E/kT of the frames.
+        An :class:`MDResult`.
     """
     import openmm
     from openmm import unit
 
     from openmm_nice.openmm_energy import OpenMMEnergy
-    from openmm_nice.systems import load_molecular_system
 
-    if not isinstance(config.system, dict) and not isinstance(config.system, str):
-        raise ValueError(f"md needs a molecular system, got {config.system!r}")
-    molecule = load_molecular_system(config.system)
+    molecule = molecular_system(config)
     md = config.md
     n_steps = md.steps if n_steps is None else int(n_steps)
     if n_steps < md.report_interval:
         raise ValueError(
-            f"md.steps ({n_steps}) must be at least md.report_interval ({md.report_interval})"
+            f"md needs at least one frame: steps ({n_steps}) must be at least "
+            f"md.report_interval ({md.report_interval}); raise --steps or lower md.report_interval"
         )
-    # validates the System (constraints, virtual sites, periodicity) with the same messages as training
-    OpenMMEnergy(molecule.system, config.temperature, platform=config.platform).close()
+    properties = config.platform_properties if platform in (None, config.platform) else {}
+    platform = platform or config.platform
+    # validates the System (constraints, virtual sites, periodicity) and the platform with the
+    # same messages as training
+    OpenMMEnergy(molecule.system, config.temperature, platform=platform).close()
     integrator = openmm.LangevinMiddleIntegrator(
         config.temperature * unit.kelvin,
         md.friction_per_ps / unit.picosecond,
         md.timestep_fs * unit.femtosecond,
     )
     integrator.setRandomNumberSeed(config.seed + 1)
-    platform = openmm.Platform.getPlatformByName(config.platform)
-    context = openmm.Context(molecule.system, integrator, platform, config.platform_properties)
+    context = openmm.Context(
+        molecule.system,
+        integrator,
+        openmm.Platform.getPlatformByName(platform),
+        {k: str(v) for k, v in properties.items()},
+    )
     context.setPositions(molecule.positions)
     openmm.LocalEnergyMinimizer.minimize(context)
     context.setVelocitiesToTemperature(config.temperature * unit.kelvin, config.seed + 1)
@@ -58,50 +139,87 @@ def run_md(
     n_frames = n_steps // md.report_interval
     frames = np.empty((n_frames, 3 * molecule.n_atoms))
     energies = np.empty(n_frames)
+    started = time.perf_counter()
     for i in tqdm(range(n_frames), disable=quiet, unit="frame", desc="md"):
         integrator.step(md.report_interval)
         state = context.getState(getPositions=True, getEnergy=True)
         frames[i] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer).reshape(-1)
         energies[i] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) / kt
-    return frames, energies
+    wall = time.perf_counter() - started
+    time_ps = np.arange(1, n_frames + 1) * md.report_interval * md.timestep_fs / 1000.0
+    return MDResult(frames, energies, time_ps, config.temperature, md.timestep_fs, platform, wall)
 
 
-def md_command(args) -> int:
+def _check_output(path: Path) -> None:
+    """Refuse an output format before hours of MD, not after."""
+    suffix = path.suffix.lower()
+    if suffix not in TRAJECTORY_SUFFIXES:
+        raise ValueError(
+            f"--out {str(path)!r}: unknown format {suffix!r}; use one of "
+            f"{', '.join(TRAJECTORY_SUFFIXES)} (.npz is the sample-file format with x, log_w, u)"
+        )
+    if suffix == ".h5" and importlib.util.find_spec("tables") is None:
+        raise ValueError(
+            f"--out {str(path)!r}: mdtraj writes .h5 through PyTables, which is not installed; "
+            "`pip install tables`, or write .dcd or .npz"
+        )
+
+
+def write_md(path: str | Path, result: MDResult, topology) -> None:
+    """Write MD frames: an npz with ``x``, ``log_w`` (zeros), ``u`` and ``time_ps``, or a
+    trajectory in any format of :data:`TRAJECTORY_SUFFIXES` with the mdtraj ``topology``."""
+    path = Path(path)
+    _check_output(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".npz":
+        save_samples(
+            path, result.frames, np.zeros(len(result.frames)), result.u, time_ps=result.time_ps
+        )
+        return
+    import mdtraj
+
+    xyz = result.frames.reshape(len(result.frames), -1, 3).astype(np.float32)
+    traj = mdtraj.Trajectory(xyz, topology, time=result.time_ps)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    traj.save(str(tmp))
+    tmp.replace(path)
+
+
+def md_command(args: argparse.Namespace) -> int:
+    """`openmm-nice md CONFIG --out FILE [--steps N] [--seed S] [--quiet]`."""
+    import mdtraj
+
+    out = Path(args.out)
+    _check_output(out)
     config = load_config(args.config)
     if args.seed is not None:
         config.seed = args.seed
-    frames, u = run_md(config, args.steps, args.quiet)
-    out = Path(args.out)
+    result = run_md(config, args.steps, args.quiet)
+    topology = mdtraj.Topology.from_openmm(molecular_system(config).topology)
+    write_md(out, result, topology)
+    command = ["openmm-nice", "md", str(args.config), "--out", str(args.out)]
+    if args.steps is not None:
+        command += ["--steps", str(args.steps)]
+    if args.seed is not None:
+        command += ["--seed", str(args.seed)]
     n_steps = args.steps if args.steps is not None else config.md.steps
-    if out.suffix == ".npz":
-        save_samples(out, frames, np.zeros(len(frames)), u)
-    else:
-        import mdtraj
-
-        from openmm_nice.systems import load_molecular_system
-
-        top = mdtraj.Topology.from_openmm(load_molecular_system(config.system).topology)
-        traj = mdtraj.Trajectory(frames.reshape(len(frames), -1, 3).astype(np.float32), top)
-        traj.time = (
-            np.arange(1, len(frames) + 1)
-            * config.md.report_interval
-            * config.md.timestep_fs
-            / 1000.0
-        )
-        tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-        traj.save(str(tmp))
-        tmp.replace(out)
     info = {
-        "command": f"openmm-nice md {args.config} --out {args.out}"
-        + (f" --steps {args.steps}" if args.steps else ""),
+        "command": shlex.join(command),
         "steps": n_steps,
         "timestep_fs": config.md.timestep_fs,
-        "simulated_ns": n_steps * config.md.timestep_fs * 1e-6,
-        "frames": len(frames),
+        "report_interval": config.md.report_interval,
+        "equilibration_steps": config.md.equilibration_steps,
+        "friction_per_ps": config.md.friction_per_ps,
+        "simulated_ns": result.simulated_ns,
+        "frames": len(result.frames),
         "temperature_K": config.temperature,
         "seed": config.seed,
+        "platform": result.platform,
+        "wall_time_s": result.wall_time_s,
+        "ns_per_day": result.ns_per_day,
+        "config": config.to_dict(),
     }
     atomic_write_text(out.with_name(out.name + ".json"), json.dumps(info, indent=2) + "\n")
     if not args.quiet:
-        print(json.dumps(info))
+        print(json.dumps({k: v for k, v in info.items() if k != "config"}))
     return 0
