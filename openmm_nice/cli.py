@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from openmm_nice.config import Config, ConfigError, config_from_dict, load_config
+from openmm_nice.distributed import Ranks, init_distributed, shutdown_distributed
 from openmm_nice.io import atomic_write_text, load_checkpoint, save_samples
 from openmm_nice.reporters import CheckpointReporter, MetricsReporter, ProgressReporter
 from openmm_nice.reweighting import bootstrap_error, effective_sample_size, log_partition_function
@@ -37,7 +38,9 @@ def _dtype(config: Config) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[config.dtype]
 
 
-def _make_trainer(config: Config, target: Target, frames, reporters=()) -> Trainer:
+def _make_trainer(
+    config: Config, target: Target, frames, reporters=(), seed: int | None = None
+) -> Trainer:
     generator = build_generator(config, target, frames).to(_dtype(config))
     t = config.training
     return Trainer(
@@ -55,7 +58,7 @@ def _make_trainer(config: Config, target: Target, frames, reporters=()) -> Train
         ml_batch_size=t.ml_batch_size,
         energy_cut=t.energy_cut,
         grad_clip=t.grad_clip,
-        seed=config.seed,
+        seed=config.seed if seed is None else seed,
         reporters=reporters,
     )
 
@@ -81,8 +84,21 @@ def evaluate(generator, n: int, seed: int = 12345) -> dict:
 def train_run(
     config: Config, out: Path, resume: bool = False, quiet: bool = False, n_eval: int = 20000
 ) -> dict:
-    """Train ``config`` into the run folder ``out``; return its summary."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Train ``config`` into the run folder ``out``; return its summary.
+
+    Under torchrun every rank trains on ``batch_size / world_size`` latents of its own seed,
+    DistributedDataParallel averages the gradients, and rank 0 alone writes files.
+    """
+    ranks = init_distributed(config.device)
+    try:
+        return _train_ranked(config, Path(out), resume, quiet, n_eval, ranks)
+    finally:
+        shutdown_distributed()
+
+
+def _train_ranked(
+    config: Config, out: Path, resume: bool, quiet: bool, n_eval: int, ranks: Ranks
+) -> dict:
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists() and not resume:
         raise FileExistsError(
@@ -90,31 +106,54 @@ def train_run(
         )
     if resume and not checkpoint.exists():
         raise FileNotFoundError(f"--resume: no checkpoint in {out}; start the run without --resume")
-    torch.manual_seed(config.seed)
-    target = build_target(config)
+    if config.training.batch_size % ranks.world_size:
+        raise ValueError(
+            f"training.batch_size ({config.training.batch_size}) must be divisible by the number "
+            f"of processes ({ranks.world_size})"
+        )
+    local = config_from_dict(config.to_dict())
+    local.training.batch_size = config.training.batch_size // ranks.world_size
+    if ranks.distributed and torch.device(config.device).type == "cuda":
+        local.device = f"cuda:{ranks.local_rank}"
+    torch.manual_seed(config.seed)  # the same initial model on every rank
+    target = build_target(local)
     try:
         frames = load_frames(config.training.data, target) if config.training.data else None
         state = load_checkpoint(checkpoint) if resume else None
-        config.save(out / "config.yaml")
         start = int(state["step"]) if state else 0
-        reporters = [
-            MetricsReporter(
-                out / "metrics.csv",
-                config.training.report_interval,
-                resume_step=start if resume else None,
-            ),
-            CheckpointReporter(
-                checkpoint, config.training.checkpoint_interval, extra=_checkpoint_extra(config)
-            ),
-            ProgressReporter(config.training.steps, 10, initial=start, disable=quiet),
-        ]
-        trainer = _make_trainer(config, target, frames, reporters)
+        reporters = []
+        if ranks.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            config.save(out / "config.yaml")
+            reporters = [
+                MetricsReporter(
+                    out / "metrics.csv",
+                    config.training.report_interval,
+                    resume_step=start if resume else None,
+                ),
+                CheckpointReporter(
+                    checkpoint, config.training.checkpoint_interval, extra=_checkpoint_extra(config)
+                ),
+                ProgressReporter(config.training.steps, 10, initial=start, disable=quiet),
+            ]
+        trainer = _make_trainer(
+            local, target, frames, reporters, seed=config.seed + 1000 * ranks.rank
+        )
         if state is not None:
             trainer.load_state_dict(state)
+            if ranks.rank > 0:  # the checkpoint holds rank 0's random state; others reseed
+                trainer.rng.manual_seed(config.seed + 1000 * ranks.rank + trainer.step)
         trainer.run()
+        if not ranks.is_main:
+            return {}
         if trainer.step == 0 or not checkpoint.exists():
             reporters[1].report(trainer, {})
-        summary = {"steps": trainer.step, "training_time_s": trainer.elapsed, "system": target.name}
+        summary = {
+            "steps": trainer.step,
+            "training_time_s": trainer.elapsed,
+            "system": target.name,
+            "processes": ranks.world_size,
+        }
         summary.update(evaluate(trainer.generator, n_eval))
         _exact_answers(target, summary)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -184,7 +223,7 @@ def _cmd_train(args) -> int:
         config.device = args.device
     _device(config.device)
     summary = train_run(config, out, resume=args.resume, quiet=args.quiet)
-    if not args.quiet:
+    if summary and not args.quiet:
         print(json.dumps(summary, indent=2))
     return 0
 

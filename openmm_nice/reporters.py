@@ -33,6 +33,11 @@ _STATE_KEYS = {
 }
 
 
+def _steps_to_next_multiple(step: int, interval: int) -> int:
+    """Like OpenMM's reporters: report at multiples of the interval, also after a resume."""
+    return interval - step % interval
+
+
 class ProgressReporter:
     """A tqdm progress bar over the training steps, showing loss and ESS/N.
 
@@ -51,7 +56,7 @@ class ProgressReporter:
         self._last = initial
 
     def describeNextReport(self, trainer) -> int:  # noqa: N802 (OpenMM's reporter protocol)
-        return self.interval
+        return _steps_to_next_multiple(trainer.step, self.interval)
 
     def report(self, trainer, state: dict) -> None:
         self._bar.update(state["step"] - self._last)
@@ -82,7 +87,7 @@ class MetricsReporter:
             atomic_write_text(self.path, "".join(",".join(r) + "\n" for r in kept))
 
     def describeNextReport(self, trainer) -> int:  # noqa: N802
-        return self.interval
+        return _steps_to_next_multiple(trainer.step, self.interval)
 
     def report(self, trainer, state: dict) -> None:
         values = [state.get(_STATE_KEYS.get(c, c), "") for c in METRIC_COLUMNS]
@@ -108,7 +113,7 @@ class CheckpointReporter:
         self.extra = dict(extra or {})
 
     def describeNextReport(self, trainer) -> int:  # noqa: N802
-        return self.interval
+        return _steps_to_next_multiple(trainer.step, self.interval)
 
     def report(self, trainer, state: dict) -> None:
         save_checkpoint(self.path, {**self.extra, **trainer.state_dict()})

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from openmm_nice.energies import regularize_energy
 from openmm_nice.generator import BoltzmannGenerator
@@ -61,6 +62,30 @@ def reweighted_forward_kl(
 def nll(generator: BoltzmannGenerator, x_data: Tensor, rng=None) -> Tensor:
     """Mean negative log-likelihood (its bound for D > d) of data frames in target coordinates."""
     return -generator.log_prob(x_data, generator=rng).mean()
+
+
+class _StepLoss(nn.Module):
+    """One step's loss as a module, so that DistributedDataParallel can wrap it."""
+
+    def __init__(self, trainer: Trainer):
+        super().__init__()
+        self.generator = trainer.generator
+        self._trainer = [trainer]  # a list, so that the trainer is not registered as a submodule
+
+    def forward(self, beta: float, data: Tensor | None) -> tuple[Tensor, dict, Tensor]:
+        t = self._trainer[0]
+        rkl, d, state = reverse_kl(self.generator, t.batch_size, beta, t.energy_cut, t.rng)
+        state["reverse_kl"] = float(rkl.detach())
+        loss = t.kl_weight * rkl
+        if t.reweighted_fkl_weight > 0:
+            loss = loss + t.reweighted_fkl_weight * reweighted_forward_kl(
+                self.generator, d, beta, t.energy_cut
+            )
+        if data is not None:
+            ml = nll(self.generator, data.to(d.x.device), t.rng)
+            state["nll"] = float(ml.detach())
+            loss = loss + t.ml_weight * ml
+        return loss, state, d.log_weights().detach()
 
 
 @dataclass
@@ -143,32 +168,26 @@ class Trainer:
         self.data_rng = torch.Generator().manual_seed(seed + 1)
         self.step = 0
         self.elapsed = 0.0
+        self._loss: nn.Module = _StepLoss(self)
+        if dist.is_available() and dist.is_initialized():
+            # each rank draws its own latents; DDP averages the gradients of the ranks' losses
+            self._loss = nn.parallel.DistributedDataParallel(self._loss)
 
     def _train_step(self) -> dict:
         beta = self.schedule.beta(self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = torch.zeros((), dtype=self.generator.linear.log_diag.dtype)
-        state: dict = {"step": self.step + 1, "beta": beta}
-        rkl, d, parts = reverse_kl(self.generator, self.batch_size, beta, self.energy_cut, self.rng)
-        state.update(parts)
-        state["reverse_kl"] = float(rkl.detach())
-        if self.kl_weight > 0:
-            loss = loss + self.kl_weight * rkl
-        if self.reweighted_fkl_weight > 0:
-            fkl = reweighted_forward_kl(self.generator, d, beta, self.energy_cut)
-            loss = loss + self.reweighted_fkl_weight * fkl
+        batch = None
         if self.ml_weight > 0:
             idx = torch.randint(0, len(self.data), (self.ml_batch_size,), generator=self.data_rng)
-            batch = self.data[idx].to(d.x.device)
-            ml = nll(self.generator, batch, self.rng)
-            state["nll"] = float(ml.detach())
-            loss = loss + self.ml_weight * ml
+            batch = self.data[idx]
+        loss, state, log_w = self._loss(beta, batch)
+        state.update(step=self.step + 1, beta=beta)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the loss became {float(loss)} at step {self.step + 1}; lower the learning rate "
                 "or the initial scale of S, or raise training.energy_cut"
             )
-        loss.backward()
+        loss.backward()  # under DistributedDataParallel this also averages the gradients
         torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.grad_clip)
         lr = self.learning_rate * self.schedule.lr_factor(self.step)
         for group in self.optimizer.param_groups:
@@ -176,8 +195,7 @@ class Trainer:
         state["learning_rate"] = lr
         self.optimizer.step()
         state["loss"] = float(loss.detach())
-        with torch.no_grad():
-            state["ess"] = effective_sample_size(d.log_weights()) / self.batch_size
+        state["ess"] = effective_sample_size(log_w) / len(log_w)
         return state
 
     def run(self, steps: int | None = None) -> None:
