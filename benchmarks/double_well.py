@@ -22,8 +22,7 @@ import yaml
 
 from openmm_nice.config import config_from_dict
 from openmm_nice.reweighting import effective_sample_size, log_partition_function, probability
-from openmm_nice.targets import build_generator, build_target
-from openmm_nice.training import Trainer
+from openmm_nice.targets import build_target, build_trainer
 
 NOTE = {
     "system": "double_well_1d",
@@ -31,7 +30,10 @@ NOTE = {
     "training": {"steps": 4000, "batch_size": 512, "anneal_steps": 2500},
 }
 CASES = {
-    **{f"double_well_1d D={d}": {**NOTE, "model": {**NOTE["model"], "latent_dim": d}} for d in (1, 2, 3, 4)},
+    **{
+        f"double_well_1d D={d}": {**NOTE, "model": {**NOTE["model"], "latent_dim": d}}
+        for d in (1, 2, 3, 4)
+    },
     **{
         f"double_well_2d D={d}": {
             "system": "double_well_2d",
@@ -52,7 +54,11 @@ CASES = {
 REMEDIES = {
     "plain reverse KL": {"beta_start": 1.0, "anneal_steps": 0, "reweighted_fkl_weight": 0.0},
     "annealed beta 0.1->1": {"beta_start": 0.1, "anneal_steps": 2500, "reweighted_fkl_weight": 0.0},
-    "annealed + reweighted FKL (default)": {"beta_start": 0.1, "anneal_steps": 2500, "reweighted_fkl_weight": 1.0},
+    "annealed + reweighted FKL (default)": {
+        "beta_start": 0.1,
+        "anneal_steps": 2500,
+        "reweighted_fkl_weight": 1.0,
+    },
 }
 
 
@@ -60,18 +66,8 @@ def run_case(name: str, spec: dict, n_samples: int, seed: int) -> dict:
     config = config_from_dict({**spec, "seed": seed})
     target = build_target(config)
     torch.manual_seed(seed)
-    generator = build_generator(config, target)
-    t = config.training
-    trainer = Trainer(
-        generator,
-        steps=t.steps,
-        batch_size=t.batch_size,
-        learning_rate=t.learning_rate,
-        reweighted_fkl_weight=t.reweighted_fkl_weight,
-        beta_start=t.beta_start,
-        anneal_steps=t.anneal_steps,
-        seed=seed,
-    )
+    trainer = build_trainer(config, target)
+    generator = trainer.generator
     start = time.perf_counter()
     trainer.run()
     wall = time.perf_counter() - start
@@ -105,8 +101,14 @@ def _print(rows: list[dict]) -> None:
     print("-" * len(header))
     for r in rows:
         worst = max(r["wells"], key=lambda w: abs(w["reweighted"] - w["exact"]))
-        wells = " ".join(f"{w['exact']:.4f}/{w['direct']:.4f}/{w['reweighted']:.4f}" for w in r["wells"][:2])
-        more = f" ... worst |dP| {abs(worst['reweighted'] - worst['exact']):.4f}" if len(r["wells"]) > 2 else ""
+        wells = " ".join(
+            f"{w['exact']:.4f}/{w['direct']:.4f}/{w['reweighted']:.4f}" for w in r["wells"][:2]
+        )
+        more = (
+            f" ... worst |dP| {abs(worst['reweighted'] - worst['exact']):.4f}"
+            if len(r["wells"]) > 2
+            else ""
+        )
         print(
             f"{r['case']:<38}{r['kl_bound']:>10.4f}{r['ess']:>8.3f}{r['log_z_abs_error']:>9.4f}"
             f"{r['train_s']:>9.1f}   {wells}{more}"
@@ -114,25 +116,39 @@ def _print(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--remedies", action="store_true", help="compare mode-collapse remedies")
-    parser.add_argument("--cases", default="all", help="comma-separated case names (substring match)")
+    parser.add_argument(
+        "--cases", default="all", help="comma-separated case names (substring match)"
+    )
     parser.add_argument("--samples", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override a config value of every case, e.g. training.reweighted_fkl_weight=5",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these sizes)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest for these sizes)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.remedies:
         cases = {
-            f"note D=2, {label}": {**CASES["double_well_1d D=2"], "training": {**NOTE["training"], **options}}
+            f"note D=2, {label}": {
+                **CASES["double_well_1d D=2"],
+                "training": {**NOTE["training"], **options},
+            }
             for label, options in REMEDIES.items()
         }
     else:
-        keys = [k for k in CASES if args.cases == "all" or any(s in k for s in args.cases.split(","))]
+        keys = [
+            k for k in CASES if args.cases == "all" or any(s in k for s in args.cases.split(","))
+        ]
         cases = {k: CASES[k] for k in keys}
     for override in args.set:
         key, _, value = override.partition("=")
@@ -141,8 +157,16 @@ def main() -> None:
             spec[section] = {**spec.get(section, {}), name: yaml.safe_load(value)}
     rows = [run_case(name, spec, args.samples, args.seed) for name, spec in cases.items()]
     _print(rows)
-    info = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)"}
-    print(json.dumps({"benchmark": "double_well", **info, "rows": rows}, default=lambda v: None if math.isnan(v) else v))
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
+    }
+    print(
+        json.dumps(
+            {"benchmark": "double_well", **info, "rows": rows},
+            default=lambda v: None if math.isnan(v) else v,
+        )
+    )
 
 
 if __name__ == "__main__":

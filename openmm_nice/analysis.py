@@ -816,7 +816,7 @@ def _trajectory_command(args: argparse.Namespace, out: Path) -> dict:
 
     from openmm_nice.config import load_config
     from openmm_nice.md import molecular_system
-    from openmm_nice.openmm_energy import OpenMMEnergy
+    from openmm_nice.targets import openmm_energy_for
 
     source_config = load_config(args.config)
     source = molecular_system(source_config)
@@ -835,22 +835,10 @@ def _trajectory_command(args: argparse.Namespace, out: Path) -> dict:
         parse_observable(spec, topology.n_atoms)
     x = load_trajectory(args.traj, topology, args.stride)
     block_size = args.block_size or max(1, len(x) // 20)
-    source_energy = OpenMMEnergy(
-        source.system,
-        t_source,
-        platform=source_config.platform,
-        platform_properties=source_config.platform_properties or None,
-        n_workers=source_config.n_workers,
-    )
+    source_energy = openmm_energy_for(source_config, source.system, t_source)
     target_energy = None
     if target is not None:
-        target_energy = OpenMMEnergy(
-            target.system,
-            t_target,
-            platform=target_config.platform,
-            platform_properties=target_config.platform_properties or None,
-            n_workers=target_config.n_workers,
-        )
+        target_energy = openmm_energy_for(target_config, target.system, t_target)
     try:
         log_w, u_source, u_target = reweight_trajectory(
             x, source_energy, target_energy, t_target, args.batch_size

@@ -17,8 +17,7 @@ from openmm_nice.distributed import Ranks, init_distributed, shutdown_distribute
 from openmm_nice.io import atomic_write_text, load_checkpoint, save_samples
 from openmm_nice.reporters import CheckpointReporter, MetricsReporter, ProgressReporter
 from openmm_nice.reweighting import bootstrap_error, effective_sample_size, log_partition_function
-from openmm_nice.targets import Target, build_generator, build_target, load_frames
-from openmm_nice.training import Trainer
+from openmm_nice.targets import Target, build_generator, build_target, build_trainer, load_frames
 
 __all__ = ["main", "train_run", "load_run", "evaluate"]
 
@@ -32,35 +31,6 @@ def _device(name: str) -> torch.device:
             f"device {name!r} was asked for but torch sees no CUDA GPU; use --device cpu"
         )
     return device
-
-
-def _dtype(config: Config) -> torch.dtype:
-    return {"float32": torch.float32, "float64": torch.float64}[config.dtype]
-
-
-def _make_trainer(
-    config: Config, target: Target, frames, reporters=(), seed: int | None = None
-) -> Trainer:
-    generator = build_generator(config, target, frames).to(_dtype(config))
-    t = config.training
-    return Trainer(
-        generator,
-        steps=t.steps,
-        batch_size=t.batch_size,
-        learning_rate=t.learning_rate,
-        lr_schedule=t.lr_schedule,
-        kl_weight=t.kl_weight,
-        ml_weight=t.ml_weight,
-        reweighted_fkl_weight=t.reweighted_fkl_weight,
-        beta_start=t.beta_start,
-        anneal_steps=t.anneal_steps,
-        data=None if frames is None else frames.to(_dtype(config)),
-        ml_batch_size=t.ml_batch_size,
-        energy_cut=t.energy_cut,
-        grad_clip=t.grad_clip,
-        seed=config.seed if seed is None else seed,
-        reporters=reporters,
-    )
 
 
 def evaluate(generator, n: int, seed: int = 12345) -> dict:
@@ -136,7 +106,7 @@ def _train_ranked(
                 ),
                 ProgressReporter(config.training.steps, 10, initial=start, disable=quiet),
             ]
-        trainer = _make_trainer(
+        trainer = build_trainer(
             local, target, frames, reporters, seed=config.seed + 1000 * ranks.rank
         )
         if state is not None:
@@ -203,7 +173,7 @@ def load_run(run: Path, device: str | None = None):
         config.device = device
     _device(config.device)
     target = build_target(config)
-    generator = build_generator(config, target).to(_dtype(config))
+    generator = build_generator(config, target)
     generator.load_state_dict(state["model"])
     generator.eval()
     return config, target, generator

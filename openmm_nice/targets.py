@@ -12,8 +12,17 @@ import torch
 from openmm_nice.config import Config
 from openmm_nice.energies import DoubleWell1D, DoubleWell2D, Energy, ManyWell, MuellerBrown
 from openmm_nice.generator import BoltzmannGenerator
+from openmm_nice.training import Trainer
 
-__all__ = ["Target", "build_target", "build_generator", "load_frames", "TOY_SYSTEMS"]
+__all__ = [
+    "Target",
+    "build_target",
+    "build_generator",
+    "build_trainer",
+    "load_frames",
+    "openmm_energy_for",
+    "TOY_SYSTEMS",
+]
 
 TOY_SYSTEMS = {
     "double_well_1d": DoubleWell1D,
@@ -74,21 +83,27 @@ def build_target(config: Config) -> Target:
     toy = _toy(config.system)
     if toy is not None:
         return toy
-    from openmm_nice.openmm_energy import OpenMMEnergy
     from openmm_nice.systems import load_molecular_system
 
     try:
         molecule = load_molecular_system(config.system)
     except ValueError as error:
         raise ValueError(f"{error}; toy systems are: {', '.join(TOY_SYSTEMS)}") from None
-    energy = OpenMMEnergy(
-        molecule.system,
-        config.temperature,
+    return Target(molecule.name, openmm_energy_for(config, molecule.system), molecule)
+
+
+def openmm_energy_for(config: Config, system, temperature: float | None = None):
+    """An :class:`~openmm_nice.openmm_energy.OpenMMEnergy` with the config's platform and
+    workers, at ``temperature`` (default the config's, in kelvin)."""
+    from openmm_nice.openmm_energy import OpenMMEnergy
+
+    return OpenMMEnergy(
+        system,
+        config.temperature if temperature is None else temperature,
         platform=config.platform,
         platform_properties=config.platform_properties or None,
         n_workers=config.n_workers,
     )
-    return Target(molecule.name, energy, molecule)
 
 
 def load_frames(path: str | Path, target: Target) -> torch.Tensor:
@@ -140,4 +155,32 @@ def build_generator(
         scale=m.scale,
         seed=config.seed,
     )
-    return generator.to(torch.device(config.device))
+    dtype = {"float32": torch.float32, "float64": torch.float64}[config.dtype]
+    return generator.to(device=torch.device(config.device), dtype=dtype)
+
+
+def build_trainer(
+    config: Config, target: Target, frames=None, reporters=(), seed: int | None = None
+) -> Trainer:
+    """A :class:`~openmm_nice.training.Trainer` of a new model, as ``config.training`` says."""
+    generator = build_generator(config, target, frames)
+    dtype = generator.linear.log_diag.dtype
+    t = config.training
+    return Trainer(
+        generator,
+        steps=t.steps,
+        batch_size=t.batch_size,
+        learning_rate=t.learning_rate,
+        lr_schedule=t.lr_schedule,
+        kl_weight=t.kl_weight,
+        ml_weight=t.ml_weight,
+        reweighted_fkl_weight=t.reweighted_fkl_weight,
+        beta_start=t.beta_start,
+        anneal_steps=t.anneal_steps,
+        data=None if frames is None else frames.to(dtype),
+        ml_batch_size=t.ml_batch_size,
+        energy_cut=t.energy_cut,
+        grad_clip=t.grad_clip,
+        seed=config.seed if seed is None else seed,
+        reporters=reporters,
+    )
