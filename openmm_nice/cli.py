@@ -147,18 +147,35 @@ def _exact_answers(target: Target, summary: dict) -> None:
 
 
 def _run_plots(out: Path, target: Target, generator) -> None:
-    from openmm_nice.plots import plot_metrics, plot_note_figure
+    """The run's pictures: loss curves; Figure 1 of the note for 1D toys; Ramachandran maps."""
+    from openmm_nice.plots import plot_free_energy_map, plot_metrics, plot_note_figure
 
     plot_metrics(out / "metrics.csv", out / "loss.png")
-    if not target.is_molecule and target.energy.dim == 1:
-        x, log_w = generator.sample(100_000, generator=torch.Generator().manual_seed(1))
+    if target.energy.dim != 1 and not target.is_molecule:
+        return
+    rng = torch.Generator(device=generator.linear.log_diag.device).manual_seed(1)
+    x, log_w = generator.sample(100_000 if not target.is_molecule else 20_000, generator=rng)
+    x, log_w = x.double().cpu().numpy(), log_w.double().cpu().numpy()
+    if not target.is_molecule:
         plot_note_figure(
             target.energy.potential,
-            x[:, 0].double().numpy(),
-            log_w.double().numpy(),
+            x[:, 0],
+            log_w,
             target.energy.log_partition_function(),
             out / "figure1.png",
         )
+        return
+    from openmm_nice.analysis import free_energy_map, ramachandran
+
+    try:
+        phi, psi = ramachandran(x, target.mdtraj_topology())
+    except ValueError:
+        return  # no backbone: nothing to map
+    maps = {}
+    for label, weights in (("direct", None), ("importance-sampled", log_w)):
+        fmap = free_energy_map(phi, psi, weights)
+        maps[label] = (fmap.edges, fmap.edges, fmap.free_energy)
+    plot_free_energy_map(maps, out / "ramachandran.png")
 
 
 def load_run(run: Path, device: str | None = None):

@@ -161,3 +161,20 @@ def test_sigkill_then_resume_finishes_with_continuous_metrics(tmp_path):
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == max(400, killed_at)
     steps = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))]
     assert steps == list(range(25, steps[-1] + 1, 25))
+
+
+def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path, tiny_config, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["train", str(tiny_config), "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_and_sampling_on_the_gpu(tmp_path, tiny_config):
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_config), "--out", str(run), "--device", "cuda", "--quiet"]) == 0
+    samples = tmp_path / "s.npz"
+    assert main(["sample", str(run), "--n", "1000", "--out", str(samples), "--quiet"]) == 0
+    with np.load(samples) as data:
+        assert np.isfinite(data["log_w"]).all()

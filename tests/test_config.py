@@ -40,6 +40,8 @@ def test_wrong_types_and_ranges_are_named():
         config_from_dict({"temperature": -1})
     with pytest.raises(ConfigError, match="needs training.data"):
         config_from_dict({"training": {"ml_weight": 1.0}})
+    with pytest.raises(ConfigError, match="dtype must be float32 or float64"):
+        config_from_dict({"dtype": "bfloat16"})  # no mixed precision for densities
     with pytest.raises(ConfigError, match="beta_start"):
         config_from_dict({"training": {"beta_start": 0.0}})
 
