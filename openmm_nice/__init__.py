@@ -50,4 +50,3 @@ __all__ = [
     "regularize_energy",
 ]
 __version__ = "0.1.0"
-

@@ -43,7 +43,10 @@ def test_readme_main_job_runs_shortened(tmp_path, monkeypatch):
 def test_note_example_meets_the_accuracy_of_issue_2(tmp_path):
     """The full default training of the note's example (about a minute here)."""
     run, samples = tmp_path / "run", tmp_path / "s.npz"
-    assert main(["train", str(ROOT / "examples/double_well_1d.yaml"), "--out", str(run), "--quiet"]) == 0
+    assert (
+        main(["train", str(ROOT / "examples/double_well_1d.yaml"), "--out", str(run), "--quiet"])
+        == 0
+    )
     assert main(["sample", str(run), "--n", "200000", "--out", str(samples), "--quiet"]) == 0
     with np.load(samples) as data:
         x, log_w = data["x"][:, 0], data["log_w"]
