@@ -29,6 +29,7 @@ __all__ = ["OpenMMEnergy"]
 _GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
 _START_TIMEOUT = 300.0  # seconds a worker may take to import, deserialize and create its Context
 _POLL_INTERVAL = 0.2  # seconds between liveness checks while waiting for workers
+_SPIN = 0.002  # seconds the caller polls for the workers' replies before it sleeps
 
 # OpenMM's public Context/State methods wrap every value in openmm.unit, which costs more than
 # evaluating a small molecule; the SWIG functions below are what those methods call.
@@ -393,7 +394,7 @@ class _ContextPool:
             except OSError:
                 raise self._death(i) from None
         _share_rows(self._context, self._views, n, self._n_contexts, self._lock, self._check_alive)
-        self._collect(list(range(len(self._connections))), timeout=None)
+        self._collect(list(range(len(self._connections))), timeout=None, spin=_SPIN)
         return energies[:n], forces[:n]
 
     def _start(self) -> None:
@@ -438,13 +439,18 @@ class _ContextPool:
         self._capacity = capacity
         self._views = _buffer_views(block.buf, capacity, self._n_particles)
 
-    def _collect(self, pending: list[int], timeout: float | None) -> None:
-        """Wait for a reply from each pending worker; raise if one fails, dies or times out."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _collect(self, pending: list[int], timeout: float | None, spin: float = 0.0) -> None:
+        """Wait for a reply from each pending worker; raise if one fails, dies or times out.
+
+        For the first ``spin`` seconds it polls without sleeping: the workers are finishing
+        their last rows, and waking up from a sleep would cost more than the wait.
+        """
+        start = time.monotonic()
         waiting = {self._connections[i]: i for i in pending}
         while waiting:
             sentinels = [process.sentinel for process in self._processes]
-            ready = wait(list(waiting) + sentinels, timeout=_POLL_INTERVAL)
+            poll = 0.0 if time.monotonic() - start < spin else _POLL_INTERVAL
+            ready = wait(list(waiting) + sentinels, timeout=poll)
             for connection in [c for c in waiting if c in ready]:
                 i = waiting.pop(connection)
                 try:
@@ -457,7 +463,7 @@ class _ContextPool:
                         f"workers are restarted on the next call. Its traceback:\n{reply}"
                     )
             self._check_alive()
-            if deadline is not None and time.monotonic() > deadline:
+            if timeout is not None and time.monotonic() - start > timeout:
                 raise RuntimeError(
                     f"OpenMM worker processes {sorted(waiting.values())} did not answer within "
                     f"{timeout} s; the workers are restarted on the next call"
@@ -494,7 +500,7 @@ class _ReducedEnergy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, energy: OpenMMEnergy) -> Tensor:
         coordinates = x.detach().cpu().numpy()
-        finite = np.isfinite(coordinates).all(axis=1)
+        finite = _finite_rows(coordinates)
         n_non_finite = len(finite) - int(finite.sum())
         if n_non_finite:  # as Energy.forward does, but without torch's thread pool
             energy.non_finite_count += n_non_finite
@@ -502,7 +508,7 @@ class _ReducedEnergy(torch.autograd.Function):
         energies, forces = energy._pool_or_start().evaluate(coordinates)
         forces = forces.reshape(len(forces), energy.dim)
         u = energies / energy.kT
-        bad = ~(np.isfinite(u) & np.isfinite(forces).all(axis=1))
+        bad = ~(np.isfinite(u) & _finite_rows(forces))
         n_bad = int(bad.sum())
         if n_bad:
             u[bad] = math.inf
@@ -524,6 +530,13 @@ class _ReducedEnergy(torch.autograd.Function):
         (gradient,) = ctx.saved_tensors
         weights = grad_output.detach().cpu().numpy().astype(np.float64, copy=False)
         return _as_tensor(weights[:, None] * gradient.numpy(), grad_output), None
+
+
+def _finite_rows(rows: np.ndarray) -> np.ndarray:
+    """Whether each row of a 2-D array is finite (a sum settles the usual all-finite case)."""
+    if np.isfinite(rows.sum()):
+        return np.ones(len(rows), dtype=bool)
+    return np.isfinite(rows).all(axis=1)
 
 
 def _scatter_rows(rows: np.ndarray, where: np.ndarray, fill: float) -> np.ndarray:
