@@ -29,7 +29,6 @@ __all__ = ["OpenMMEnergy"]
 _GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
 _START_TIMEOUT = 300.0  # seconds a worker may take to import, deserialize and create its Context
 _POLL_INTERVAL = 0.2  # seconds between liveness checks while waiting for workers
-_SPIN = 0.002  # seconds the caller polls for the workers' replies before it sleeps
 
 # OpenMM's public Context/State methods wrap every value in openmm.unit, which costs more than
 # evaluating a small molecule; the SWIG functions below are what those methods call.
@@ -394,7 +393,7 @@ class _ContextPool:
             except OSError:
                 raise self._death(i) from None
         _share_rows(self._context, self._views, n, self._n_contexts, self._lock, self._check_alive)
-        self._collect(list(range(len(self._connections))), timeout=None, spin=_SPIN)
+        self._collect(list(range(len(self._connections))), timeout=None)
         return energies[:n], forces[:n]
 
     def _start(self) -> None:
@@ -439,18 +438,13 @@ class _ContextPool:
         self._capacity = capacity
         self._views = _buffer_views(block.buf, capacity, self._n_particles)
 
-    def _collect(self, pending: list[int], timeout: float | None, spin: float = 0.0) -> None:
-        """Wait for a reply from each pending worker; raise if one fails, dies or times out.
-
-        For the first ``spin`` seconds it polls without sleeping: the workers are finishing
-        their last rows, and waking up from a sleep would cost more than the wait.
-        """
+    def _collect(self, pending: list[int], timeout: float | None) -> None:
+        """Wait for a reply from each pending worker; raise if one fails, dies or times out."""
         start = time.monotonic()
         waiting = {self._connections[i]: i for i in pending}
         while waiting:
             sentinels = [process.sentinel for process in self._processes]
-            poll = 0.0 if time.monotonic() - start < spin else _POLL_INTERVAL
-            ready = wait(list(waiting) + sentinels, timeout=poll)
+            ready = wait(list(waiting) + sentinels, timeout=_POLL_INTERVAL)
             for connection in [c for c in waiting if c in ready]:
                 i = waiting.pop(connection)
                 try:
