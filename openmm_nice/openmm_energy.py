@@ -493,7 +493,10 @@ class _ReducedEnergy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, energy: OpenMMEnergy) -> Tensor:
-        coordinates = x.detach().cpu().numpy()
+        coordinates = x.detach().cpu()
+        if coordinates.dtype not in _NUMPY_DTYPES:  # e.g. bfloat16, which numpy lacks
+            coordinates = coordinates.double()
+        coordinates = coordinates.numpy()
         finite = _finite_rows(coordinates)
         n_non_finite = len(finite) - int(finite.sum())
         if n_non_finite:  # as Energy.forward does, but without torch's thread pool
@@ -522,7 +525,7 @@ class _ReducedEnergy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:
         (gradient,) = ctx.saved_tensors
-        weights = grad_output.detach().cpu().numpy().astype(np.float64, copy=False)
+        weights = grad_output.detach().to(device="cpu", dtype=torch.float64).numpy()
         return _as_tensor(weights[:, None] * gradient.numpy(), grad_output), None
 
 

@@ -109,6 +109,18 @@ def test_one_particle_exact(dtype):
     torch.testing.assert_close(x.grad.double(), weights * gradient / kT, rtol=tolerance, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_input(dtype):
+    energy = OpenMMEnergy(one_particle_system(), temperature=300.0)
+    x = torch.tensor([[1.0, 2.0, 3.0]], dtype=dtype, requires_grad=True)
+    u = energy(x)
+    u.backward()
+    assert u.dtype == dtype and x.grad.dtype == dtype
+    exact, gradient = exact_one_particle(x.detach().double())
+    torch.testing.assert_close(u.double(), exact / energy.kT, rtol=1e-2, atol=0.0)
+    torch.testing.assert_close(x.grad.double(), gradient / energy.kT, rtol=1e-2, atol=0.0)
+
+
 def test_one_particle_gradcheck():
     energy = OpenMMEnergy(one_particle_system(), temperature=300.0)
     x = torch.tensor([[0.3, -0.2, 0.7], [1.1, 0.4, -0.9]], requires_grad=True)
