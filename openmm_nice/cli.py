@@ -202,8 +202,10 @@ def _cmd_train(args) -> int:
         config = load_config(out / "config.yaml")
     else:
         config = load_config(args.config)
-    if args.steps is not None:
-        config.training.steps = args.steps
+    if args.steps is not None and args.resume:
+        config.training.steps = args.steps  # the schedule already under way stays as it is
+    elif args.steps is not None:
+        config.set_steps(args.steps)
     if args.seed is not None:
         config.seed = args.seed
     if args.device is not None:
@@ -271,7 +273,7 @@ def _cmd_sweep(args) -> int:
         config = config_from_dict(base.to_dict())
         config.model.latent_dim = dim
         if args.steps is not None:
-            config.training.steps = args.steps
+            config.set_steps(args.steps)
         run = out / f"latent_dim_{dim}"
         summary = train_run(
             config,
@@ -332,7 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="the YAML config (not needed with --resume)")
     p.add_argument("--out", required=True, help="the run folder (checkpoint.pt, metrics.csv, ...)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    p.add_argument("--steps", type=int, help="override training.steps")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help=(
+            "override training.steps; a new run's anneal longer than 5/8 of them is shortened "
+            "to that, so that training ends at the target temperature"
+        ),
+    )
     p.add_argument("--seed", type=int, help="override seed")
     p.add_argument("--device", help="override device (cpu, cuda, cuda:1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")

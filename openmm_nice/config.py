@@ -81,6 +81,15 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def set_steps(self, steps: int) -> None:
+        """Change the number of training steps, keeping the end of training at the target
+        temperature: an anneal longer than 5/8 of the steps (the note example's ratio) is
+        shortened to that."""
+        if steps < 0:
+            raise ConfigError(f"the number of steps must be >= 0, got {steps}")
+        self.training.steps = int(steps)
+        self.training.anneal_steps = min(self.training.anneal_steps, 5 * int(steps) // 8)
+
     def save(self, path: str | os.PathLike) -> None:
         from openmm_nice.io import atomic_write_text
 
