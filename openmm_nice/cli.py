@@ -61,7 +61,12 @@ def train_run(
     """
     ranks = init_distributed(config.device)
     try:
-        return _train_ranked(config, Path(out), resume, quiet, n_eval, ranks)
+        summary = _train_ranked(config, Path(out), resume, quiet, n_eval, ranks)
+        if ranks.distributed:
+            # rank 0 evaluates and writes while the others wait: tearing the process group down
+            # under a rank that still holds it aborts that rank
+            torch.distributed.barrier()
+        return summary
     finally:
         shutdown_distributed()
 
