@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import numpy as np
 from openmm_nice.io import atomic_write_text, save_samples
 from openmm_nice.plots import plot_free_energy_map, plot_profiles
 from openmm_nice.reweighting import (
+    bootstrap,
     effective_sample_size,
     free_energy_profile,
     log_partition_function,
@@ -29,7 +29,6 @@ __all__ = [
     "load_trajectory",
     "reduced_energies",
     "reweight_trajectory",
-    "bootstrap",
     "ramachandran",
     "FreeEnergyMap",
     "free_energy_map",
@@ -177,48 +176,6 @@ def load_trajectory(path: str | Path, topology: Any, stride: int = 1) -> np.ndar
 
 
 # --- statistics ---------------------------------------------------------------------------------
-
-
-def _resample(n: int, block_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of one (block) bootstrap resample of n consecutive frames."""
-    if block_size <= 1:
-        return rng.integers(0, n, n)
-    n_blocks = max(1, n // block_size)
-    starts = np.arange(n_blocks) * block_size
-    lengths = np.diff(np.append(starts, n))  # the last block takes the remainder
-    chosen = rng.integers(0, n_blocks, n_blocks)
-    return np.concatenate([np.arange(starts[b], starts[b] + lengths[b]) for b in chosen])
-
-
-def bootstrap(
-    statistic: Callable[[np.ndarray], Any],
-    n: int,
-    n_bootstrap: int = 200,
-    block_size: int = 1,
-    seed: int = 0,
-) -> list:
-    """Values of ``statistic(indices)`` on bootstrap resamples of n samples.
-
-    With ``block_size`` > 1 whole blocks of consecutive samples are resampled (the
-    non-overlapping block bootstrap), as correlated MD frames need; 1 is the ordinary
-    bootstrap of independent samples.
-
-    Example:
-        >>> x = np.arange(10.0)
-        >>> len(bootstrap(lambda i: x[i].mean(), len(x), n_bootstrap=5, block_size=2))
-        5
-    """
-    if block_size < 1:
-        raise ValueError(f"block_size must be at least 1, got {block_size}")
-    if n_bootstrap < 2:
-        raise ValueError(f"n_bootstrap must be at least 2 for an error bar, got {n_bootstrap}")
-    if n < 2 * block_size:
-        raise ValueError(
-            f"{n} samples make fewer than 2 blocks of {block_size}; a bootstrap needs more "
-            "samples or a smaller block size (--block-size)"
-        )
-    rng = np.random.default_rng(seed)
-    return [statistic(_resample(n, block_size, rng)) for _ in range(n_bootstrap)]
 
 
 def _spread(values) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ import torch
 __all__ = [
     "effective_sample_size",
     "log_partition_function",
+    "bootstrap",
     "bootstrap_error",
     "expectation",
     "probability",
@@ -67,20 +69,62 @@ def log_partition_function(log_w) -> float:
     return float(m + math.log(np.mean(np.exp(log_w - m))))
 
 
+def _resample(n: int, block_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of one (block) bootstrap resample of n consecutive frames."""
+    if block_size <= 1:
+        return rng.integers(0, n, n)
+    n_blocks = max(1, n // block_size)
+    starts = np.arange(n_blocks) * block_size
+    lengths = np.diff(np.append(starts, n))  # the last block takes the remainder
+    chosen = rng.integers(0, n_blocks, n_blocks)
+    return np.concatenate([np.arange(starts[b], starts[b] + lengths[b]) for b in chosen])
+
+
+def bootstrap(
+    statistic: Callable[[np.ndarray], Any],
+    n: int,
+    n_bootstrap: int = 200,
+    block_size: int = 1,
+    seed: int = 0,
+) -> list:
+    """Values of ``statistic(indices)`` on bootstrap resamples of n samples.
+
+    With ``block_size`` > 1 whole blocks of consecutive samples are resampled (the
+    non-overlapping block bootstrap), as correlated MD frames need; 1 is the ordinary
+    bootstrap of independent samples.
+
+    Example:
+        >>> x = np.arange(10.0)
+        >>> len(bootstrap(lambda i: x[i].mean(), len(x), n_bootstrap=5, block_size=2))
+        5
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be at least 1, got {block_size}")
+    if n_bootstrap < 2:
+        raise ValueError(f"n_bootstrap must be at least 2 for an error bar, got {n_bootstrap}")
+    if n < 2 * block_size:
+        raise ValueError(
+            f"{n} samples make fewer than 2 blocks of {block_size}; a bootstrap needs more "
+            "samples or a smaller block size (--block-size)"
+        )
+    rng = np.random.default_rng(seed)
+    return [statistic(_resample(n, block_size, rng)) for _ in range(n_bootstrap)]
+
+
 def bootstrap_error(
     statistic: Callable[..., float], *arrays, n_bootstrap: int = 200, seed: int = 0
 ) -> float:
     """Standard error of ``statistic(*arrays)`` from resampling rows with replacement."""
     arrays = tuple(_as_numpy(a) for a in arrays)
-    n = len(arrays[0])
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_bootstrap):
-        idx = rng.integers(0, n, n)
+
+    def on_resample(i: np.ndarray) -> float:
         try:
-            values.append(statistic(*(a[idx] for a in arrays)))
+            return statistic(*(a[i] for a in arrays))
         except ValueError:
-            continue  # a resample with no positive weight carries no estimate
+            return math.nan  # a resample with no positive weight carries no estimate
+
+    values = np.array(bootstrap(on_resample, len(arrays[0]), n_bootstrap, seed=seed))
+    values = values[~np.isnan(values)]
     return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
@@ -165,12 +209,11 @@ def free_energy_profile(
     edges = np.linspace(lo, hi, bins + 1)
     f = _profile(s, w, edges)
     shift = np.min(f[np.isfinite(f)]) if np.isfinite(f).any() else 0.0
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in np.arange(n_bootstrap):
-        idx = rng.integers(0, len(s), len(s))
-        if w[idx].sum() > 0:
-            boots.append(_profile(s[idx], w[idx], edges))
+
+    def resampled(i: np.ndarray) -> np.ndarray | None:
+        return _profile(s[i], w[i], edges) if w[i].sum() > 0 else None
+
+    boots = [b for b in bootstrap(resampled, len(s), n_bootstrap, seed=seed) if b is not None]
     boots = np.array(boots) - shift
     with np.errstate(invalid="ignore"):
         finite = np.isfinite(boots)

@@ -13,7 +13,6 @@ import yaml
 from openmm import unit
 
 from openmm_nice.analysis import (
-    bootstrap,
     free_energy_map,
     jensen_shannon_divergence,
     observable_mean,
@@ -22,7 +21,7 @@ from openmm_nice.analysis import (
 from openmm_nice.cli import main
 from openmm_nice.config import config_from_dict
 from openmm_nice.md import run_md, write_md
-from openmm_nice.reweighting import effective_sample_size, log_partition_function
+from openmm_nice.reweighting import bootstrap, effective_sample_size, log_partition_function
 from openmm_nice.systems import alanine_dipeptide_vacuum
 
 SOURCE = {
