@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         # start the energy's worker processes outside the timing: a one-off cost, not per sample
         target.energy(torch.as_tensor(x_md[:1]))
-        rng = torch.Generator(device=generator.linear.log_diag.device).manual_seed(args.seed)
+        rng = torch.Generator(device=generator.device).manual_seed(args.seed)
         started = time.perf_counter()
         with torch.no_grad():
             x, log_w, _ = generator.sample_with_energies(args.n, args.batch_size, generator=rng)

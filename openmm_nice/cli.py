@@ -35,7 +35,7 @@ def _device(name: str) -> torch.device:
 
 def evaluate(generator, n: int, seed: int = 12345) -> dict:
     """ESS/N, log Z^ with its bootstrap error, and J_R with its standard error on n fresh latents."""
-    rng = torch.Generator(device=generator.linear.log_diag.device).manual_seed(seed)
+    rng = torch.Generator(device=generator.device).manual_seed(seed)
     _, log_w = generator.sample(n, generator=rng)
     log_w = log_w.double().cpu().numpy()
     neg = -log_w
@@ -158,7 +158,7 @@ def _run_plots(out: Path, target: Target, generator) -> None:
     plot_metrics(out / "metrics.csv", out / "loss.png")
     if target.energy.dim != 1 and not target.is_molecule:
         return
-    rng = torch.Generator(device=generator.linear.log_diag.device).manual_seed(1)
+    rng = torch.Generator(device=generator.device).manual_seed(1)
     x, log_w = generator.sample(100_000 if not target.is_molecule else 20_000, generator=rng)
     x, log_w = x.double().cpu().numpy(), log_w.double().cpu().numpy()
     if not target.is_molecule:
@@ -225,7 +225,7 @@ def _cmd_train(args) -> int:
 def _cmd_sample(args) -> int:
     config, target, generator = load_run(Path(args.run), args.device)
     try:
-        rng = torch.Generator(device=generator.linear.log_diag.device).manual_seed(args.seed)
+        rng = torch.Generator(device=generator.device).manual_seed(args.seed)
         x, log_w, u = generator.sample_with_energies(
             args.n, batch_size=args.batch_size, generator=rng
         )

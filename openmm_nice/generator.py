@@ -122,16 +122,19 @@ class BoltzmannGenerator(nn.Module):
         )
 
     @property
-    def redundant_dim(self) -> int:
-        return self.latent_dim - self.dim
+    def device(self) -> torch.device:
+        """Where the model's parameters live (latents are drawn there)."""
+        return self.linear.log_diag.device
 
-    def _parameter(self) -> Tensor:
-        return self.linear.log_diag
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.linear.log_diag.dtype
 
     def latent(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n draws of z ~ N(0, I_D) in the model's dtype and device."""
-        p = self._parameter()
-        return torch.randn(n, self.latent_dim, dtype=p.dtype, device=p.device, generator=generator)
+        return torch.randn(
+            n, self.latent_dim, dtype=self.dtype, device=self.device, generator=generator
+        )
 
     def flow_forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(x_flow, y, log P(x_flow, y)) for latents z."""

@@ -164,7 +164,7 @@ def build_trainer(
 ) -> Trainer:
     """A :class:`~openmm_nice.training.Trainer` of a new model, as ``config.training`` says."""
     generator = build_generator(config, target, frames)
-    dtype = generator.linear.log_diag.dtype
+    dtype = generator.dtype
     t = config.training
     return Trainer(
         generator,

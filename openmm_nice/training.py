@@ -163,8 +163,7 @@ class Trainer:
         self.reporters = list(reporters)
         self.learning_rate = float(learning_rate)
         self.optimizer = torch.optim.Adam(generator.parameters(), lr=self.learning_rate)
-        device = next(generator.parameters()).device
-        self.rng = torch.Generator(device=device).manual_seed(seed)
+        self.rng = torch.Generator(device=generator.device).manual_seed(seed)
         self.data_rng = torch.Generator().manual_seed(seed + 1)
         self.step = 0
         self.elapsed = 0.0
