@@ -23,10 +23,15 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from openmm_nice.energies import Energy
+from openmm_nice.replicas import copy_parameters, replicate_system
 
 __all__ = ["OpenMMEnergy"]
 
 _GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
+# What batching="auto" picks, from benchmarks/batched_energy.py (see OpenMMEnergy's docstring);
+# GPU platforms were not measured.
+_AUTO_BATCHING = {"Reference": "loop", "CPU": "copies"} | dict.fromkeys(_GPU_PLATFORMS, "copies")
+_BATCHINGS = ("auto", "loop", "copies")
 _START_TIMEOUT = 300.0  # seconds a worker may take to import, deserialize and create its Context
 _POLL_INTERVAL = 0.2  # seconds between liveness checks while waiting for workers
 
@@ -36,7 +41,9 @@ _set_positions = openmm._openmm.Context_setPositions
 _get_state = openmm._openmm.Context_getState
 _get_potential_energy = openmm._openmm.State_getPotentialEnergy
 _get_vector_as_numpy = getattr(openmm._openmm, "State__getVectorAsNumpy", None)
+_get_parameter_derivatives = openmm._openmm.State_getEnergyParameterDerivatives
 _ENERGY_AND_FORCES = openmm.State.Energy + openmm.State.Forces
+_FORCES_AND_DERIVATIVES = openmm.State.Forces + openmm.State.ParameterDerivatives
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
@@ -63,6 +70,56 @@ def _evaluate(
         state = _get_state(context, _ENERGY_AND_FORCES, False, -1)
         energies[i] = _get_potential_energy(state)
         _get_vector_as_numpy(state, openmm.State.Forces, forces[i])
+
+
+def _evaluate_copies(
+    context: openmm.Context,
+    copies: int,
+    positions: np.ndarray,
+    energies: np.ndarray,
+    forces: np.ndarray,
+) -> None:
+    """As :func:`_evaluate`, on a Context of :func:`replicate_system`'s copies.
+
+    ``copies`` configurations cost one call; each copy's energy is the derivative of the energy
+    by its copy parameter. A last block of fewer rows is padded with copies of its last row.
+    """
+    names = copy_parameters(copies)
+    for start in range(0, len(positions), copies):
+        block = positions[start : start + copies]
+        out = forces[start : start + copies]
+        n = len(block)
+        if n < copies:
+            padding = np.broadcast_to(block[-1], (copies - n, *block.shape[1:]))
+            block = np.concatenate([block, padding])
+            out = np.empty(block.shape)
+        if _get_vector_as_numpy is None:
+            context.setPositions(block.reshape(-1, 3))
+            state = context.getState(forces=True, parameterDerivatives=True)
+            out[...] = state.getForces(asNumpy=True)._value.reshape(out.shape)
+            derivatives = state.getEnergyParameterDerivatives()
+        else:
+            _set_positions(context, block.reshape(-1, 3))
+            state = _get_state(context, _FORCES_AND_DERIVATIVES, False, -1)
+            _get_vector_as_numpy(state, openmm.State.Forces, out.reshape(-1, 3))
+            derivatives = _get_parameter_derivatives(state)
+        energies[start : start + n] = [derivatives[name] for name in names[:n]]
+        if n < copies:
+            forces[start : start + n] = out[:n]
+
+
+def _evaluate_rows(
+    context: openmm.Context,
+    copies: int | None,
+    positions: np.ndarray,
+    energies: np.ndarray,
+    forces: np.ndarray,
+) -> None:
+    """:func:`_evaluate` on a plain Context (copies None), else :func:`_evaluate_copies`."""
+    if copies is None:
+        _evaluate(context, positions, energies, forces)
+    else:
+        _evaluate_copies(context, copies, positions, energies, forces)
 
 
 def _kelvin(temperature: unit.Quantity | float) -> float:
@@ -208,6 +265,7 @@ def _block_size(capacity: int, n_particles: int) -> int:
 
 def _share_rows(
     context: openmm.Context,
+    copies: int | None,
     views: tuple[np.ndarray, ...],
     n: int,
     n_contexts: int,
@@ -217,10 +275,12 @@ def _share_rows(
     """Claim and evaluate rows of the shared batch until none are left.
 
     Rows are claimed in shrinking chunks (guided scheduling), so that a Context slowed down by
-    other work on its core takes fewer rows and the last claims are single rows.
+    other work on its core takes fewer rows and the last claims are single calls: one row, or
+    ``copies`` rows on a Context of copies.
 
     Arguments:
         context: This process's Context.
+        copies: How many copies the Context holds, None for a plain Context.
         views: The shared block's views, from :func:`_buffer_views`.
         n: The batch size.
         n_contexts: How many Contexts share the batch.
@@ -232,12 +292,16 @@ def _share_rows(
         while not lock.acquire(timeout=_POLL_INTERVAL):
             while_waiting()
         start = int(next_row[0])
-        stop = min(n, start + max(1, (n - start) // (2 * n_contexts)))
+        rows_per_call = copies or 1
+        calls = max(1, -(-(n - start) // rows_per_call) // (2 * n_contexts))
+        stop = min(n, start + calls * rows_per_call)
         next_row[0] = stop
         lock.release()
         if start >= n:
             return
-        _evaluate(context, positions[start:stop], energies[start:stop], forces[start:stop])
+        _evaluate_rows(
+            context, copies, positions[start:stop], energies[start:stop], forces[start:stop]
+        )
 
 
 def _worker_main(
@@ -247,6 +311,7 @@ def _worker_main(
     platform: str,
     properties: dict[str, str],
     n_contexts: int,
+    copies: int | None,
 ) -> None:
     """A worker process: one Context that shares the rows of each batch in shared memory.
 
@@ -260,7 +325,7 @@ def _worker_main(
     except Exception:
         connection.send(traceback.format_exc())
         return
-    n_particles = context.getSystem().getNumParticles()
+    n_particles = context.getSystem().getNumParticles() // (copies or 1)
     parent = multiprocessing.parent_process()
 
     def exit_if_orphaned() -> None:
@@ -285,7 +350,7 @@ def _worker_main(
                     memory.close()
                 memory = SharedMemory(name=name)
                 views = _buffer_views(memory.buf, capacity, n_particles)
-            _share_rows(context, views, n, n_contexts, lock, exit_if_orphaned)
+            _share_rows(context, copies, views, n, n_contexts, lock, exit_if_orphaned)
         except Exception:
             connection.send(traceback.format_exc())
         else:
@@ -338,12 +403,14 @@ class _ContextPool:
         properties: dict[str, str],
         n_contexts: int,
         n_particles: int,
+        copies: int | None,
     ):
         self._system_xml = system_xml
         self._platform = platform
         self._properties = properties
         self._n_contexts = n_contexts
         self._n_particles = n_particles
+        self._copies = copies
         self._context: openmm.Context | None = None
         self._processes: list = []
         self._connections: list[Connection] = []
@@ -367,10 +434,10 @@ class _ContextPool:
         if self._context is None:
             self._context = _create_context(self._system_xml, self._platform, self._properties)
         n = x.shape[0]
-        if self._n_contexts == 1 or n < 2:
+        if self._n_contexts == 1 or n <= (self._copies or 1):
             positions = np.ascontiguousarray(x, dtype=np.float64).reshape(n, self._n_particles, 3)
             energies, forces = np.empty(n), np.empty(positions.shape)
-            _evaluate(self._context, positions, energies, forces)
+            _evaluate_rows(self._context, self._copies, positions, energies, forces)
             return energies, forces
         try:
             return self._evaluate_shared(x, n)
@@ -392,7 +459,15 @@ class _ContextPool:
                 connection.send(request)
             except OSError:
                 raise self._death(i) from None
-        _share_rows(self._context, self._views, n, self._n_contexts, self._lock, self._check_alive)
+        _share_rows(
+            self._context,
+            self._copies,
+            self._views,
+            n,
+            self._n_contexts,
+            self._lock,
+            self._check_alive,
+        )
         self._collect(list(range(len(self._connections))), timeout=None)
         return energies[:n], forces[:n]
 
@@ -410,6 +485,7 @@ class _ContextPool:
                     self._platform,
                     self._properties,
                     self._n_contexts,
+                    self._copies,
                 ),
                 name=f"openmm-nice-worker-{i}",
                 daemon=True,
@@ -579,6 +655,42 @@ class OpenMMEnergy(Energy):
         n_workers: How many Contexts, hence processes, share a batch.
         remove_constraints: Remove the System's constraints (with a warning) instead of
             refusing it.
+        batching: How a Context evaluates its rows. ``"loop"``: one configuration per call,
+            on the System itself. ``"copies"``: ``copies`` configurations per call, on a System
+            of that many non-interacting copies (``replicas.replicate_system``), so B rows cost
+            ceil(B / copies) calls, the last padded with copies of its last row; a System with
+            forces that cannot be replicated is refused. ``"auto"``: whichever measured faster
+            on the platform (below), and ``"loop"`` for a System that cannot be replicated.
+            The ``batching`` attribute holds the mode chosen.
+        copies: Configurations per call with ``batching="copies"`` (``copies`` attribute;
+            None in loop mode).
+
+    Batching: OpenMM returns only the total energy of a State, so a Context of copies needs a way
+    to give each copy's energy. ``replicate_system`` gives copy k its own Custom forces whose
+    energy is multiplied by a global parameter :math:`s_k = 1`, and OpenMM's energy parameter
+    derivatives :math:`\partial E / \partial s_k = E_k` give every copy's energy in the same
+    call as the forces. The price is that the Custom forms cost more per term than OpenMM's
+    native forces, and every pair of atoms in the molecule (NoCutoff) is an explicit term.
+    The alternative, one force group per copy (at most 32) read with one ``getState`` per group,
+    keeps native forces but makes as many calls as the loop. Measured on alanine dipeptide,
+    batch 1024, forward + backward, a busy 2-core CPU, no GPU (``benchmarks/batched_energy.py``,
+    2026-11-25, in ``benchmarks/RESULTS.md``):
+
+    * Reference: the loop wins, so ``"auto"`` is ``"loop"``: 68,600 evaluations/s against
+      53,200 with copies (K = 8) to 42,100 (K = 64), 1 worker; Reference's per-call cost is
+      small, and its Custom forces cost more per term than its native ones. One force group
+      per copy ran at 0.58x the loop.
+    * CPU: copies win, so ``"auto"`` is ``"copies"``: 46,700 evaluations/s with K = 32
+      against 8,400 with the loop, 1 worker (5.5x), and 3.3x with 2 workers; the CPU
+      platform's per-call cost is large and copies pay it once per K rows. One force group
+      per copy ran at 1.3x the loop.
+    * CUDA, OpenCL, HIP: ``"copies"``, unmeasured (no GPU was available); a GPU pays a kernel
+      launch and a transfer per call, which copies share.
+
+    The default ``copies=32`` was the fastest K on CPU with 1 worker in both runs of that day,
+    K = 16 within 2%; with 2 workers on the busy cores K = 64 came first in both runs, by 28%
+    in one and 77% in the other. A batch smaller than ``copies`` still costs one call of
+    ``copies`` copies.
 
     Example:
         >>> import openmm
@@ -606,14 +718,31 @@ class OpenMMEnergy(Energy):
         n_workers: int = 1,
         *,
         remove_constraints: bool = False,
+        batching: str = "auto",
+        copies: int = 32,
     ):
         system = _checked_system(system, remove_constraints)
         if isinstance(n_workers, bool) or not isinstance(n_workers, int):
             raise TypeError(f"n_workers must be an int, got {n_workers!r}")
         if n_workers < 1:
             raise ValueError(f"n_workers must be at least 1, got {n_workers}")
+        if batching not in _BATCHINGS:
+            raise ValueError(f"batching must be one of {_BATCHINGS}, got {batching!r}")
+        if isinstance(copies, bool) or not isinstance(copies, int):
+            raise TypeError(f"copies must be an int, got {copies!r}")
+        if copies < 1:
+            raise ValueError(f"copies must be at least 1, got {copies}")
         kelvin = _kelvin(temperature)
         platform, properties = _platform_properties(platform, platform_properties, n_workers)
+        evaluated = system
+        mode = _AUTO_BATCHING.get(platform, "loop") if batching == "auto" else batching
+        if mode == "copies":
+            try:
+                evaluated = replicate_system(system, copies)
+            except ValueError:
+                if batching == "copies":
+                    raise
+                mode = "loop"
         super().__init__(3 * system.getNumParticles())
         self.system = system
         self.n_particles = system.getNumParticles()
@@ -624,10 +753,12 @@ class OpenMMEnergy(Energy):
         self.platform = platform
         self.platform_properties = properties
         self.n_workers = n_workers
+        self.batching = mode
+        self.copies = copies if mode == "copies" else None
         self.register_buffer(
             "non_finite_energy_count", torch.zeros((), dtype=torch.long), persistent=False
         )
-        self._system_xml = openmm.XmlSerializer.serialize(system)
+        self._system_xml = openmm.XmlSerializer.serialize(evaluated)
         self._pool: _ContextPool | None = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -648,6 +779,7 @@ class OpenMMEnergy(Energy):
                 self.platform_properties,
                 self.n_workers,
                 self.n_particles,
+                self.copies,
             )
         return self._pool
 
@@ -683,5 +815,6 @@ class OpenMMEnergy(Energy):
     def extra_repr(self) -> str:
         return (
             f"n_particles={self.n_particles}, temperature={self.temperature}, "
-            f"platform={self.platform!r}, n_workers={self.n_workers}"
+            f"platform={self.platform!r}, n_workers={self.n_workers}, "
+            f"batching={self.batching!r}, copies={self.copies}"
         )

@@ -166,9 +166,11 @@ def test_public_api_fallback_agrees(monkeypatch, alanine, alanine_batch, alanine
     check_alanine(OpenMMEnergy(alanine.system, 300.0), alanine_batch, alanine_reference)
 
 
-def test_cpu_platform(alanine, alanine_batch, alanine_reference):
-    energy = OpenMMEnergy(alanine.system, 300.0, platform="cpu")
+@pytest.mark.parametrize("batching", ["auto", "loop"])
+def test_cpu_platform(batching, alanine, alanine_batch, alanine_reference):
+    energy = OpenMMEnergy(alanine.system, 300.0, platform="cpu", batching=batching, copies=3)
     assert energy.platform == "CPU" and "Threads" in energy.platform_properties
+    assert energy.batching == ("copies" if batching == "auto" else "loop")
     check_alanine(energy, alanine_batch[:4], tuple(a[:4] for a in alanine_reference))
 
 
@@ -197,13 +199,78 @@ def test_cuda_platform(n_workers, alanine, alanine_batch, alanine_reference):
         )
 
 
+# --- batching ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def alanine_copies_two_workers(alanine):
+    with OpenMMEnergy(alanine.system, 300.0, n_workers=2, batching="copies", copies=4) as energy:
+        yield energy
+
+
+@pytest.mark.parametrize("copies", [1, 8, 64])
+def test_copies_match_context(copies, alanine, alanine_batch, alanine_reference):
+    """37 rows: one copy per call, 5 calls of 8 with the last padded, one call of 64 padded."""
+    energy = OpenMMEnergy(alanine.system, 300.0, batching="copies", copies=copies)
+    assert (energy.batching, energy.copies) == ("copies", copies)
+    check_alanine(energy, alanine_batch, alanine_reference)
+    check_alanine(energy, alanine_batch, alanine_reference, dtype=torch.float32)
+
+
+def test_copies_two_workers(alanine_copies_two_workers, alanine_batch, alanine_reference):
+    energies, forces = alanine_reference
+    for size in (37, 1, 4, 5, 9):
+        check_alanine(
+            alanine_copies_two_workers, alanine_batch[:size], (energies[:size], forces[:size])
+        )
+    assert len(alanine_copies_two_workers.worker_pids) == 1
+
+
+def test_copies_public_api_fallback(monkeypatch, alanine, alanine_batch, alanine_reference):
+    monkeypatch.setattr(openmm_energy, "_get_vector_as_numpy", None)
+    energy = OpenMMEnergy(alanine.system, 300.0, batching="copies", copies=8)
+    check_alanine(energy, alanine_batch[:11], tuple(a[:11] for a in alanine_reference))
+
+
+def test_auto_batching(alanine):
+    """auto: the mode measured faster per platform; loop for a System that cannot be copied."""
+    assert OpenMMEnergy(alanine.system, 300.0).batching == "loop"
+    energy = OpenMMEnergy(alanine.system, 300.0, platform="CPU")
+    assert (energy.batching, energy.copies) == ("copies", 32)
+    system = copy.deepcopy(alanine.system)
+    gbsa = openmm.GBSAOBCForce()
+    for _ in range(system.getNumParticles()):
+        gbsa.addParticle(0.0, 0.15, 1.0)
+    system.addForce(gbsa)
+    energy = OpenMMEnergy(system, 300.0, platform="CPU")
+    assert (energy.batching, energy.copies) == ("loop", None)
+    with pytest.raises(ValueError, match=r"GBSAOBCForce\) cannot be replicated.*'loop'"):
+        OpenMMEnergy(system, 300.0, batching="copies")
+
+
+@pytest.mark.parametrize(
+    "keywords, error, match",
+    [
+        ({"batching": "vectorised"}, ValueError, "batching must be one of.*'vectorised'"),
+        ({"copies": 0}, ValueError, "copies must be at least 1, got 0"),
+        ({"copies": 2.0}, TypeError, "copies must be an int"),
+    ],
+)
+def test_bad_batching(keywords, error, match):
+    with pytest.raises(error, match=match):
+        OpenMMEnergy(one_particle_system(), 300.0, **keywords)
+
+
 # --- clashes and non-finite input ------------------------------------------------------------
 
 
-def test_clash_gives_infinite_energy_and_zero_gradient(alanine, alanine_batch, alanine_reference):
+@pytest.mark.parametrize("batching", ["loop", "copies"])
+def test_clash_gives_infinite_energy_and_zero_gradient(
+    batching, alanine, alanine_batch, alanine_reference
+):
     batch = alanine_batch[:4].copy()
     batch[1, 5] = batch[1, 0]  # two atoms on top of each other: OpenMM returns NaN
-    energy = OpenMMEnergy(alanine.system, 300.0)
+    energy = OpenMMEnergy(alanine.system, 300.0, batching=batching, copies=4)
     x = torch.tensor(batch.reshape(4, -1), requires_grad=True)
     u = energy(x)
     u.sum().backward()
@@ -216,17 +283,19 @@ def test_clash_gives_infinite_energy_and_zero_gradient(alanine, alanine_batch, a
     )
 
 
-def test_non_finite_coordinates_are_counted(alanine_two_workers, alanine_batch):
-    x = torch.tensor(alanine_batch[:3].reshape(3, -1))
+@pytest.mark.parametrize("workers", ["alanine_two_workers", "alanine_copies_two_workers"])
+def test_non_finite_coordinates_are_counted(workers, alanine_batch, request):
+    energy = request.getfixturevalue(workers)
+    x = torch.tensor(alanine_batch[:9].reshape(9, -1))
     x[0, 4] = math.nan
     x[2, 0] = math.inf
     x.requires_grad_(True)
-    before = int(alanine_two_workers.non_finite_count)
-    u = alanine_two_workers(x)
+    before = int(energy.non_finite_count)
+    u = energy(x)
     u.sum().backward()
-    assert torch.isinf(u[[0, 2]]).all() and torch.isfinite(u[1])
+    assert torch.isinf(u[[0, 2]]).all() and torch.isfinite(u[1]) and torch.isfinite(u[3:]).all()
     assert torch.isfinite(x.grad).all()
-    assert int(alanine_two_workers.non_finite_count) == before + 2
+    assert int(energy.non_finite_count) == before + 2
 
 
 # --- bad input -------------------------------------------------------------------------------
