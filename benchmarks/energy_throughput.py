@@ -5,6 +5,8 @@ For each platform it times, interleaved and best of --repeats:
   * the usual loop that also reads energy and forces with value_in_unit;
   * OpenMMEnergy's evaluation loop alone on one Context (OpenMM's work as the adapter does it);
   * OpenMMEnergy forward + backward (values and gradients) with each worker count.
+OpenMMEnergy runs with batching="loop", one configuration per OpenMM call as OpenMM's own loop
+does; benchmarks/batched_energy.py compares that with batching="copies".
 The torch-side overhead is the time the calling process spends outside OpenMM's evaluation in
 a forward + backward call (with workers it includes waiting for the last worker), measured by
 timing the adapter's evaluation loop inside the call. Then it prints a table and one JSON line.
@@ -94,7 +96,10 @@ def measure_platform(
         system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName(platform)
     )
     x = torch.tensor(positions.reshape(len(positions), -1), requires_grad=True)
-    energies = {n: OpenMMEnergy(system, 300 * unit.kelvin, platform, n_workers=n) for n in workers}
+    energies = {
+        n: OpenMMEnergy(system, 300 * unit.kelvin, platform, n_workers=n, batching="loop")
+        for n in workers
+    }
     for energy in energies.values():  # start workers and Contexts outside the timing
         forward_backward(energy, x)
     single = energies[min(workers)]._pool._context
