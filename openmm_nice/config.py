@@ -34,6 +34,8 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [64, 64])
     conditional_hidden: list[int] = field(default_factory=lambda: [64, 64])
     scale: float = 1.0  # initial diagonal of S
+    torsion_floor: float = 0.001  # uniform share of each fitted torsion density (molecules)
+    torsion_smoothing: float = 10.0  # width in degrees smoothing the fitted torsion densities
 
 
 @dataclass
@@ -173,6 +175,14 @@ def _validate_ranges(config: Config) -> None:
         ),
         (m.layers >= 1, f"model.layers must be >= 1, got {m.layers}"),
         (m.scale > 0, f"model.scale must be positive, got {m.scale}"),
+        (
+            0 < m.torsion_floor <= 1,
+            f"model.torsion_floor must be in (0, 1], got {m.torsion_floor}",
+        ),
+        (
+            m.torsion_smoothing > 0,
+            f"model.torsion_smoothing must be positive (degrees), got {m.torsion_smoothing}",
+        ),
         (t.steps >= 0, f"training.steps must be >= 0, got {t.steps}"),
         (t.batch_size >= 2, f"training.batch_size must be >= 2, got {t.batch_size}"),
         (t.learning_rate > 0, f"training.learning_rate must be positive, got {t.learning_rate}"),

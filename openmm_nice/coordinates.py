@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 
 import mdtraj
 import numpy as np
+import openmm
 import openmm.app as app
+import openmm.unit
 import torch
 from torch import Tensor, nn
 
 from openmm_nice.transforms import Transform
 
-__all__ = ["build_zmatrix", "InternalCoordinates", "MolecularTransform"]
+__all__ = ["build_zmatrix", "torsion_symmetries", "InternalCoordinates", "MolecularTransform"]
 
 
 def build_zmatrix(topology: app.Topology | mdtraj.Topology) -> np.ndarray:
@@ -95,6 +98,75 @@ def build_zmatrix(topology: app.Topology | mdtraj.Topology) -> np.ndarray:
         )
         rows.append([atom, j, k, partner[0]])
     return np.asarray(rows, dtype=np.int64)
+
+
+def torsion_symmetries(
+    topology: app.Topology | mdtraj.Topology,
+    zmatrix: np.ndarray | Tensor,
+    system: openmm.System | None = None,
+) -> np.ndarray:
+    r"""The rotational symmetry order of each Z-matrix torsion (1 where there is none).
+
+    A proper torsion row r = (i, j, k, l) (l bonded to k) turns the atoms bonded to j (other
+    than k) about the j-k bond. When those are n >= 2 atoms of one element with equal nonbonded parameters in
+    ``system`` (if given), such as the hydrogens of a methyl group, the rotor is n-fold
+    symmetric: the Boltzmann density of the torsion repeats every :math:`2\pi / n`, whatever
+    the data happened to visit. :meth:`MolecularTransform.from_data` uses this to symmetrise
+    the torsion's fitted density (a better proposal; any density keeps the map exact).
+
+    Returns:
+        An int64 array of shape (N - 3,), in the order of the torsions of
+        :class:`InternalCoordinates`.
+
+    Example:
+        >>> top = app.Topology()
+        >>> residue = top.addResidue("ETH", top.addChain())
+        >>> c1, c2 = (top.addAtom(f"C{i}", app.element.carbon, residue) for i in (1, 2))
+        >>> _ = top.addBond(c1, c2)
+        >>> for c in (c1, c2):
+        ...     for _ in range(3):
+        ...         _ = top.addBond(c, top.addAtom("H", app.element.hydrogen, residue))
+        >>> torsion_symmetries(top, build_zmatrix(top)).tolist()
+        [1, 1, 3, 1, 1]
+    """
+    z = _validate_zmatrix(zmatrix)
+    if isinstance(topology, app.Topology):
+        atoms = list(topology.atoms())
+    elif isinstance(topology, mdtraj.Topology):
+        atoms = list(topology.atoms)
+    else:
+        raise TypeError(
+            f"expected an openmm.app.Topology or mdtraj.Topology, got {type(topology).__name__}"
+        )
+    _, neighbours = _bond_graph(topology)
+    parameters: dict[int, tuple] = {}
+    if system is not None:
+        for force in system.getForces():
+            if isinstance(force, openmm.NonbondedForce):
+                for a in range(force.getNumParticles()):
+                    charge, sigma, epsilon = force.getParticleParameters(a)
+                    parameters[a] = (
+                        round(charge.value_in_unit(openmm.unit.elementary_charge), 6),
+                        round(sigma.value_in_unit(openmm.unit.nanometer), 6),
+                        round(epsilon.value_in_unit(openmm.unit.kilojoule_per_mole), 6),
+                    )
+
+    def kind(a: int) -> tuple:
+        element = atoms[a].element
+        return (None if element is None else element.symbol, parameters.get(a))
+
+    orders = []
+    for _, j, k, partner in z[3:]:
+        # A torsion placed against a sibling (l bonded to j) is a fixed relative angle, not
+        # the rotor's own torsion.
+        turned = sorted(neighbours[j] - {k})
+        same = (
+            partner not in neighbours[j]
+            and len(turned) >= 2
+            and len({kind(a) for a in turned}) == 1
+        )
+        orders.append(len(turned) if same else 1)
+    return np.asarray(orders, dtype=np.int64)
 
 
 def _earliest(candidates: set[int], row_of: dict[int, int], row: int) -> tuple[int] | tuple[()]:
@@ -379,11 +451,6 @@ class InternalCoordinates(nn.Module):
         return 2 * torch.log(bonds).sum(1) + torch.log(torch.sin(angles)).sum(1)
 
 
-def _wrap(angle: Tensor) -> Tensor:
-    """Angles mod 2 pi in [-pi, pi)."""
-    return torch.remainder(angle + math.pi, 2 * math.pi) - math.pi
-
-
 class MolecularTransform(Transform):
     r"""The exact bijection from an unconstrained flow space :math:`s \in R^{3N-6}` to Cartesians.
 
@@ -392,25 +459,33 @@ class MolecularTransform(Transform):
 
     - bonds :math:`b = e^{y}` (nm), so s is a normalised log bond length;
     - angles :math:`\theta = \pi\,\sigma(y)`, with :math:`\sigma` the logistic sigmoid;
-    - torsions :math:`\phi = \mathrm{offset} + \pi\,\mathrm{erf}(y / \sqrt 2)`, a bijection of R
-      onto the circle cut at :math:`\mathrm{offset} + \pi`; a uniform torsion is a standard
-      normal y, since :math:`d\phi/dy = \sqrt{2\pi}\,\mathcal N(y; 0, 1)`,
+    - torsions :math:`\phi = c + G^{-1}(\Phi(y))`, with :math:`\Phi` the standard normal CDF,
+      c the torsion's cut and G the CDF of a fixed density g on the circle cut at c: g is
+      piecewise constant on K equal bins, so G is piecewise linear and both directions are
+      closed-form, with :math:`d\phi/dy = \mathcal N(y; 0, 1) / g(\phi)`. With K = 1 (g
+      uniform) this is :math:`\phi = \mathrm{offset} + \pi\,\mathrm{erf}(y / \sqrt 2)`, the
+      cut at :math:`c = \mathrm{offset} - \pi`. Fitted to data (:meth:`from_data`), g is the
+      data's smoothed torsion histogram mixed with a uniform floor, so that every torsion's data
+      are normal in y whatever their modes (methyl rotors, the backbone's basins), and regions
+      the data never visited keep a share of the volume;
 
     and :meth:`InternalCoordinates.to_cartesian` places the atoms in the canonical frame. The
     log-determinant is the sum of :math:`\sum \log \mathrm{scale}`, the domain maps'
     :math:`\sum y_b + \sum [\log\pi + \log\sigma(y_\theta) + \log\sigma(-y_\theta)]
-    + \sum [\tfrac12 \log 2\pi - y_\phi^2 / 2]` and :math:`\log J(q)`, so that with the rigid
-    motion integrated out, :math:`\log p_X(x) = \log p_S(s) - \mathrm{ladj}`.
+    + \sum [\log \mathcal N(y_\phi; 0, 1) - \log g(\phi)]` and :math:`\log J(q)`, so that with
+    the rigid motion integrated out, :math:`\log p_X(x) = \log p_S(s) - \mathrm{ladj}`.
 
     Arguments:
         zmatrix: Integer array of shape (N, 4) from :func:`build_zmatrix`.
         shift: The normalisation's shift, shape (3N - 6,), in the order of
             :class:`InternalCoordinates` (log nm for bonds, logit(theta / pi) for angles).
         scale: The normalisation's positive scale, shape (3N - 6,).
-        torsion_offset: Offsets of the torsion maps, shape (N - 3,), in radians.
+        torsion_offset: The torsions' cuts plus pi, shape (N - 3,), in radians.
+        torsion_cdf: G at the K + 1 bin edges from the cut, shape (N - 3, K + 1), rising
+            strictly from 0 to 1; None for uniform torsions (K = 1).
 
     Use :meth:`from_data` to set shift, scale and offsets from a structure or a trajectory.
-    All three are buffers (saved in the state dict, not trained) and are cast to the input's
+    All four are buffers (saved in the state dict, not trained) and are cast to the input's
     dtype, so the module works in float32 and float64. A row of s with a non-finite entry
     gives a NaN row of x (no error), which an energy treats as :math:`U = +\infty`.
 
@@ -432,6 +507,7 @@ class MolecularTransform(Transform):
         shift: np.ndarray | Tensor,
         scale: np.ndarray | Tensor,
         torsion_offset: np.ndarray | Tensor,
+        torsion_cdf: np.ndarray | Tensor | None = None,
     ):
         super().__init__()
         self.internal = InternalCoordinates(zmatrix)
@@ -449,11 +525,37 @@ class MolecularTransform(Transform):
             self.register_buffer(name, value)
         if not (self.scale > 0).all():
             raise ValueError(f"scale must be positive, got {self.scale}")
+        if torsion_cdf is None:
+            torsion_cdf = torch.tensor([0.0, 1.0]).expand(n_torsions, 2)
+        cdf = torch.as_tensor(torsion_cdf, dtype=torch.float64).clone()
+        if cdf.ndim != 2 or cdf.shape[0] != n_torsions or cdf.shape[1] < 2:
+            raise ValueError(
+                f"torsion_cdf must have shape ({n_torsions}, K + 1) with K >= 1, "
+                f"got {tuple(cdf.shape)}"
+            )
+        if not (
+            torch.isfinite(cdf).all()
+            and (cdf[:, 0] == 0).all()
+            and (cdf[:, -1] == 1).all()
+            and (cdf.diff(dim=1) > 0).all()
+        ):
+            raise ValueError(
+                "torsion_cdf must rise strictly from 0 to 1 along each row (every bin needs "
+                "positive mass; from_data mixes in a uniform floor for this)"
+            )
+        self.register_buffer("torsion_cdf", cdf)
 
     @property
     def dim(self) -> int:
         """The dimension 3N - 6 of the flow space."""
         return self.internal.dim
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state dict brings its own torsion densities, whatever their number of bins.
+        cdf = state_dict.get(prefix + "torsion_cdf")
+        if cdf is not None and cdf.shape != self.torsion_cdf.shape:
+            self.torsion_cdf = self.torsion_cdf.new_empty(cdf.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_data(
@@ -464,29 +566,53 @@ class MolecularTransform(Transform):
         reference_scale: tuple[float, float, float] = (0.05, 0.15, 1.0),
         bins: int = 360,
         smoothing: float = 5.0,
+        floor: float = 0.001,
+        density_smoothing: float = 10.0,
+        energy: Callable[[Tensor], Tensor] | None = None,
+        symmetry: np.ndarray | Tensor | None = None,
+        scan_frames: int = 32,
+        scan_angles: int = 72,
     ) -> MolecularTransform:
         r"""A transform normalised to a trajectory, or to one reference structure.
 
-        With F >= 2 frames, shift and scale are the mean and standard deviation (at least
-        ``min_scale``) of each coordinate in its transformed space: log b, logit(theta / pi)
-        and the torsion's :math:`y = \sqrt 2\,\mathrm{erfinv}(\mathrm{wrap}(\phi - \mathrm{offset})
-        / \pi)`, and each torsion's cut :math:`\mathrm{offset} + \pi` is the middle of the
-        least-populated region of its circular histogram (``bins`` bins, smoothed by a circular
-        Gaussian of ``smoothing`` bins), so the cut falls where the data has no mass.
+        With F >= 2 frames, each torsion's density g is its circular histogram (``bins`` bins,
+        smoothed by a circular Gaussian of ``density_smoothing`` bins) mixed with a uniform
+        density of weight ``floor``, and its cut lies in the least-populated region of the
+        histogram smoothed by ``smoothing`` bins, so that no data mode is split. Where that region is wide (a basin the data
+        never visited may lie in it), an ``energy`` chooses the cut inside it: each torsion is
+        set to ``scan_angles`` values in ``scan_frames`` evenly spaced frames, and the cut goes
+        where :math:`-\log \langle e^{-U} \rangle_\mathrm{frames}` is highest, a barrier
+        rather than an unvisited basin. Shift and scale are then the mean and standard deviation
+        (at least ``min_scale``) of each coordinate in its transformed space: log b,
+        logit(theta / pi) and the torsion's :math:`y = \Phi^{-1}(G(\phi - c))`. The cut and g
+        only decide how well the flow can fit; every choice is an exact bijection.
 
-        With one frame, shift is the reference's value (y = 0 for torsions, whose offset is
-        the reference torsion, so the cut is opposite it) and scale is ``reference_scale``
-        = (bond, angle, torsion) for every coordinate of that kind. The defaults 0.05 (a 5%
-        bond spread) and 0.15 (about 6 degrees near 110 degrees) are somewhat wider than
-        thermal fluctuations at 300 K; 1.0 makes a standard normal s a uniform torsion.
+        With one frame, torsions are uniform (K = 1) with the cut opposite the reference
+        torsion, shift is the reference's value (y = 0 for torsions) and scale is
+        ``reference_scale`` = (bond, angle, torsion) for every coordinate of that kind. The
+        defaults 0.05 (a 5% bond spread) and 0.15 (about 6 degrees near 110 degrees) are
+        somewhat wider than thermal fluctuations at 300 K; 1.0 makes a standard normal s a
+        uniform torsion.
 
         Arguments:
             zmatrix: Integer array of shape (N, 4) from :func:`build_zmatrix`.
             x_frames: Positions in nm of shape (F, 3N) or (F, N, 3), numpy or torch.
             min_scale: Floor on the data's scale, so that a stiff coordinate stays invertible.
             reference_scale: Scales (bond, angle, torsion) used for a single frame.
-            bins: Number of histogram bins for choosing torsion cuts.
-            smoothing: Width in bins of the Gaussian that smooths the histogram.
+            bins: Number K of bins of the torsion densities and histograms.
+            smoothing: Width in bins of the Gaussian that smooths the histograms.
+            floor: Weight in (0, 1] of the uniform part of each torsion density.
+            density_smoothing: Width in bins of the Gaussian that smooths the histograms
+                of the torsion densities (wider than ``smoothing``: a rough density would
+                show up as noise in the importance weights).
+            energy: Optional reduced energy of Cartesian positions (B, 3N) in nm, used to
+                place cuts inside wide unvisited regions.
+            symmetry: Optional rotational symmetry order of each torsion, shape (N - 3,),
+                from :func:`torsion_symmetries`; an n-fold torsion's histogram counts each
+                frame at its n equivalent angles, so that a rotor's wells get equal shares
+                even where short MD visited them unequally.
+            scan_frames: Number of frames the energy scan uses.
+            scan_angles: Number of torsion values the energy scan tries.
 
         Returns:
             A :class:`MolecularTransform` with float64 buffers.
@@ -519,53 +645,61 @@ class MolecularTransform(Transform):
                 ]
             )
             return cls(zmatrix, shift, scale, offset)
-        cuts = [_least_populated_angle(t.numpy(), bins, smoothing) for t in torsions.T]
-        offset = _wrap(torch.tensor(cuts, dtype=torch.float64) - math.pi)
-        y = torch.cat(
-            [bonds.log(), _logit_angle(angles), _torsion_to_normal(torsions, offset)], dim=1
-        )
-        return cls(zmatrix, y.mean(0), y.std(0).clamp_min(min_scale), offset)
+        if not 0 < floor <= 1:
+            raise ValueError(f"floor must lie in (0, 1], got {floor}")
+        scan = None
+        if energy is not None:
+            scan = _torsion_scan(internal, q, energy, scan_frames, scan_angles)
+        offsets, cdfs = [], []
+        orders = np.ones(n - 3, dtype=np.int64) if symmetry is None else np.asarray(symmetry)
+        if orders.shape != (n - 3,) or (orders < 1).any():
+            raise ValueError(
+                f"symmetry must hold {n - 3} orders >= 1 (one per torsion), got {orders}"
+            )
+        for t, values in enumerate(torsions.T.numpy()):
+            values = values[None] + 2 * math.pi * np.arange(orders[t])[:, None] / orders[t]
+            values = values.reshape(-1)
+            cut = _cut_angle(values, bins, smoothing, None if scan is None else scan[t])
+            offsets.append(math.remainder(cut + math.pi, 2 * math.pi))
+            cdfs.append(_circular_cdf(values - cut, bins, density_smoothing, floor))
+        offset = torch.tensor(offsets, dtype=torch.float64)
+        cdf = torch.as_tensor(np.stack(cdfs))
+        y_torsion = _torsion_to_normal(torsions, offset, cdf)
+        y = torch.cat([bonds.log(), _logit_angle(angles), y_torsion], dim=1)
+        return cls(zmatrix, y.mean(0), y.std(0).clamp_min(min_scale), offset, cdf)
 
     def call_and_ladj(self, s: Tensor) -> tuple[Tensor, Tensor]:
         """Cartesian positions (B, 3N) in nm from flow coordinates s (B, 3N - 6), and the ladj."""
         _check_batch(s, self.dim, "s")
-        shift, scale, offset = (
-            b.to(s.dtype) for b in (self.shift, self.scale, self.torsion_offset)
-        )
+        shift, scale = (b.to(s.dtype) for b in (self.shift, self.scale))
         y = shift + scale * s
         n = self.internal.n_atoms
         y_bond, y_angle, y_torsion = y.split([n - 1, n - 2, n - 3], dim=1)
-        q = torch.cat(
-            [
-                torch.exp(y_bond),
-                math.pi * torch.sigmoid(y_angle),
-                offset + math.pi * torch.erf(y_torsion / math.sqrt(2)),
-            ],
-            dim=1,
-        )
+        torsion, log_g = _normal_to_torsion(y_torsion, self.torsion_offset, self.torsion_cdf)
+        q = torch.cat([torch.exp(y_bond), math.pi * torch.sigmoid(y_angle), torsion], dim=1)
         x, log_jacobian = self.internal.to_cartesian(q)
         # An infinite angle or torsion saturates to a finite q; mark the row so that the
         # energy sees a non-finite configuration (U = +inf) instead of a degenerate one.
         x = torch.where(torch.isfinite(s).all(dim=1, keepdim=True), x, math.nan)
-        return x, self._ladj_of_maps(y, scale) + log_jacobian
+        return x, self._ladj_of_maps(y, scale, log_g) + log_jacobian
 
     def inverse_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Flow coordinates s (B, 3N - 6) of positions x (B, 3N) in nm, and the inverse's ladj."""
         _check_batch(x, 3 * self.internal.n_atoms, "x")
-        shift, scale, offset = (
-            b.to(x.dtype) for b in (self.shift, self.scale, self.torsion_offset)
-        )
+        shift, scale = (b.to(x.dtype) for b in (self.shift, self.scale))
         q, minus_log_jacobian = self.internal.to_internal(x)
         n = self.internal.n_atoms
         bonds, angles, torsions = q.split([n - 1, n - 2, n - 3], dim=1)
-        y = torch.cat(
-            [torch.log(bonds), _logit_angle(angles), _torsion_to_normal(torsions, offset)], dim=1
+        y_torsion, log_g = _torsion_to_normal(
+            torsions, self.torsion_offset, self.torsion_cdf, with_log_density=True
         )
+        y = torch.cat([torch.log(bonds), _logit_angle(angles), y_torsion], dim=1)
         s = (y - shift) / scale
-        return s, minus_log_jacobian - self._ladj_of_maps(y, scale)
+        return s, minus_log_jacobian - self._ladj_of_maps(y, scale, log_g)
 
-    def _ladj_of_maps(self, y: Tensor, scale: Tensor) -> Tensor:
-        """log|det| of s -> q: normalisation plus the elementwise domain maps, at y."""
+    def _ladj_of_maps(self, y: Tensor, scale: Tensor, log_g: Tensor) -> Tensor:
+        """log|det| of s -> q: normalisation plus the elementwise domain maps, at y, with
+        ``log_g`` the torsion densities at the torsions."""
         n = self.internal.n_atoms
         y_bond, y_angle, y_torsion = y.split([n - 1, n - 2, n - 3], dim=1)
         angle = (
@@ -573,7 +707,7 @@ class MolecularTransform(Transform):
             + nn.functional.logsigmoid(y_angle)
             + nn.functional.logsigmoid(-y_angle)
         )
-        torsion = 0.5 * math.log(2 * math.pi) - 0.5 * y_torsion**2
+        torsion = -0.5 * math.log(2 * math.pi) - 0.5 * y_torsion**2 - log_g
         return scale.log().sum() + y_bond.sum(1) + angle.sum(1) + torsion.sum(1)
 
 
@@ -582,9 +716,108 @@ def _logit_angle(angle: Tensor) -> Tensor:
     return torch.log(angle) - torch.log(math.pi - angle)
 
 
-def _torsion_to_normal(torsion: Tensor, offset: Tensor) -> Tensor:
-    """The inverse of phi = offset + pi erf(y / sqrt 2) on the circle cut at offset + pi."""
-    return math.sqrt(2) * torch.erfinv(_wrap(torsion - offset) / math.pi)
+def _bin_of(position: Tensor, cdf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The bin index (B, T) of positions given in bins along the grid, and G and the mass of
+    each row's bin, for cdf (T, K + 1)."""
+    k = position.floor().clamp(0, cdf.shape[1] - 2).long()
+    low = torch.gather(cdf, 1, k.T).T
+    mass = torch.gather(cdf.diff(dim=1), 1, k.T).T
+    return k, low, mass
+
+
+def _normal_to_torsion(y: Tensor, offset: Tensor, cdf: Tensor) -> tuple[Tensor, Tensor]:
+    """phi = c + G^{-1}(Phi(y)) for y (B, T), and log g(phi); computed in float64."""
+    dtype = y.dtype
+    y = y.double()
+    n_bins = cdf.shape[1] - 1
+    v = torch.special.ndtr(y)
+    k = torch.searchsorted(cdf.contiguous(), v.T.contiguous(), right=True).T - 1
+    k = k.clamp(0, n_bins - 1)
+    low = torch.gather(cdf, 1, k.T).T
+    mass = torch.gather(cdf.diff(dim=1), 1, k.T).T
+    width = 2 * math.pi / n_bins
+    torsion = offset - math.pi + (k + (v - low) / mass) * width
+    return torsion.to(dtype), (mass / width).log().to(dtype)
+
+
+def _torsion_to_normal(
+    torsion: Tensor, offset: Tensor, cdf: Tensor, with_log_density: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The inverse of :func:`_normal_to_torsion` on the circle cut at offset - pi: y (B, T),
+    and with ``with_log_density`` also log g(phi)."""
+    dtype = torsion.dtype
+    n_bins = cdf.shape[1] - 1
+    width = 2 * math.pi / n_bins
+    position = torch.remainder(torsion.double() - (offset - math.pi), 2 * math.pi) / width
+    k, low, mass = _bin_of(position, cdf)
+    v = low + (position - k) * mass
+    y = torch.special.ndtri(v).to(dtype)
+    if not with_log_density:
+        return y
+    return y, (mass / width).log().to(dtype)
+
+
+def _smoothed_histogram(angles: np.ndarray, bins: int, smoothing: float) -> np.ndarray:
+    """Counts of angles (taken mod 2 pi from 0) in ``bins`` bins, smoothed around the circle."""
+    position = np.remainder(angles, 2 * math.pi) * bins / (2 * math.pi)
+    counts = np.bincount(np.minimum(position.astype(np.int64), bins - 1), minlength=bins)
+    reach = int(math.ceil(3 * smoothing))
+    smooth = np.zeros(bins)
+    for shift in range(-reach, reach + 1):
+        weight = math.exp(-0.5 * (shift / max(smoothing, 1e-12)) ** 2)
+        smooth += weight * np.roll(counts.astype(np.float64), shift)
+    return smooth
+
+
+def _circular_cdf(angles: np.ndarray, bins: int, smoothing: float, floor: float) -> np.ndarray:
+    """G at the bin edges of the smoothed histogram of angles measured from the cut, mixed
+    with a uniform floor: shape (bins + 1,), from exactly 0 to exactly 1."""
+    smooth = _smoothed_histogram(angles, bins, smoothing)
+    mass = (1 - floor) * smooth / smooth.sum() + floor / bins
+    cdf = np.concatenate([[0.0], np.cumsum(mass)])
+    cdf /= cdf[-1]
+    cdf[-1] = 1.0
+    return cdf
+
+
+def _torsion_scan(
+    internal: InternalCoordinates,
+    q: Tensor,
+    energy: Callable[[Tensor], Tensor],
+    n_frames: int,
+    n_angles: int,
+) -> np.ndarray:
+    """-log <exp(-U)> over evenly spaced frames with each torsion set to each of n_angles
+    values from -pi: shape (T, n_angles), in kT."""
+    n = internal.n_atoms
+    pick = np.unique(np.linspace(0, len(q) - 1, min(n_frames, len(q))).round().astype(np.int64))
+    frames = q[torch.as_tensor(pick)]
+    values = -math.pi + 2 * math.pi * torch.arange(n_angles, dtype=torch.float64) / n_angles
+    scan = np.empty((n - 3, n_angles))
+    with torch.no_grad():
+        for t in range(n - 3):
+            trial = frames.repeat(n_angles, 1)
+            trial[:, 2 * n - 3 + t] = values.repeat_interleave(len(frames))
+            u = torch.as_tensor(energy(internal.to_cartesian(trial)[0])).double()
+            u = torch.nan_to_num(u.reshape(n_angles, len(frames)), nan=math.inf)
+            scan[t] = (math.log(len(frames)) - torch.logsumexp(-u, dim=1)).numpy()
+    return scan
+
+
+def _cut_angle(angles: np.ndarray, bins: int, smoothing: float, scan: np.ndarray | None) -> float:
+    """Where to cut a torsion's circle: in the least-populated region of the data, and there,
+    with a scan, at its highest scanned free energy."""
+    if scan is None:
+        return _least_populated_angle(angles, bins, smoothing)
+    smooth = _smoothed_histogram(angles + math.pi, bins, smoothing)
+    centres = -math.pi + (np.arange(bins) + 0.5) * 2 * math.pi / bins
+    lowest = smooth <= smooth.min() + 1e-9 * smooth.max()
+    # The scanned value nearest each bin centre (scan values start at -pi, evenly spaced).
+    nearest = np.round((centres + math.pi) * len(scan) / (2 * math.pi)).astype(np.int64)
+    score = np.where(lowest, scan[nearest % len(scan)], -math.inf)
+    if not np.isfinite(score).any() or np.ptp(score[lowest]) == 0:
+        return _least_populated_angle(angles, bins, smoothing)
+    return float(centres[np.argmax(score)])
 
 
 def _least_populated_angle(angles: np.ndarray, bins: int, smoothing: float) -> float:

@@ -136,14 +136,32 @@ def build_generator(
     config: Config, target: Target, frames: torch.Tensor | None = None
 ) -> BoltzmannGenerator:
     """The model of ``config.model`` for ``target``; molecules get internal coordinates
-    normalised to ``frames`` (MD data) or, without frames, to the reference structure."""
+    fitted to ``frames`` (MD data: torsion densities, and cuts placed with the target's energy)
+    or, without frames, normalised around the reference structure."""
     coordinates = None
     if target.is_molecule:
-        from openmm_nice.coordinates import MolecularTransform, build_zmatrix
+        from openmm_nice.coordinates import (
+            MolecularTransform,
+            build_zmatrix,
+            torsion_symmetries,
+        )
 
         zmatrix = build_zmatrix(target.molecule.topology)
-        reference = frames if frames is not None else target.molecule.positions.reshape(1, -1)
-        coordinates = MolecularTransform.from_data(zmatrix, reference)
+        if frames is None:
+            reference = target.molecule.positions.reshape(1, -1)
+            coordinates = MolecularTransform.from_data(zmatrix, reference)
+        else:
+            # The energy places each torsion's cut on a barrier, not in a basin the data missed.
+            coordinates = MolecularTransform.from_data(
+                zmatrix,
+                frames,
+                floor=config.model.torsion_floor,
+                density_smoothing=config.model.torsion_smoothing,  # 360 bins: 1 degree each
+                energy=target.energy,
+                symmetry=torsion_symmetries(
+                    target.molecule.topology, zmatrix, target.molecule.system
+                ),
+            )
     m = config.model
     generator = BoltzmannGenerator(
         target.energy,

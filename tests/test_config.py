@@ -44,6 +44,8 @@ def test_wrong_types_and_ranges_are_named():
         config_from_dict({"dtype": "bfloat16"})  # no mixed precision for densities
     with pytest.raises(ConfigError, match="beta_start"):
         config_from_dict({"training": {"beta_start": 0.0}})
+    with pytest.raises(ConfigError, match=r"model\.torsion_floor must be in \(0, 1\]"):
+        config_from_dict({"model": {"torsion_floor": 0}})
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path):

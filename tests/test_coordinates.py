@@ -14,7 +14,12 @@ import pytest
 import torch
 from openmmtools import testsystems
 
-from openmm_nice.coordinates import InternalCoordinates, MolecularTransform, build_zmatrix
+from openmm_nice.coordinates import (
+    InternalCoordinates,
+    MolecularTransform,
+    build_zmatrix,
+    torsion_symmetries,
+)
 
 
 @pytest.fixture(scope="module")
@@ -339,3 +344,99 @@ def test_molecular_transform_errors(transform, zmatrix):
         MolecularTransform.from_data(zmatrix, np.zeros((3, 65)))
     with pytest.raises(ValueError, match="scale must be positive"):
         MolecularTransform(zmatrix, torch.zeros(60), torch.zeros(60), torch.zeros(19))
+
+
+def test_uniform_torsions_are_the_erf_map(zmatrix, reference):
+    t = MolecularTransform.from_data(zmatrix, reference.reshape(1, -1, 3))
+    assert t.torsion_cdf.shape == (19, 2)
+    n = t.internal.n_atoms
+    s = torch.randn(32, 60)
+    q = t.internal.to_internal(t(s))[0][:, 2 * n - 3 :]
+    y = t.shift[2 * n - 3 :] + t.scale[2 * n - 3 :] * s[:, 2 * n - 3 :]
+    expected = t.torsion_offset + math.pi * torch.erf(y / math.sqrt(2))
+    difference = torch.remainder(q - expected + math.pi, 2 * math.pi) - math.pi
+    assert difference.abs().max() < 1e-10
+
+
+def test_torsion_densities_make_every_torsion_normal(transform, frames, zmatrix):
+    """The bimodal first torsion of the fixture is normal in flow space with the fitted
+    density, and far from normal with a uniform one."""
+
+    def distance_from_normal(values: torch.Tensor) -> float:
+        ordered = values.sort().values
+        empirical = (torch.arange(len(ordered)) + 0.5) / len(ordered)
+        return (torch.special.ndtr(ordered) - empirical).abs().max().item()
+
+    first = 2 * transform.internal.n_atoms - 3
+    s = transform.inverse(frames)[:, first]
+    assert distance_from_normal(s) < 0.12
+    uniform = MolecularTransform(
+        zmatrix, transform.shift, transform.scale, transform.torsion_offset
+    )
+    y = uniform.inverse(frames)[:, first]
+    assert distance_from_normal((y - y.mean()) / y.std()) > 0.2
+    # The density has a floor: every bin keeps at least floor / K of the mass.
+    assert transform.torsion_cdf.diff(dim=1).min() >= 0.001 / 360 * (1 - 1e-9)
+
+
+def test_energy_places_the_cut_on_a_barrier_inside_an_unvisited_region(zmatrix, reference):
+    """Data in one narrow mode leave a wide empty arc; without an energy the cut goes to its
+    middle, with one to the scanned barrier."""
+    torch.manual_seed(2)
+    ic = InternalCoordinates(zmatrix)
+    n = ic.n_atoms
+    first = 2 * n - 3
+    q = ic.to_internal(reference)[0].expand(100, -1).clone()
+    q[:, first] = -2.0 + 0.1 * torch.randn(100, dtype=torch.float64)
+    frames = ic.to_cartesian(q)[0]
+    barrier = 0.5
+
+    def energy(x: torch.Tensor) -> torch.Tensor:
+        torsion = ic.to_internal(x)[0][:, first]
+        return 20 * torch.exp(-2 * (1 - torch.cos(torsion - barrier)))
+
+    plain = MolecularTransform.from_data(zmatrix, frames)
+    scanned = MolecularTransform.from_data(zmatrix, frames, energy=energy)
+    cut = lambda t: math.remainder(t.torsion_offset[0].item() - math.pi, 2 * math.pi)
+    assert abs(cut(plain) - (-2.0 + math.pi)) < 0.15
+    assert abs(cut(scanned) - barrier) < 2 * math.pi / 72
+    # The map stays exact whatever the cut.
+    s = torch.randn(16, 60)
+    x, ladj = scanned.call_and_ladj(s)
+    s_back, ladj_back = scanned.inverse_and_ladj(x)
+    assert (s_back - s).abs().max() < 1e-9 and (ladj + ladj_back).abs().max() < 1e-9
+
+
+def test_torsion_density_checks_and_reload(transform, zmatrix, reference):
+    good = (torch.zeros(60), torch.ones(60), torch.zeros(19))
+    with pytest.raises(ValueError, match=r"torsion_cdf must have shape \(19, K \+ 1\)"):
+        MolecularTransform(zmatrix, *good, torch.zeros(19))
+    flat = torch.tensor([0.0, 0.5, 0.5, 1.0]).expand(19, 4)
+    with pytest.raises(ValueError, match="rise strictly from 0 to 1"):
+        MolecularTransform(zmatrix, *good, flat)
+    with pytest.raises(ValueError, match=r"floor must lie in \(0, 1\]"):
+        MolecularTransform.from_data(zmatrix, torch.cat([reference, reference]), floor=0.0)
+    # A uniform transform takes the fitted densities (another number of bins) from a state dict.
+    fresh = MolecularTransform(zmatrix, *good)
+    fresh.load_state_dict(transform.state_dict())
+    s = torch.randn(8, 60)
+    torch.testing.assert_close(fresh.call_and_ladj(s), transform.call_and_ladj(s), rtol=0, atol=0)
+
+
+def test_methyl_rotors_are_three_fold_and_their_densities_symmetric(alanine, zmatrix, frames):
+    orders = torsion_symmetries(alanine.topology, zmatrix, alanine.system)
+    rotors = [i for i, order in enumerate(orders) if order > 1]
+    # The methyl carbons of ACE (1), ALA (CB, 10) and NME (18) each carry one rotor torsion.
+    assert sorted(zmatrix[3 + i, 1] for i in rotors) == [1, 10, 18]
+    assert orders[rotors].tolist() == [3, 3, 3]
+    t = MolecularTransform.from_data(zmatrix, frames.numpy(), symmetry=orders)
+    third = torch.stack([t.torsion_cdf[:, k + 120] - t.torsion_cdf[:, k] for k in (0, 120, 240)])
+    torch.testing.assert_close(third[:, rotors], torch.full((3, 3), 1 / 3), rtol=0, atol=1e-12)
+    # The data put each rotor in one well: without the symmetry one third holds most mass.
+    plain = MolecularTransform.from_data(zmatrix, frames.numpy())
+    uneven = torch.stack(
+        [plain.torsion_cdf[:, k + 120] - plain.torsion_cdf[:, k] for k in (0, 120, 240)]
+    )
+    assert (uneven[:, rotors].max(0).values > 0.5).all()
+    with pytest.raises(ValueError, match="symmetry must hold 19 orders"):
+        MolecularTransform.from_data(zmatrix, frames.numpy(), symmetry=[3])
