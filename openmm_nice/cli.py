@@ -389,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="trajectory file (.dcd, .h5, .xtc) or .npz")
     p.add_argument("--steps", type=int, help="override md.steps")
     p.add_argument("--seed", type=int, help="override seed")
+    p.add_argument(
+        "--temperature", type=float, help="thermostat temperature in K (default: the config's)"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_md)
     return parser

@@ -49,7 +49,8 @@ class TrainingConfig:
     reweighted_fkl_weight: float = 1.0  # forward KL on the model's own reweighted samples
     beta_start: float = 0.1  # annealed inverse temperature, relative to the target
     anneal_steps: int = 2000
-    data: str | None = None  # MD frames for the ML term (npz with `x`, or a trajectory)
+    data: str | list[str] | None = None  # MD frames for the ML term (npz with `x` or
+    # trajectories; a list of files is pooled)
     ml_batch_size: int = 256
     energy_cut: float = 1000.0  # the regularised training energy turns logarithmic here (kT)
     grad_clip: float = 100.0
@@ -226,8 +227,11 @@ def load_config(path: str | os.PathLike) -> Config:
         data = yaml.safe_load(handle)
     config = config_from_dict(data)
     base = path.resolve().parent
-    if config.training.data is not None and not os.path.isabs(config.training.data):
-        config.training.data = str((base / config.training.data).resolve())
+    data = config.training.data
+    if isinstance(data, list):
+        config.training.data = [str((base / item).resolve()) for item in data]
+    elif data is not None:
+        config.training.data = str((base / data).resolve())
     if isinstance(config.system, dict):
         for key in ("pdb", "xml"):
             if key in config.system and not os.path.isabs(config.system[key]):

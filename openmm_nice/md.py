@@ -186,7 +186,11 @@ def write_md(path: str | Path, result: MDResult, topology) -> None:
 
 
 def md_command(args: argparse.Namespace) -> int:
-    """`openmm-nice md CONFIG --out FILE [--steps N] [--seed S] [--quiet]`."""
+    """`openmm-nice md CONFIG --out FILE [--steps N] [--seed S] [--temperature K] [--quiet]`.
+
+    ``--temperature`` runs the thermostat at another temperature than the config's (hot MD that
+    crosses barriers, as extra training data); the file's ``u`` is E/kT at that temperature.
+    """
     import mdtraj
 
     out = Path(args.out)
@@ -194,6 +198,10 @@ def md_command(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.seed is not None:
         config.seed = args.seed
+    if args.temperature is not None:
+        if not args.temperature > 0:
+            raise ValueError(f"--temperature must be positive (kelvin), got {args.temperature}")
+        config.temperature = float(args.temperature)
     result = run_md(config, args.steps, args.quiet)
     topology = mdtraj.Topology.from_openmm(molecular_system(config).topology)
     write_md(out, result, topology)
@@ -202,6 +210,8 @@ def md_command(args: argparse.Namespace) -> int:
         command += ["--steps", str(args.steps)]
     if args.seed is not None:
         command += ["--seed", str(args.seed)]
+    if args.temperature is not None:
+        command += ["--temperature", f"{args.temperature:g}"]
     n_steps = args.steps if args.steps is not None else config.md.steps
     info = {
         "command": shlex.join(command),

@@ -106,8 +106,13 @@ def openmm_energy_for(config: Config, system, temperature: float | None = None):
     )
 
 
-def load_frames(path: str | Path, target: Target) -> torch.Tensor:
-    """Training frames (F, energy.dim) from an npz with ``x`` or an mdtraj-readable trajectory."""
+def load_frames(path: str | Path | list[str | Path], target: Target) -> torch.Tensor:
+    """Training frames (F, energy.dim) from an npz with ``x`` or an mdtraj-readable trajectory;
+    a list of files gives their frames pooled, in order."""
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise ValueError("training data: the list of files is empty")
+        return torch.cat([load_frames(item, target) for item in path])
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training data {path} does not exist")

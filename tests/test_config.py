@@ -55,6 +55,12 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
     assert load_config(path).training.data == str(tmp_path / "frames.npz")
 
 
+def test_a_list_of_data_files_resolves_each_against_the_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("system: double_well_1d\ntraining:\n  data: [a.npz, /elsewhere/b.npz]\n")
+    assert load_config(path).training.data == [str(tmp_path / "a.npz"), "/elsewhere/b.npz"]
+
+
 def test_fewer_steps_shorten_the_anneal_so_training_ends_at_the_target():
     config = config_from_dict({"training": {"steps": 4000, "anneal_steps": 2500}})
     config.set_steps(800)

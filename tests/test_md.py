@@ -64,6 +64,18 @@ def test_md_npz_has_frames_and_reduced_energies(tmp_path, config, molecule):
     assert info["ns_per_day"] > 0 and info["config"]["md"]["report_interval"] == 500
 
 
+def test_md_at_another_temperature_for_hot_training_data(tmp_path, config, molecule):
+    out = tmp_path / "hot.npz"
+    assert main(["md", str(config), "--out", str(out), "--temperature", "500", "--quiet"]) == 0
+    with np.load(out) as data:
+        x, u = data["x"], data["u"]
+    assert u[0] == pytest.approx(reduced_energy(molecule, x[0], 500.0), rel=1e-9)
+    info = json.loads(out.with_name("hot.npz.json").read_text())
+    assert info["temperature_K"] == 500.0
+    assert info["command"] == f"openmm-nice md {config} --out {out} --temperature 500"
+    assert main(["md", str(config), "--out", str(out), "--temperature", "-5", "--quiet"]) == 2
+
+
 def test_md_dcd_loads_with_mdtraj_and_matches_the_npz_run(tmp_path, config, molecule):
     dcd, npz = tmp_path / "md.dcd", tmp_path / "same.npz"
     for out in (dcd, npz):
