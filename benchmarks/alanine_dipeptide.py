@@ -14,7 +14,8 @@ Then it prints a table and one JSON line with every number.
 
 Usage:
     python benchmarks/alanine_dipeptide.py --run RUN \
-        --reference data/reference/alanine_dipeptide_300K_50ns.npz [--n 50000]
+        --reference data/reference/alanine_dipeptide_300K_50ns.npz [--n 50000] \
+        [--metad data/reference/alanine_dipeptide_metad_20ns.npz]
 
 The reference (about 20 minutes on 2 cores; not committed, the command is):
     openmm-nice md examples/alanine_dipeptide.yaml \
@@ -53,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", required=True, help="a run folder of `openmm-nice train`")
     p.add_argument(
         "--reference", required=True, help="an npz of `openmm-nice md` (x in nm), with FILE.json"
+    )
+    p.add_argument(
+        "--metad",
+        help="optional npz of benchmarks/alanine_metadynamics.py (with FILE.json): a second, "
+        "independent reference that samples C7ax / alpha_L, which plain 300 K MD rarely visits",
     )
     p.add_argument("--n", type=int, default=50_000, help="generator samples to draw")
     p.add_argument("--seed", type=int, default=0, help="seed of the generator's samples")
@@ -174,6 +180,21 @@ def main(argv: list[str] | None = None) -> dict:
         "md_ns_needed": md_ns * time_to_reach(md_df["df_error_kT"], args.target_error),
         "md_wall_time_to_target_s": md_wall,
     }
+    if args.metad:
+        metad_path = Path(args.metad)
+        with np.load(metad_path) as data:
+            metad_histogram = np.asarray(data["histogram36"])
+        metad_info = json.loads(metad_path.with_name(metad_path.name + ".json").read_text())
+        result.update(
+            metad=str(metad_path),
+            metad_ns=metad_info["ns"],
+            metad_df_kT=metad_info["final_df_kT"],
+            metad_df_three_quarters_kT=metad_info["three_quarters_df_kT"],
+            js_divergence_vs_metad=jensen_shannon_divergence(bg_map.probability, metad_histogram),
+            md_js_divergence_vs_metad=jensen_shannon_divergence(
+                md_map.probability, metad_histogram
+            ),
+        )
     print_table(result)
     print(
         json.dumps(
@@ -218,6 +239,25 @@ def print_table(r: dict) -> None:
             f"{r['md_wall_time_to_target_s']:.1f} s ({r['md_ns_needed']:.3g} ns)",
         ),
     ]
+    if "metad" in r:
+        rows += [
+            (
+                "metadynamics reference",
+                f"{r['metad_ns']:g} ns well-tempered on (phi, psi)",
+                "",
+            ),
+            (
+                "  JS divergence vs metadynamics",
+                f"{r['js_divergence_vs_metad']:.4f}",
+                f"{r['md_js_divergence_vs_metad']:.4f}",
+            ),
+            (
+                "  dF(phi>0 - phi<0), metadynamics",
+                f"{r['metad_df_kT']:.3f} kT (at 3/4 of the run: "
+                f"{r['metad_df_three_quarters_kT']:.3f})",
+                "",
+            ),
+        ]
     print(f"{'':36} {'Boltzmann generator':46} {'MD':30}")
     for name, bg, md in rows:
         print(f"{name:36} {bg:46} {md:30}")
