@@ -56,3 +56,34 @@ def test_note_example_meets_the_accuracy_of_issue_2(tmp_path):
     assert abs(probability(x < 0)[0] - 0.93273) < 0.01
     summary = json.loads((run / "summary.json").read_text())
     assert summary["kl_bound"] >= -3 * summary["j_r_error"]
+
+
+def test_alanine_example_trains_and_samples_with_openmm_energies(tmp_path):
+    """examples/alanine_dipeptide.yaml as shipped (its data files included), shortened to a few
+    steps: the sample file's u is OpenMM's E/kT of its x, and the trajectory loads."""
+    import mdtraj
+    import openmm
+    import openmm.unit as unit
+
+    from openmm_nice.systems import alanine_dipeptide_vacuum
+
+    run = tmp_path / "run"
+    config = str(ROOT / "examples" / "alanine_dipeptide.yaml")
+    assert main(["train", config, "--out", str(run), "--steps", "3", "--quiet"]) == 0
+    samples, traj = tmp_path / "s.npz", tmp_path / "s.dcd"
+    assert main(["sample", str(run), "--n", "64", "--out", str(samples), "--traj", str(traj)]) == 0
+    with np.load(samples) as data:
+        x, log_w, u = data["x"], data["log_w"], data["u"]
+    assert x.shape == (64, 66) and x.dtype == np.float64 and log_w.shape == u.shape == (64,)
+    molecule = alanine_dipeptide_vacuum()
+    context = openmm.Context(
+        molecule.system,
+        openmm.VerletIntegrator(0.001),
+        openmm.Platform.getPlatformByName("Reference"),
+    )
+    kt = unit.MOLAR_GAS_CONSTANT_R * 300 * unit.kelvin
+    for i in (0, 63):
+        context.setPositions(x[i].reshape(-1, 3))
+        expected = context.getState(getEnergy=True).getPotentialEnergy() / kt
+        assert u[i] == pytest.approx(expected, rel=1e-9, abs=1e-6)
+    assert mdtraj.load(str(traj), top=mdtraj.Topology.from_openmm(molecule.topology)).n_frames == 64
