@@ -57,7 +57,8 @@ def build_zmatrix(topology: app.Topology | mdtraj.Topology) -> np.ndarray:
                [ 2,  1,  0, -1],
                [ 3,  2,  1,  0]])
     """
-    hydrogen, neighbours = _bond_graph(topology)
+    elements, neighbours = _bond_graph(topology)
+    hydrogen = [symbol in ("H", "D") for symbol in elements]
     n = len(hydrogen)
     if n < 3:
         raise ValueError(
@@ -130,15 +131,7 @@ def torsion_symmetries(
         [1, 1, 3, 1, 1]
     """
     z = _validate_zmatrix(zmatrix)
-    if isinstance(topology, app.Topology):
-        atoms = list(topology.atoms())
-    elif isinstance(topology, mdtraj.Topology):
-        atoms = list(topology.atoms)
-    else:
-        raise TypeError(
-            f"expected an openmm.app.Topology or mdtraj.Topology, got {type(topology).__name__}"
-        )
-    _, neighbours = _bond_graph(topology)
+    elements, neighbours = _bond_graph(topology)
     parameters: dict[int, tuple] = {}
     if system is not None:
         for force in system.getForces():
@@ -152,8 +145,7 @@ def torsion_symmetries(
                     )
 
     def kind(a: int) -> tuple:
-        element = atoms[a].element
-        return (None if element is None else element.symbol, parameters.get(a))
+        return (elements[a], parameters.get(a))
 
     orders = []
     for _, j, k, partner in z[3:]:
@@ -175,8 +167,11 @@ def _earliest(candidates: set[int], row_of: dict[int, int], row: int) -> tuple[i
     return (min(placed, key=row_of.__getitem__),) if placed else ()
 
 
-def _bond_graph(topology: app.Topology | mdtraj.Topology) -> tuple[list[bool], list[set[int]]]:
-    """Hydrogen flags and neighbour sets of the atoms of an OpenMM or mdtraj topology."""
+def _bond_graph(
+    topology: app.Topology | mdtraj.Topology,
+) -> tuple[list[str | None], list[set[int]]]:
+    """Element symbols (None where unknown) and neighbour sets of the atoms of an OpenMM or
+    mdtraj topology."""
     if isinstance(topology, app.Topology):
         atoms, bonds = list(topology.atoms()), list(topology.bonds())
     elif isinstance(topology, mdtraj.Topology):
@@ -185,13 +180,13 @@ def _bond_graph(topology: app.Topology | mdtraj.Topology) -> tuple[list[bool], l
         raise TypeError(
             f"expected an openmm.app.Topology or mdtraj.Topology, got {type(topology).__name__}"
         )
-    hydrogen = [a.element is not None and a.element.symbol in ("H", "D") for a in atoms]
+    elements = [None if a.element is None else a.element.symbol for a in atoms]
     neighbours: list[set[int]] = [set() for _ in atoms]
     for a, b in bonds:
         if a.index != b.index:
             neighbours[a.index].add(b.index)
             neighbours[b.index].add(a.index)
-    return hydrogen, neighbours
+    return elements, neighbours
 
 
 def _graph_distances(start: int, neighbours: list[set[int]]) -> np.ndarray:
@@ -716,13 +711,11 @@ def _logit_angle(angle: Tensor) -> Tensor:
     return torch.log(angle) - torch.log(math.pi - angle)
 
 
-def _bin_of(position: Tensor, cdf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The bin index (B, T) of positions given in bins along the grid, and G and the mass of
-    each row's bin, for cdf (T, K + 1)."""
-    k = position.floor().clamp(0, cdf.shape[1] - 2).long()
+def _bin_cdf(k: Tensor, cdf: Tensor) -> tuple[Tensor, Tensor]:
+    """G at the lower edge of bins k (B, T), and the bins' masses, for cdf (T, K + 1)."""
     low = torch.gather(cdf, 1, k.T).T
     mass = torch.gather(cdf.diff(dim=1), 1, k.T).T
-    return k, low, mass
+    return low, mass
 
 
 def _normal_to_torsion(y: Tensor, offset: Tensor, cdf: Tensor) -> tuple[Tensor, Tensor]:
@@ -733,8 +726,7 @@ def _normal_to_torsion(y: Tensor, offset: Tensor, cdf: Tensor) -> tuple[Tensor, 
     v = torch.special.ndtr(y)
     k = torch.searchsorted(cdf.contiguous(), v.T.contiguous(), right=True).T - 1
     k = k.clamp(0, n_bins - 1)
-    low = torch.gather(cdf, 1, k.T).T
-    mass = torch.gather(cdf.diff(dim=1), 1, k.T).T
+    low, mass = _bin_cdf(k, cdf)
     width = 2 * math.pi / n_bins
     torsion = offset - math.pi + (k + (v - low) / mass) * width
     return torsion.to(dtype), (mass / width).log().to(dtype)
@@ -749,7 +741,8 @@ def _torsion_to_normal(
     n_bins = cdf.shape[1] - 1
     width = 2 * math.pi / n_bins
     position = torch.remainder(torsion.double() - (offset - math.pi), 2 * math.pi) / width
-    k, low, mass = _bin_of(position, cdf)
+    k = position.floor().clamp(0, n_bins - 1).long()
+    low, mass = _bin_cdf(k, cdf)
     v = low + (position - k) * mass
     y = torch.special.ndtri(v).to(dtype)
     if not with_log_density:
@@ -805,29 +798,18 @@ def _torsion_scan(
 
 
 def _cut_angle(angles: np.ndarray, bins: int, smoothing: float, scan: np.ndarray | None) -> float:
-    """Where to cut a torsion's circle: in the least-populated region of the data, and there,
-    with a scan, at its highest scanned free energy."""
-    if scan is None:
-        return _least_populated_angle(angles, bins, smoothing)
-    smooth = _smoothed_histogram(angles + math.pi, bins, smoothing)
-    centres = -math.pi + (np.arange(bins) + 0.5) * 2 * math.pi / bins
-    lowest = smooth <= smooth.min() + 1e-9 * smooth.max()
-    # The scanned value nearest each bin centre (scan values start at -pi, evenly spaced).
-    nearest = np.round((centres + math.pi) * len(scan) / (2 * math.pi)).astype(np.int64)
-    score = np.where(lowest, scan[nearest % len(scan)], -math.inf)
-    if not np.isfinite(score).any() or np.ptp(score[lowest]) == 0:
-        return _least_populated_angle(angles, bins, smoothing)
-    return float(centres[np.argmax(score)])
-
-
-def _least_populated_angle(angles: np.ndarray, bins: int, smoothing: float) -> float:
-    """The middle of the widest region where the smoothed circular histogram is lowest."""
-    counts = np.histogram(angles, bins=bins, range=(-math.pi, math.pi))[0].astype(np.float64)
-    reach = int(math.ceil(3 * smoothing))
-    smooth = np.zeros(bins)
-    for shift in range(-reach, reach + 1):
-        smooth += math.exp(-0.5 * (shift / max(smoothing, 1e-12)) ** 2) * np.roll(counts, shift)
+    """Where to cut a torsion's circle: in the least-populated region of the smoothed
+    histogram; with a scan, at its highest scanned free energy there, else in the middle of the
+    widest such region."""
+    smooth = _smoothed_histogram(angles + math.pi, bins, smoothing)  # bins from -pi
     lowest = smooth <= smooth.min() * (1 + 1e-9)
+    centres = -math.pi + (np.arange(bins) + 0.5) * 2 * math.pi / bins
+    if scan is not None:
+        # The scanned value nearest each bin centre (scan values start at -pi, evenly spaced).
+        nearest = np.round((centres + math.pi) * len(scan) / (2 * math.pi)).astype(np.int64)
+        score = np.where(lowest, scan[nearest % len(scan)], -math.inf)
+        if np.isfinite(score).any() and np.ptp(score[lowest]) != 0:
+            return float(centres[np.argmax(score)])
     # Walk the circle from a bin above the minimum so that no low run is split at the seam.
     start = int(np.argmin(lowest))
     best_start, best_length, run = 0, 0, 0
