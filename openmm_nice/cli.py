@@ -392,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--temperature", type=float, help="thermostat temperature in K (default: the config's)"
     )
+    p.add_argument(
+        "--start", help="start from a frame of this file (.npz with x, or a trajectory / PDB)"
+    )
+    p.add_argument(
+        "--start-frame", type=int, default=-1, help="which frame of --start (default: the last)"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_md)
     return parser

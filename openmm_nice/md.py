@@ -21,6 +21,7 @@ __all__ = [
     "molecular_system",
     "run_md",
     "write_md",
+    "load_start_frame",
     "md_command",
     "TRAJECTORY_SUFFIXES",
 ]
@@ -82,10 +83,11 @@ def run_md(
     n_steps: int | None = None,
     quiet: bool = False,
     platform: str | None = None,
+    start: np.ndarray | None = None,
 ) -> MDResult:
     """Langevin MD (LangevinMiddleIntegrator) of ``config.system`` at ``config.temperature``.
 
-    The structure is energy-minimised, given Maxwell-Boltzmann velocities (seeded by
+    The structure (the system's own, or ``start``) is energy-minimised, given Maxwell-Boltzmann velocities (seeded by
     ``config.seed``), equilibrated for ``md.equilibration_steps``, then run for ``n_steps``
     with a frame every ``md.report_interval`` steps.
 
@@ -95,6 +97,9 @@ def run_md(
         quiet: No progress bar.
         platform: An OpenMM platform name overriding ``config.platform`` (e.g. to time MD on
             CPU); the config's ``platform_properties`` apply only to the config's own platform.
+        start: Starting positions in nm, shape (3N,) or (N, 3), instead of the system's own
+            structure (e.g. a frame in a basin that plain MD rarely enters, to sample it
+            locally; see :func:`load_start_frame`).
 
     Returns:
         An :class:`MDResult`.
@@ -129,7 +134,18 @@ def run_md(
         openmm.Platform.getPlatformByName(platform),
         {k: str(v) for k, v in properties.items()},
     )
-    context.setPositions(molecule.positions)
+    positions = molecule.positions
+    if start is not None:
+        start = np.asarray(start, dtype=np.float64)
+        if start.size != 3 * molecule.n_atoms:
+            raise ValueError(
+                f"the start structure has {start.size // 3} atoms' positions, the system has "
+                f"{molecule.n_atoms}; give a frame of this system"
+            )
+        if not np.all(np.isfinite(start)):
+            raise ValueError("the start structure has NaN or infinite coordinates")
+        positions = start.reshape(-1, 3) * unit.nanometer
+    context.setPositions(positions)
     openmm.LocalEnergyMinimizer.minimize(context)
     context.setVelocitiesToTemperature(config.temperature * unit.kelvin, config.seed + 1)
     integrator.step(md.equilibration_steps)
@@ -148,6 +164,29 @@ def run_md(
     wall = time.perf_counter() - started
     time_ps = np.arange(1, n_frames + 1) * md.report_interval * md.timestep_fs / 1000.0
     return MDResult(frames, energies, time_ps, config.temperature, md.timestep_fs, platform, wall)
+
+
+def load_start_frame(path: str | Path, frame: int, topology) -> np.ndarray:
+    """Positions (3N,) in nm of frame ``frame`` (negative counts from the end) of an npz with
+    ``x`` (a sample or MD file of this package) or of any mdtraj-readable file (PDB, DCD with
+    the system's ``topology``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--start {path} does not exist")
+    if path.suffix.lower() == ".npz":
+        with np.load(path) as data:
+            if "x" not in data:
+                raise ValueError(f"--start {path} has no array 'x' of frames")
+            x = np.asarray(data["x"], dtype=np.float64)
+    else:
+        import mdtraj
+
+        top = None if path.suffix.lower() in (".pdb", ".h5") else topology
+        traj = mdtraj.load(str(path), top=top)
+        x = traj.xyz.astype(np.float64).reshape(traj.n_frames, -1)
+    if not -len(x) <= frame < len(x):
+        raise ValueError(f"--start-frame {frame} is out of range: {path} has {len(x)} frames")
+    return x[frame]
 
 
 def _check_output(path: Path) -> None:
@@ -186,10 +225,13 @@ def write_md(path: str | Path, result: MDResult, topology) -> None:
 
 
 def md_command(args: argparse.Namespace) -> int:
-    """`openmm-nice md CONFIG --out FILE [--steps N] [--seed S] [--temperature K] [--quiet]`.
+    """`openmm-nice md CONFIG --out FILE [--steps N] [--seed S] [--temperature K]
+    [--start FILE [--start-frame I]] [--quiet]`.
 
     ``--temperature`` runs the thermostat at another temperature than the config's (hot MD that
     crosses barriers, as extra training data); the file's ``u`` is E/kT at that temperature.
+    ``--start`` begins from a frame of another file instead of the system's own structure
+    (MD seeded in a basin that plain MD rarely enters).
     """
     import mdtraj
 
@@ -202,8 +244,11 @@ def md_command(args: argparse.Namespace) -> int:
         if not args.temperature > 0:
             raise ValueError(f"--temperature must be positive (kelvin), got {args.temperature}")
         config.temperature = float(args.temperature)
-    result = run_md(config, args.steps, args.quiet)
     topology = mdtraj.Topology.from_openmm(molecular_system(config).topology)
+    start = None
+    if args.start is not None:
+        start = load_start_frame(args.start, args.start_frame, topology)
+    result = run_md(config, args.steps, args.quiet, start=start)
     write_md(out, result, topology)
     command = ["openmm-nice", "md", str(args.config), "--out", str(args.out)]
     if args.steps is not None:
@@ -212,6 +257,8 @@ def md_command(args: argparse.Namespace) -> int:
         command += ["--seed", str(args.seed)]
     if args.temperature is not None:
         command += ["--temperature", f"{args.temperature:g}"]
+    if args.start is not None:
+        command += ["--start", str(args.start), "--start-frame", str(args.start_frame)]
     n_steps = args.steps if args.steps is not None else config.md.steps
     info = {
         "command": shlex.join(command),
@@ -224,6 +271,7 @@ def md_command(args: argparse.Namespace) -> int:
         "frames": len(result.frames),
         "temperature_K": config.temperature,
         "seed": config.seed,
+        "start": None if args.start is None else f"{args.start}[{args.start_frame}]",
         "platform": result.platform,
         "wall_time_s": result.wall_time_s,
         "ns_per_day": result.ns_per_day,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mdtraj
 import numpy as np
@@ -13,6 +14,8 @@ from openmm import unit
 
 from openmm_nice.cli import main
 from openmm_nice.systems import alanine_dipeptide_vacuum
+
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 TINY_MD = {
     "system": "alanine_dipeptide_vacuum",
@@ -101,4 +104,52 @@ def test_md_refuses_bad_outputs_and_systems_before_running(tmp_path, config, cap
     assert main(["md", str(config), "--out", str(tmp_path / "a.npz"), "--steps", "10"]) == 2
     assert "report_interval" in capsys.readouterr().err
     assert main(["md", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "b.npz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def phi_of(molecule, x: np.ndarray) -> np.ndarray:
+    traj = mdtraj.Trajectory(
+        x.reshape(len(x), -1, 3), mdtraj.Topology.from_openmm(molecule.topology)
+    )
+    return mdtraj.compute_dihedrals(traj, [[4, 6, 8, 14]])[:, 0]
+
+
+def test_md_seeded_from_a_frame_samples_that_basin(tmp_path, config, molecule):
+    """--start: MD begun in C7ax (phi > 0), a basin that 300 K MD from the system's own
+    structure (phi < 0) does not reach in a few ps."""
+    seeds = tmp_path / "seeds.npz"
+    plain = tmp_path / "plain.npz"
+    assert main(["md", str(config), "--out", str(plain), "--quiet"]) == 0
+    with np.load(plain) as data:
+        assert np.all(phi_of(molecule, data["x"]) < 0)
+        frames = data["x"].copy()
+    # a C7ax structure: frame 660 of the committed 500 K data (phi = 1.0, psi = -1.2)
+    with np.load(DATA / "alanine_dipeptide_md_500K.npz") as data:
+        frames[1] = data["x"][660]
+    np.savez(seeds, x=frames)
+    out = tmp_path / "c7ax.npz"
+    argv = ["md", str(config), "--out", str(out), "--quiet", "--start", str(seeds)]
+    assert main([*argv, "--start-frame", "1"]) == 0
+    with np.load(out) as data:
+        phi = phi_of(molecule, data["x"])
+        assert np.all((phi > 0) & (phi < 2.2)), phi
+        assert data["u"][0] == pytest.approx(reduced_energy(molecule, data["x"][0], 300.0))
+    info = json.loads(out.with_name("c7ax.npz.json").read_text())
+    assert info["command"].endswith(f"--start {seeds} --start-frame 1")
+    assert info["start"] == f"{seeds}[1]"
+
+
+def test_md_start_errors_name_the_problem(tmp_path, config, capsys):
+    out = str(tmp_path / "x.npz")
+    seeds = tmp_path / "seeds.npz"
+    np.savez(seeds, x=np.zeros((2, 66)))
+    assert main(["md", str(config), "--out", out, "--start", str(seeds), "--start-frame", "5"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    np.savez(seeds, x=np.zeros((2, 30)))
+    assert main(["md", str(config), "--out", out, "--start", str(seeds)]) == 2
+    assert "has 22" in capsys.readouterr().err
+    np.savez(seeds, x=np.full((2, 66), np.nan))
+    assert main(["md", str(config), "--out", out, "--start", str(seeds)]) == 2
+    assert "NaN" in capsys.readouterr().err
+    assert main(["md", str(config), "--out", out, "--start", str(tmp_path / "none.npz")]) == 2
     assert "does not exist" in capsys.readouterr().err
