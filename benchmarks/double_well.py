@@ -48,7 +48,7 @@ CASES = {
             "model": {"latent_dim": d, "layers": 12, "hidden": [128, 128]},
             "training": {"steps": 6000, "batch_size": 1024, "anneal_steps": 3000},
         }
-        for d in (16, 32)
+        for d in (16, 24, 32)
     },
 }
 REMEDIES = {

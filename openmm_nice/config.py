@@ -52,6 +52,9 @@ class TrainingConfig:
     data: str | list[str] | None = None  # MD frames for the ML term (npz with `x` or
     # trajectories; a list of files is pooled)
     ml_batch_size: int = 256
+    walkers: int = 0  # MCMC walkers whose likelihood is trained (0: none); <= batch_size
+    walker_weight: float = 1.0  # weight of the walkers' negative log-likelihood
+    walker_steps: int = 5  # MALA steps of the walkers per training step
     energy_cut: float = 1000.0  # the regularised training energy turns logarithmic here (kT)
     grad_clip: float = 100.0
     report_interval: int = 50
@@ -197,6 +200,13 @@ def _validate_ranges(config: Config) -> None:
             min(t.kl_weight, t.ml_weight, t.reweighted_fkl_weight) >= 0,
             "training loss weights must be >= 0",
         ),
+        (
+            0 <= t.walkers <= t.batch_size,
+            f"training.walkers must be between 0 and training.batch_size ({t.batch_size}), "
+            f"got {t.walkers}",
+        ),
+        (t.walker_steps >= 0, f"training.walker_steps must be >= 0, got {t.walker_steps}"),
+        (t.walker_weight >= 0, f"training.walker_weight must be >= 0, got {t.walker_weight}"),
         (
             t.ml_weight == 0 or t.data is not None,
             "training.ml_weight > 0 needs training.data (MD frames)",

@@ -18,6 +18,9 @@ METRIC_COLUMNS = (
     "loss",
     "reverse_kl_nats",
     "nll_nats",
+    "walker_nll_nats",
+    "walker_exchange",
+    "walker_acceptance",
     "energy_kT",
     "log_det_S",
     "conditional_nats",
@@ -29,6 +32,7 @@ METRIC_COLUMNS = (
 _STATE_KEYS = {
     "reverse_kl_nats": "reverse_kl",
     "nll_nats": "nll",
+    "walker_nll_nats": "walker_nll",
     "conditional_nats": "conditional",
 }
 

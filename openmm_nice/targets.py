@@ -205,5 +205,8 @@ def build_trainer(
         energy_cut=t.energy_cut,
         grad_clip=t.grad_clip,
         seed=config.seed if seed is None else seed,
+        walkers=t.walkers,
+        walker_weight=t.walker_weight,
+        walker_steps=t.walker_steps,
         reporters=reporters,
     )

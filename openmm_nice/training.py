@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from openmm_nice.energies import regularize_energy
 from openmm_nice.generator import BoltzmannGenerator
 from openmm_nice.reweighting import effective_sample_size
+from openmm_nice.walkers import Walkers
 
 __all__ = ["Trainer", "TrainingSchedule", "reverse_kl", "nll", "reweighted_forward_kl"]
 
@@ -85,6 +86,11 @@ class _StepLoss(nn.Module):
             ml = nll(self.generator, data.to(d.x.device), t.rng)
             state["nll"] = float(ml.detach())
             loss = loss + t.ml_weight * ml
+        if t.walkers > 0:
+            walkers, state["walker_exchange"], state["walker_acceptance"] = t.move_walkers(d, beta)
+            ml = nll(self.generator, walkers.x.to(d.x.dtype), t.rng)
+            state["walker_nll"] = float(ml.detach())
+            loss = loss + t.walker_weight * ml
         return loss, state, d.log_weights().detach()
 
 
@@ -113,7 +119,11 @@ class Trainer:
     """Trains a :class:`BoltzmannGenerator`; reporters see every state, the trainer never prints.
 
     The loss of a step is ``kl_weight * J_R(beta) + reweighted_fkl_weight * forward KL(beta)
-    + ml_weight * NLL(data)``, with beta annealed from ``beta_start`` to 1.
+    + ml_weight * NLL(data) + walker_weight * NLL(walkers)``, with beta annealed from
+    ``beta_start`` to 1. The walkers (``walkers`` > 0 of them, see
+    :mod:`openmm_nice.walkers`) are MCMC chains at the current beta that take the step's model
+    samples as independence proposals and ``walker_steps`` MALA steps; they start from the
+    model's first samples.
 
     Reporters follow OpenMM's protocol: ``describeNextReport(trainer)`` returns the number of
     steps until the reporter wants the next state, and ``report(trainer, state)`` receives a dict
@@ -126,6 +136,9 @@ class Trainer:
         learning_rate: Adam's step size before the schedule.
         data: Optional MD frames (F, energy.dim) for the ML term.
         seed: Seed of the latent draws (and data minibatches).
+        walkers: Number of MCMC walkers (0: none); at most ``batch_size``.
+        walker_weight: Weight of their negative log-likelihood in the loss.
+        walker_steps: MALA steps per training step.
         reporters: Reporter objects.
     """
 
@@ -146,10 +159,18 @@ class Trainer:
         energy_cut: float = 1e3,
         grad_clip: float = 100.0,
         seed: int = 0,
+        walkers: int = 0,
+        walker_weight: float = 1.0,
+        walker_steps: int = 5,
         reporters: Sequence = (),
     ):
         if ml_weight > 0 and data is None:
             raise ValueError("ml_weight > 0 needs data frames for the maximum-likelihood term")
+        if not 0 <= walkers <= batch_size:
+            raise ValueError(
+                f"walkers must be between 0 and batch_size ({batch_size}): each step's model "
+                f"samples are their proposals; got {walkers}"
+            )
         self.generator = generator
         self.steps = int(steps)
         self.batch_size = int(batch_size)
@@ -165,6 +186,9 @@ class Trainer:
         self.optimizer = torch.optim.Adam(generator.parameters(), lr=self.learning_rate)
         self.rng = torch.Generator(device=generator.device).manual_seed(seed)
         self.data_rng = torch.Generator().manual_seed(seed + 1)
+        self.walkers, self.walker_weight = int(walkers), float(walker_weight)
+        self.walker_steps = int(walker_steps)
+        self._walkers: Walkers | None = None
         self.step = 0
         self.elapsed = 0.0
         self._loss: nn.Module = _StepLoss(self)
@@ -197,6 +221,26 @@ class Trainer:
         state["ess"] = effective_sample_size(log_w) / len(log_w)
         return state
 
+    def move_walkers(self, d, beta: float) -> tuple[Walkers, float, float]:
+        """Move the walkers one training step at ``beta``, with the draw ``d`` as proposals
+        (the first step starts them at its first samples with finite energies).
+
+        Returns:
+            The walkers, the fraction that took a model sample, and the MALA acceptance.
+        """
+        with torch.no_grad():
+            x, u = d.x.detach(), d.u.detach()
+            if self._walkers is None:
+                finite = torch.isfinite(u)
+                order = torch.argsort((~finite).to(torch.int8), stable=True)[: self.walkers]
+                self._walkers = Walkers(x[order], u[order])
+            walkers = self._walkers
+            exchanged = walkers.exchange(
+                self.generator, x, u, d.log_weights(beta).detach(), beta, self.rng
+            )
+        accepted = walkers.langevin(self.generator.energy, beta, self.walker_steps, self.rng)
+        return walkers, exchanged, accepted
+
     def run(self, steps: int | None = None) -> None:
         """Train until ``steps`` (default: all configured steps) have been taken in total."""
         target = self.steps if steps is None else min(int(steps), self.steps)
@@ -224,6 +268,7 @@ class Trainer:
             "elapsed": self.elapsed,
             "rng": self.rng.get_state(),
             "data_rng": self.data_rng.get_state(),
+            "walkers": None if self._walkers is None else self._walkers.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -233,3 +278,6 @@ class Trainer:
         self.elapsed = float(state["elapsed"])
         self.rng.set_state(state["rng"])
         self.data_rng.set_state(state["data_rng"])
+        walkers = state.get("walkers")
+        if walkers is not None:
+            self._walkers = Walkers(walkers["x"], walkers["u"], walkers["step_size"])

@@ -1,0 +1,158 @@
+r"""Persistent MCMC walkers that give the training a mass-covering maximum-likelihood target.
+
+Reverse KL is mode-seeking: while the inverse temperature is annealed towards the target, a
+flow can drop a well it had covered and never see it again. The walkers here keep a population
+of K points distributed, approximately, as :math:`\mu_\beta(x) \propto e^{-\beta U(x)}` at the
+current inverse temperature, and the trainer adds the model's negative log-likelihood of the
+walkers to its loss (a forward-KL term, mass-covering). Each training step moves them by
+
+1. one independence Metropolis-Hastings step whose proposals are the model's own samples of
+   the step: walker :math:`x` becomes proposal :math:`x'` with probability
+   :math:`\min(1, w_\beta(x') / w_\beta(x))`, :math:`w_\beta = e^{-\beta U} / P`; this moves
+   walkers between wells however high the barrier, and rebalances their populations towards
+   :math:`\mu_\beta` as beta changes;
+2. ``steps`` Metropolis-adjusted Langevin (MALA) steps on :math:`\beta U` with exact forces,
+   the step size adapted towards an acceptance of 0.57; this relaxes the walkers within their
+   wells, where the model is still wrong.
+
+This is the scheme of adaptive Monte Carlo with normalising flows (a flow trained by maximum
+likelihood on chains that it helps to mix), used here as a training signal only: estimates
+still come from the final model's exact importance weights, so any imperfection of the walkers
+costs efficiency, never bias. For D > d the model's density of a walker, needed in step 1, is
+the one-sample estimate of :meth:`BoltzmannGenerator.log_prob` (a pseudo-marginal chain).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from openmm_nice.generator import BoltzmannGenerator
+
+__all__ = ["Walkers"]
+
+TARGET_ACCEPTANCE = 0.57  # optimal for MALA in high dimension (Roberts and Rosenthal, 1998)
+
+
+class Walkers:
+    """K Markov chains in the target's coordinates, moved at a given inverse temperature.
+
+    Arguments:
+        x: Initial positions (K, dim) (the model's first samples, or data frames).
+        u: Their reduced energies U (K,).
+        step_size: Initial MALA step size (in units of x squared per unit of force: the
+            proposal is :math:`x - \\epsilon \\beta \\nabla U + \\sqrt{2 \\epsilon} \\xi`).
+
+    Example:
+        >>> from openmm_nice.energies import DoubleWell1D
+        >>> energy = DoubleWell1D()
+        >>> x = torch.zeros(4, 1, dtype=torch.float64)
+        >>> walkers = Walkers(x, energy(x))
+        >>> acceptance = walkers.langevin(energy, beta=1.0, steps=5)
+        >>> walkers.x.shape
+        torch.Size([4, 1])
+    """
+
+    def __init__(self, x: Tensor, u: Tensor, step_size: float = 1e-3):
+        if x.ndim != 2 or u.shape != x.shape[:1]:
+            raise ValueError(
+                f"walkers need x of shape (K, dim) and u of shape (K,), got {tuple(x.shape)} "
+                f"and {tuple(u.shape)}"
+            )
+        self.x = x.detach().clone()
+        self.u = u.detach().clone()
+        self.step_size = float(step_size)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @torch.no_grad()
+    def exchange(
+        self,
+        generator: BoltzmannGenerator,
+        x_new: Tensor,
+        u_new: Tensor,
+        log_w_new: Tensor,
+        beta: float,
+        rng: torch.Generator | None = None,
+    ) -> float:
+        r"""One independence Metropolis-Hastings step with the model's samples as proposals.
+
+        Arguments:
+            generator: The model that drew the proposals.
+            x_new, u_new: K proposals and their reduced energies.
+            log_w_new: Their log-weights at ``beta``, :math:`-\beta U + \log\hat P(y|x) -
+                \log P(x, y)` (+ the coordinate map's log-det).
+            beta: Inverse temperature relative to the target's.
+
+        Returns:
+            The fraction of walkers that moved.
+        """
+        k = len(self.x)
+        if len(x_new) < k:
+            raise ValueError(f"need at least {k} proposals for {k} walkers, got {len(x_new)}")
+        x_new, u_new, log_w_new = x_new[:k].detach(), u_new[:k].detach(), log_w_new[:k].detach()
+        log_p = generator.log_prob(self.x.to(generator.dtype), generator=rng).to(self.u.dtype)
+        log_w_old = -beta * self.u - log_p
+        # a walker with an undefined weight (a clash it started in) takes any finite proposal
+        log_w_old = torch.where(torch.isnan(log_w_old), -math.inf, log_w_old)
+        uniform = torch.rand(k, dtype=self.u.dtype, device=self.u.device, generator=rng)
+        accept = torch.log(uniform) < log_w_new.to(self.u.dtype) - log_w_old
+        accept &= torch.isfinite(u_new) & torch.isfinite(log_w_new)
+        self.x = torch.where(accept[:, None], x_new.to(self.x.dtype), self.x)
+        self.u = torch.where(accept, u_new.to(self.u.dtype), self.u)
+        return float(accept.double().mean())
+
+    def langevin(
+        self, energy, beta: float, steps: int, rng: torch.Generator | None = None
+    ) -> float:
+        """``steps`` MALA steps on beta * U; the step size adapts towards an acceptance of
+        0.57. Returns the mean acceptance."""
+        if steps <= 0:
+            return float("nan")
+        x, u = self.x, self.u
+        grad = self._gradient(energy, x)
+        accepted = 0.0
+        for _ in range(steps):
+            eps = self.step_size
+            noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=rng)
+            x_new = x - eps * beta * grad + math.sqrt(2 * eps) * noise
+            u_new, grad_new = self._energy_and_gradient(energy, x_new)
+            with torch.no_grad():
+                forward = ((x_new - x + eps * beta * grad) ** 2).sum(-1)
+                backward = ((x - x_new + eps * beta * grad_new) ** 2).sum(-1)
+                log_a = -beta * (u_new - u) - (backward - forward) / (4 * eps)
+                uniform = torch.rand(len(x), dtype=x.dtype, device=x.device, generator=rng)
+                accept = (torch.log(uniform) < log_a) & torch.isfinite(u_new)
+                accept &= torch.isfinite(grad_new).all(-1)
+                x = torch.where(accept[:, None], x_new, x)
+                u = torch.where(accept, u_new, u)
+                grad = torch.where(accept[:, None], grad_new, grad)
+                rate = float(accept.double().mean())
+                accepted += rate
+                # Robbins-Monro on log(step size), towards the target acceptance
+                self.step_size *= math.exp(0.5 * (rate - TARGET_ACCEPTANCE))
+        self.x, self.u = x.detach(), u.detach()
+        return accepted / steps
+
+    @staticmethod
+    def _energy_and_gradient(energy, x: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            u = energy(x)
+            finite = torch.isfinite(u)
+            (grad,) = torch.autograd.grad(torch.where(finite, u, 0.0).sum(), x)
+        return u.detach(), torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def _gradient(self, energy, x: Tensor) -> Tensor:
+        return self._energy_and_gradient(energy, x)[1]
+
+    def state_dict(self) -> dict:
+        return {"x": self.x, "u": self.u, "step_size": self.step_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.x = state["x"].to(self.x)
+        self.u = state["u"].to(self.u)
+        self.step_size = float(state["step_size"])
