@@ -35,7 +35,8 @@ class ModelConfig:
     conditional_hidden: list[int] = field(default_factory=lambda: [64, 64])
     scale: float = 1.0  # initial diagonal of S
     torsion_floor: float = 0.001  # uniform share of each fitted torsion density (molecules)
-    torsion_smoothing: float = 10.0  # width in degrees smoothing the fitted torsion densities
+    # width in degrees smoothing the fitted torsion densities, or "auto" (cross-validated)
+    torsion_smoothing: float | str = 10.0
 
 
 @dataclass
@@ -184,8 +185,10 @@ def _validate_ranges(config: Config) -> None:
             f"model.torsion_floor must be in (0, 1], got {m.torsion_floor}",
         ),
         (
-            m.torsion_smoothing > 0,
-            f"model.torsion_smoothing must be positive (degrees), got {m.torsion_smoothing}",
+            m.torsion_smoothing == "auto"
+            or (not isinstance(m.torsion_smoothing, str) and m.torsion_smoothing > 0),
+            "model.torsion_smoothing must be a positive width in degrees or 'auto', "
+            f"got {m.torsion_smoothing!r}",
         ),
         (t.steps >= 0, f"training.steps must be >= 0, got {t.steps}"),
         (t.batch_size >= 2, f"training.batch_size must be >= 2, got {t.batch_size}"),

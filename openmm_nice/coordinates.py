@@ -562,7 +562,7 @@ class MolecularTransform(Transform):
         bins: int = 360,
         smoothing: float = 5.0,
         floor: float = 0.001,
-        density_smoothing: float = 10.0,
+        density_smoothing: float | str = 10.0,
         energy: Callable[[Tensor], Tensor] | None = None,
         symmetry: np.ndarray | Tensor | None = None,
         scan_frames: int = 32,
@@ -598,8 +598,13 @@ class MolecularTransform(Transform):
             smoothing: Width in bins of the Gaussian that smooths the histograms.
             floor: Weight in (0, 1] of the uniform part of each torsion density.
             density_smoothing: Width in bins of the Gaussian that smooths the histograms
-                of the torsion densities (wider than ``smoothing``: a rough density would
-                show up as noise in the importance weights).
+                of the torsion densities (a rough density would show up as noise in the
+                importance weights, a too smooth one spreads narrow wells), or ``"auto"``:
+                each torsion's own width, chosen from :data:`SMOOTHING_CANDIDATES` by
+                cross-validation over contiguous blocks of frames (blocks, not single frames,
+                because MD frames are correlated: a width must predict a stretch of
+                trajectory it has not seen). Fast rotors then get narrow widths and torsions
+                whose data cover their basins unevenly get wide ones.
             energy: Optional reduced energy of Cartesian positions (B, 3N) in nm, used to
                 place cuts inside wide unvisited regions.
             symmetry: Optional rotational symmetry order of each torsion, shape (N - 3,),
@@ -651,17 +656,32 @@ class MolecularTransform(Transform):
             raise ValueError(
                 f"symmetry must hold {n - 3} orders >= 1 (one per torsion), got {orders}"
             )
+        if density_smoothing != "auto" and (
+            isinstance(density_smoothing, str) or not density_smoothing > 0
+        ):
+            raise ValueError(
+                f"density_smoothing must be a positive width in bins or 'auto', "
+                f"got {density_smoothing!r}"
+            )
+        widths = []
         for t, values in enumerate(torsions.T.numpy()):
-            values = values[None] + 2 * math.pi * np.arange(orders[t])[:, None] / orders[t]
-            values = values.reshape(-1)
+            # each frame's n equivalent angles of an n-fold rotor: shape (n, F)
+            copies = values[None] + 2 * math.pi * np.arange(orders[t])[:, None] / orders[t]
+            values = copies.reshape(-1)
             cut = _cut_angle(values, bins, smoothing, None if scan is None else scan[t])
+            width = density_smoothing
+            if width == "auto":
+                width = _cross_validated_smoothing(copies - cut, bins, floor)
+            widths.append(float(width))
             offsets.append(math.remainder(cut + math.pi, 2 * math.pi))
-            cdfs.append(_circular_cdf(values - cut, bins, density_smoothing, floor))
+            cdfs.append(_circular_cdf(values - cut, bins, width, floor))
         offset = torch.tensor(offsets, dtype=torch.float64)
         cdf = torch.as_tensor(np.stack(cdfs))
         y_torsion = _torsion_to_normal(torsions, offset, cdf)
         y = torch.cat([bonds.log(), _logit_angle(angles), y_torsion], dim=1)
-        return cls(zmatrix, y.mean(0), y.std(0).clamp_min(min_scale), offset, cdf)
+        transform = cls(zmatrix, y.mean(0), y.std(0).clamp_min(min_scale), offset, cdf)
+        transform.density_smoothing = widths  # what each torsion's density used, in bins
+        return transform
 
     def call_and_ladj(self, s: Tensor) -> tuple[Tensor, Tensor]:
         """Cartesian positions (B, 3N) in nm from flow coordinates s (B, 3N - 6), and the ladj."""
@@ -754,12 +774,47 @@ def _smoothed_histogram(angles: np.ndarray, bins: int, smoothing: float) -> np.n
     """Counts of angles (taken mod 2 pi from 0) in ``bins`` bins, smoothed around the circle."""
     position = np.remainder(angles, 2 * math.pi) * bins / (2 * math.pi)
     counts = np.bincount(np.minimum(position.astype(np.int64), bins - 1), minlength=bins)
+    return _smooth_counts(counts, smoothing)
+
+
+def _smooth_counts(counts: np.ndarray, smoothing: float) -> np.ndarray:
+    """Bin counts around the circle convolved with a Gaussian of ``smoothing`` bins."""
+    bins = len(counts)
     reach = int(math.ceil(3 * smoothing))
     smooth = np.zeros(bins)
     for shift in range(-reach, reach + 1):
         weight = math.exp(-0.5 * (shift / max(smoothing, 1e-12)) ** 2)
         smooth += weight * np.roll(counts.astype(np.float64), shift)
     return smooth
+
+
+SMOOTHING_CANDIDATES = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 14.0, 20.0, 30.0)
+"""Widths in bins among which ``density_smoothing="auto"`` chooses."""
+
+
+def _cross_validated_smoothing(
+    copies: np.ndarray, bins: int, floor: float, folds: int = 5
+) -> float:
+    """The width of :data:`SMOOTHING_CANDIDATES` whose floored, smoothed histogram gives the
+    highest log-likelihood to held-out contiguous blocks of frames; ``copies`` (n, F) holds
+    each frame's n symmetry-equivalent angles (kept in the same block)."""
+    n_frames = copies.shape[1]
+    if n_frames < 2 * folds:
+        return 10.0
+    edges = np.linspace(0, n_frames, folds + 1).round().astype(np.int64)
+    position = np.remainder(copies, 2 * math.pi) * bins / (2 * math.pi)
+    index = np.minimum(position.astype(np.int64), bins - 1)
+    scores = []
+    for width in SMOOTHING_CANDIDATES:
+        score = 0.0
+        for k in range(folds):
+            held = np.zeros(n_frames, dtype=bool)
+            held[edges[k] : edges[k + 1]] = True
+            smooth = _smooth_counts(np.bincount(index[:, ~held].ravel(), minlength=bins), width)
+            density = (1 - floor) * smooth / smooth.sum() + floor / bins
+            score += np.log(density[index[:, held]]).sum()
+        scores.append(score)
+    return SMOOTHING_CANDIDATES[int(np.argmax(scores))]
 
 
 def _circular_cdf(angles: np.ndarray, bins: int, smoothing: float, floor: float) -> np.ndarray:

@@ -15,8 +15,11 @@ import torch
 from openmmtools import testsystems
 
 from openmm_nice.coordinates import (
+    SMOOTHING_CANDIDATES,
     InternalCoordinates,
     MolecularTransform,
+    _circular_cdf,
+    _cross_validated_smoothing,
     build_zmatrix,
     torsion_symmetries,
 )
@@ -440,3 +443,35 @@ def test_methyl_rotors_are_three_fold_and_their_densities_symmetric(alanine, zma
     assert (uneven[:, rotors].max(0).values > 0.5).all()
     with pytest.raises(ValueError, match="symmetry must hold 19 orders"):
         MolecularTransform.from_data(zmatrix, frames.numpy(), symmetry=[3])
+
+
+def test_auto_smoothing_is_narrow_for_well_sampled_and_wide_for_sparse_torsions():
+    rng = np.random.default_rng(0)
+    narrow = np.radians(3.0) * rng.standard_normal((1, 4000))  # a stiff torsion, many frames
+    sparse = np.radians(40.0) * rng.standard_normal((1, 40))  # a soft one, few frames
+    assert _cross_validated_smoothing(narrow, 360, 0.001) <= 3.0
+    assert _cross_validated_smoothing(sparse, 360, 0.001) >= 10.0
+    # The chosen width predicts new data better than a fixed 10 degrees.
+    fresh = np.radians(3.0) * rng.standard_normal(4000)
+    held_out = {}
+    for width in (_cross_validated_smoothing(narrow, 360, 0.001), 10.0):
+        cdf = _circular_cdf(narrow[0] + math.pi, 360, width, 0.001)
+        index = ((fresh + math.pi) * 360 / (2 * math.pi)).astype(int)
+        held_out[width] = np.log(np.diff(cdf)[index]).mean()
+    assert max(held_out, key=held_out.get) != 10.0
+
+
+def test_from_data_with_auto_smoothing(zmatrix, frames, alanine):
+    orders = torsion_symmetries(alanine.topology, zmatrix, alanine.system)
+    t = MolecularTransform.from_data(
+        zmatrix, frames.numpy(), density_smoothing="auto", symmetry=orders
+    )
+    assert len(t.density_smoothing) == 19
+    assert set(t.density_smoothing) <= set(SMOOTHING_CANDIDATES)
+    s = torch.randn(16, 60)
+    x, ladj = t.call_and_ladj(s)
+    back, minus = t.inverse_and_ladj(x)
+    torch.testing.assert_close(back, s, rtol=0, atol=1e-7)
+    torch.testing.assert_close(minus, -ladj, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="density_smoothing must be a positive width"):
+        MolecularTransform.from_data(zmatrix, frames.numpy(), density_smoothing="wide")
