@@ -47,6 +47,7 @@ class TrainingConfig:
     lr_schedule: str = "cosine"  # cosine | constant
     kl_weight: float = 1.0  # weight of the reverse KL J_R
     ml_weight: float = 0.0  # weight of the maximum-likelihood term on `data`
+    ml_weight_final: float | None = None  # if set, the ML weight moves linearly to it
     reweighted_fkl_weight: float = 1.0  # forward KL on the model's own reweighted samples
     beta_start: float = 0.1  # annealed inverse temperature, relative to the target
     anneal_steps: int = 2000
@@ -200,7 +201,7 @@ def _validate_ranges(config: Config) -> None:
         (0 < t.beta_start <= 1, f"training.beta_start must be in (0, 1], got {t.beta_start}"),
         (t.anneal_steps >= 0, f"training.anneal_steps must be >= 0, got {t.anneal_steps}"),
         (
-            min(t.kl_weight, t.ml_weight, t.reweighted_fkl_weight) >= 0,
+            min(t.kl_weight, t.ml_weight, t.reweighted_fkl_weight, t.ml_weight_final or 0) >= 0,
             "training loss weights must be >= 0",
         ),
         (

@@ -197,6 +197,7 @@ def build_trainer(
         lr_schedule=t.lr_schedule,
         kl_weight=t.kl_weight,
         ml_weight=t.ml_weight,
+        ml_weight_final=t.ml_weight_final,
         reweighted_fkl_weight=t.reweighted_fkl_weight,
         beta_start=t.beta_start,
         anneal_steps=t.anneal_steps,

@@ -85,7 +85,7 @@ class _StepLoss(nn.Module):
         if data is not None:
             ml = nll(self.generator, data.to(d.x.device), t.rng)
             state["nll"] = float(ml.detach())
-            loss = loss + t.ml_weight * ml
+            loss = loss + t.ml_weight_at(t.step) * ml
         if t.walkers > 0:
             walkers, state["walker_exchange"], state["walker_acceptance"] = t.move_walkers(d, beta)
             ml = nll(self.generator, walkers.x.to(d.x.dtype), t.rng)
@@ -120,7 +120,9 @@ class Trainer:
 
     The loss of a step is ``kl_weight * J_R(beta) + reweighted_fkl_weight * forward KL(beta)
     + ml_weight * NLL(data) + walker_weight * NLL(walkers)``, with beta annealed from
-    ``beta_start`` to 1. The walkers (``walkers`` > 0 of them, see
+    ``beta_start`` to 1 and, with ``ml_weight_final``, the ML weight moved linearly from
+    ``ml_weight`` to it over the steps (data that locate every basin early, the exact
+    reverse KL alone refining at the end). The walkers (``walkers`` > 0 of them, see
     :mod:`openmm_nice.walkers`) are MCMC chains at the current beta that take the step's model
     samples as independence proposals and ``walker_steps`` MALA steps; they start from the
     model's first samples.
@@ -135,6 +137,7 @@ class Trainer:
         batch_size: Latents per step.
         learning_rate: Adam's step size before the schedule.
         data: Optional MD frames (F, energy.dim) for the ML term.
+        ml_weight_final: Optional ML weight at the last step (linear from ``ml_weight``).
         seed: Seed of the latent draws (and data minibatches).
         walkers: Number of MCMC walkers (0: none); at most ``batch_size``.
         walker_weight: Weight of their negative log-likelihood in the loss.
@@ -151,6 +154,7 @@ class Trainer:
         lr_schedule: str = "cosine",
         kl_weight: float = 1.0,
         ml_weight: float = 0.0,
+        ml_weight_final: float | None = None,
         reweighted_fkl_weight: float = 0.0,
         beta_start: float = 1.0,
         anneal_steps: int = 0,
@@ -164,7 +168,7 @@ class Trainer:
         walker_steps: int = 5,
         reporters: Sequence = (),
     ):
-        if ml_weight > 0 and data is None:
+        if max(ml_weight, ml_weight_final or 0.0) > 0 and data is None:
             raise ValueError("ml_weight > 0 needs data frames for the maximum-likelihood term")
         if not 0 <= walkers <= batch_size:
             raise ValueError(
@@ -175,6 +179,9 @@ class Trainer:
         self.steps = int(steps)
         self.batch_size = int(batch_size)
         self.kl_weight, self.ml_weight = float(kl_weight), float(ml_weight)
+        self.ml_weight_final = self.ml_weight if ml_weight_final is None else float(ml_weight_final)
+        if self.ml_weight_final < 0:
+            raise ValueError(f"ml_weight_final must be >= 0, got {ml_weight_final}")
         self.reweighted_fkl_weight = float(reweighted_fkl_weight)
         self.schedule = TrainingSchedule(self.steps, beta_start, anneal_steps, lr_schedule)
         self.data = data
@@ -200,7 +207,7 @@ class Trainer:
         beta = self.schedule.beta(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         batch = None
-        if self.ml_weight > 0:
+        if self.ml_weight > 0 or self.ml_weight_final > 0:
             idx = torch.randint(0, len(self.data), (self.ml_batch_size,), generator=self.data_rng)
             batch = self.data[idx]
         loss, state, log_w = self._loss(beta, batch)
@@ -220,6 +227,14 @@ class Trainer:
         state["loss"] = float(loss.detach())
         state["ess"] = effective_sample_size(log_w) / len(log_w)
         return state
+
+    def ml_weight_at(self, step: int) -> float:
+        """The weight of the data's NLL at a step: ``ml_weight`` moving linearly to
+        ``ml_weight_final`` over the run."""
+        if self.steps <= 0:
+            return self.ml_weight
+        fraction = min(step, self.steps) / self.steps
+        return self.ml_weight + (self.ml_weight_final - self.ml_weight) * fraction
 
     def move_walkers(self, d, beta: float) -> tuple[Walkers, float, float]:
         """Move the walkers one training step at ``beta``, with the draw ``d`` as proposals

@@ -79,3 +79,14 @@ def test_metrics_reporter_writes_units_and_truncates_on_resume(tmp_path):
     assert [int(r["step"]) for r in rows] == [5, 10, 15, 20]
     MetricsReporter(path, interval=5, resume_step=10)
     assert [int(r["step"]) for r in csv.DictReader(open(path))] == [5, 10]
+
+
+def test_ml_weight_moves_linearly_to_its_final_value():
+    data = torch.randn(64, 1)
+    t = _trainer(steps=10, ml_weight=1.0, ml_weight_final=0.2, data=data)
+    assert t.ml_weight_at(0) == 1.0 and t.ml_weight_at(10) == pytest.approx(0.2)
+    assert t.ml_weight_at(5) == pytest.approx(0.6)
+    t.run()
+    assert _trainer(steps=10, ml_weight=0.5, data=data).ml_weight_at(7) == 0.5
+    with pytest.raises(ValueError, match="ml_weight_final must be >= 0"):
+        _trainer(ml_weight=1.0, ml_weight_final=-1.0, data=data)
