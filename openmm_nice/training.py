@@ -121,8 +121,8 @@ class Trainer:
     The loss of a step is ``kl_weight * J_R(beta) + reweighted_fkl_weight * forward KL(beta)
     + ml_weight * NLL(data) + walker_weight * NLL(walkers)``, with beta annealed from
     ``beta_start`` to 1 and, with ``ml_weight_final``, the ML weight moved linearly from
-    ``ml_weight`` to it over the steps (data that locate every basin early, the exact
-    reverse KL alone refining at the end). The walkers (``walkers`` > 0 of them, see
+    ``ml_weight`` to it over the steps (e.g. 0, for the reverse KL to finish alone; on
+    alanine dipeptide that lowered the ESS, see benchmarks/RESULTS.md). The walkers (``walkers`` > 0 of them, see
     :mod:`openmm_nice.walkers`) are MCMC chains at the current beta that take the step's model
     samples as independence proposals and ``walker_steps`` MALA steps; they start from the
     model's first samples.
