@@ -26,6 +26,7 @@ from collections.abc import Callable
 import numpy as np
 import openmm
 import torch
+from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
 from openmm import unit
 
 from openmm_nice import openmm_energy
@@ -228,10 +229,8 @@ def main() -> None:
         "system": "alanine_dipeptide_vacuum",
         "batch": args.batch,
         "repeats": args.repeats,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        **machine_facts(),
         "load_average": [load_before, load_after],
-        "openmm": openmm.__version__,
-        "torch": torch.__version__,
         "platforms": results,
     }
     print(json.dumps(summary))
