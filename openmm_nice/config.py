@@ -212,8 +212,8 @@ def _validate_ranges(config: Config) -> None:
         (t.walker_steps >= 0, f"training.walker_steps must be >= 0, got {t.walker_steps}"),
         (t.walker_weight >= 0, f"training.walker_weight must be >= 0, got {t.walker_weight}"),
         (
-            t.ml_weight == 0 or t.data is not None,
-            "training.ml_weight > 0 needs training.data (MD frames)",
+            max(t.ml_weight, t.ml_weight_final or 0) == 0 or t.data is not None,
+            "training.ml_weight > 0 (or ml_weight_final > 0) needs training.data (MD frames)",
         ),
         (
             t.report_interval >= 1 and t.checkpoint_interval >= 1,

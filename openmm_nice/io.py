@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "read_frames",
     "atomic_write",
     "atomic_write_text",
     "save_checkpoint",
@@ -77,3 +78,25 @@ def save_samples(path: str | os.PathLike, x, log_w, u, **extra) -> None:
         )
     arrays.update({k: np.asarray(v) for k, v in extra.items()})
     atomic_write(path, lambda h: np.savez(h, **arrays))
+
+
+def read_frames(path: str | os.PathLike, topology=None, what: str = "frames") -> np.ndarray:
+    """Frames (F, 3N) float64 from an npz with ``x`` (a sample or MD file of this package) or
+    from any mdtraj-readable trajectory (read with the mdtraj ``topology``; a PDB or HDF5 file
+    brings its own). ``what`` names the file's role in error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if path.suffix.lower() == ".npz":
+        with np.load(path) as data:
+            if "x" not in data:
+                raise ValueError(f"{what} {path} has no array 'x' of frames")
+            return np.asarray(data["x"], dtype=np.float64)
+    if topology is None:
+        raise ValueError(
+            f"{what} {path} is a trajectory, which needs a molecular system; give an npz with x"
+        )
+    import mdtraj
+
+    traj = mdtraj.load(str(path), top=topology)
+    return traj.xyz.astype(np.float64).reshape(traj.n_frames, -1)

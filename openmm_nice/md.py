@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from openmm_nice.config import Config, load_config
-from openmm_nice.io import atomic_write_text, save_samples
+from openmm_nice.io import atomic_write_text, read_frames, save_samples
 
 __all__ = [
     "MDResult",
@@ -87,9 +87,10 @@ def run_md(
 ) -> MDResult:
     """Langevin MD (LangevinMiddleIntegrator) of ``config.system`` at ``config.temperature``.
 
-    The structure (the system's own, or ``start``) is energy-minimised, given Maxwell-Boltzmann velocities (seeded by
-    ``config.seed``), equilibrated for ``md.equilibration_steps``, then run for ``n_steps``
-    with a frame every ``md.report_interval`` steps.
+    The structure (the system's own, or ``start``) is energy-minimised, given
+    Maxwell-Boltzmann velocities (seeded by ``config.seed``), equilibrated for
+    ``md.equilibration_steps``, then run for ``n_steps`` with a frame every
+    ``md.report_interval`` steps.
 
     Arguments:
         config: The config; its ``system``, ``temperature``, ``seed``, ``platform`` and ``md``.
@@ -170,20 +171,7 @@ def load_start_frame(path: str | Path, frame: int, topology) -> np.ndarray:
     """Positions (3N,) in nm of frame ``frame`` (negative counts from the end) of an npz with
     ``x`` (a sample or MD file of this package) or of any mdtraj-readable file (PDB, DCD with
     the system's ``topology``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--start {path} does not exist")
-    if path.suffix.lower() == ".npz":
-        with np.load(path) as data:
-            if "x" not in data:
-                raise ValueError(f"--start {path} has no array 'x' of frames")
-            x = np.asarray(data["x"], dtype=np.float64)
-    else:
-        import mdtraj
-
-        top = None if path.suffix.lower() in (".pdb", ".h5") else topology
-        traj = mdtraj.load(str(path), top=top)
-        x = traj.xyz.astype(np.float64).reshape(traj.n_frames, -1)
+    x = read_frames(path, topology, what="--start")
     if not -len(x) <= frame < len(x):
         raise ValueError(f"--start-frame {frame} is out of range: {path} has {len(x)} frames")
     return x[frame]

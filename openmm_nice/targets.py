@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from openmm_nice.config import Config
 from openmm_nice.energies import DoubleWell1D, DoubleWell2D, Energy, ManyWell, MuellerBrown
 from openmm_nice.generator import BoltzmannGenerator
+from openmm_nice.io import read_frames
 from openmm_nice.training import Trainer
 
 __all__ = [
@@ -113,23 +113,8 @@ def load_frames(path: str | Path | list[str | Path], target: Target) -> torch.Te
         if not path:
             raise ValueError("training data: the list of files is empty")
         return torch.cat([load_frames(item, target) for item in path])
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training data {path} does not exist")
-    if path.suffix == ".npz":
-        with np.load(path) as data:
-            if "x" not in data:
-                raise ValueError(
-                    f"{path} has no array 'x' (frames of shape (F, {target.energy.dim}))"
-                )
-            x = np.asarray(data["x"], dtype=np.float64)
-    else:
-        if not target.is_molecule:
-            raise ValueError(f"a trajectory {path} needs a molecular system, not {target.name!r}")
-        import mdtraj
-
-        traj = mdtraj.load(str(path), top=target.mdtraj_topology())
-        x = traj.xyz.astype(np.float64).reshape(traj.n_frames, -1)
+    topology = target.mdtraj_topology() if target.is_molecule else None
+    x = read_frames(path, topology, what=f"training data of {target.name!r}")
     if x.ndim != 2 or x.shape[1] != target.energy.dim:
         raise ValueError(
             f"frames in {path} have shape {x.shape}, expected (F, {target.energy.dim})"

@@ -122,10 +122,10 @@ class Trainer:
     + ml_weight * NLL(data) + walker_weight * NLL(walkers)``, with beta annealed from
     ``beta_start`` to 1 and, with ``ml_weight_final``, the ML weight moved linearly from
     ``ml_weight`` to it over the steps (e.g. 0, for the reverse KL to finish alone; on
-    alanine dipeptide that lowered the ESS, see benchmarks/RESULTS.md). The walkers (``walkers`` > 0 of them, see
-    :mod:`openmm_nice.walkers`) are MCMC chains at the current beta that take the step's model
-    samples as independence proposals and ``walker_steps`` MALA steps; they start from the
-    model's first samples.
+    alanine dipeptide that lowered the ESS, see benchmarks/RESULTS.md). The walkers
+    (``walkers`` > 0 of them, see :mod:`openmm_nice.walkers`) are MCMC chains at the current
+    beta that take the step's model samples as independence proposals and ``walker_steps``
+    MALA steps; they start from the model's first samples.
 
     Reporters follow OpenMM's protocol: ``describeNextReport(trainer)`` returns the number of
     steps until the reporter wants the next state, and ``report(trainer, state)`` receives a dict
@@ -168,7 +168,11 @@ class Trainer:
         walker_steps: int = 5,
         reporters: Sequence = (),
     ):
-        if max(ml_weight, ml_weight_final or 0.0) > 0 and data is None:
+        self.kl_weight, self.ml_weight = float(kl_weight), float(ml_weight)
+        self.ml_weight_final = self.ml_weight if ml_weight_final is None else float(ml_weight_final)
+        if self.ml_weight_final < 0:
+            raise ValueError(f"ml_weight_final must be >= 0, got {ml_weight_final}")
+        if self.uses_data and data is None:
             raise ValueError("ml_weight > 0 needs data frames for the maximum-likelihood term")
         if not 0 <= walkers <= batch_size:
             raise ValueError(
@@ -178,10 +182,6 @@ class Trainer:
         self.generator = generator
         self.steps = int(steps)
         self.batch_size = int(batch_size)
-        self.kl_weight, self.ml_weight = float(kl_weight), float(ml_weight)
-        self.ml_weight_final = self.ml_weight if ml_weight_final is None else float(ml_weight_final)
-        if self.ml_weight_final < 0:
-            raise ValueError(f"ml_weight_final must be >= 0, got {ml_weight_final}")
         self.reweighted_fkl_weight = float(reweighted_fkl_weight)
         self.schedule = TrainingSchedule(self.steps, beta_start, anneal_steps, lr_schedule)
         self.data = data
@@ -207,7 +207,7 @@ class Trainer:
         beta = self.schedule.beta(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         batch = None
-        if self.ml_weight > 0 or self.ml_weight_final > 0:
+        if self.uses_data:
             idx = torch.randint(0, len(self.data), (self.ml_batch_size,), generator=self.data_rng)
             batch = self.data[idx]
         loss, state, log_w = self._loss(beta, batch)
@@ -227,6 +227,11 @@ class Trainer:
         state["loss"] = float(loss.detach())
         state["ess"] = effective_sample_size(log_w) / len(log_w)
         return state
+
+    @property
+    def uses_data(self) -> bool:
+        """Whether the data's NLL has a positive weight at some step."""
+        return max(self.ml_weight, self.ml_weight_final) > 0
 
     def ml_weight_at(self, step: int) -> float:
         """The weight of the data's NLL at a step: ``ml_weight`` moving linearly to
@@ -295,4 +300,4 @@ class Trainer:
         self.data_rng.set_state(state["data_rng"])
         walkers = state.get("walkers")
         if walkers is not None:
-            self._walkers = Walkers(walkers["x"], walkers["u"], walkers["step_size"])
+            self._walkers = Walkers.from_state_dict(walkers)

@@ -113,7 +113,7 @@ class Walkers:
         if steps <= 0:
             return float("nan")
         x, u = self.x, self.u
-        grad = self._gradient(energy, x)
+        grad = self._energy_and_gradient(energy, x)[1]
         accepted = 0.0
         for _ in range(steps):
             eps = self.step_size
@@ -146,13 +146,10 @@ class Walkers:
             (grad,) = torch.autograd.grad(torch.where(finite, u, 0.0).sum(), x)
         return u.detach(), torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
-    def _gradient(self, energy, x: Tensor) -> Tensor:
-        return self._energy_and_gradient(energy, x)[1]
-
     def state_dict(self) -> dict:
         return {"x": self.x, "u": self.u, "step_size": self.step_size}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.x = state["x"].to(self.x)
-        self.u = state["u"].to(self.u)
-        self.step_size = float(state["step_size"])
+    @classmethod
+    def from_state_dict(cls, state: dict) -> Walkers:
+        """The walkers that :meth:`state_dict` saved."""
+        return cls(state["x"], state["u"], state["step_size"])

@@ -44,6 +44,8 @@ def test_wrong_types_and_ranges_are_named():
         config_from_dict({"dtype": "bfloat16"})  # no mixed precision for densities
     with pytest.raises(ConfigError, match="beta_start"):
         config_from_dict({"training": {"beta_start": 0.0}})
+    with pytest.raises(ConfigError, match="ml_weight_final > 0\\) needs training.data"):
+        config_from_dict({"training": {"ml_weight_final": 0.5}})
     with pytest.raises(ConfigError, match=r"training\.walkers must be between 0 and"):
         config_from_dict({"training": {"batch_size": 64, "walkers": 128}})
     with pytest.raises(ConfigError, match="torsion_smoothing must be a positive width"):

@@ -153,3 +153,6 @@ def test_md_start_errors_name_the_problem(tmp_path, config, capsys):
     assert "NaN" in capsys.readouterr().err
     assert main(["md", str(config), "--out", out, "--start", str(tmp_path / "none.npz")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    np.savez(seeds, positions=np.zeros((2, 66)))
+    assert main(["md", str(config), "--out", out, "--start", str(seeds)]) == 2
+    assert "has no array 'x'" in capsys.readouterr().err
