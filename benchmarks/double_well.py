@@ -4,8 +4,15 @@ Runs the note's 1D double well for D = 1, 2, 3, 4, the 2D double well, and the 1
 many-well, each with the project's default training, and (with --remedies) compares the
 mode-collapse remedies on the note's example. Prints a table, then one JSON line.
 
+"model ESS/N" is that of the model's own one-shot weights (and the KL bound is the model's);
+"ESS/N", log Z and the populations come from the samples as `openmm-nice sample` would draw
+them, i.e. after `sampling.ais_steps` levels of latent-space AIS when that is set (the "AIS"
+column; 0 means the model's weights again).
+
     python benchmarks/double_well.py                # the standard table
     python benchmarks/double_well.py --remedies     # plain vs annealed vs annealed + reweighted FKL
+    python benchmarks/double_well.py --cases "many_well_16 D=24" --save models  # keep the models
+    python benchmarks/double_well.py --cases "many_well_16 D=24" --load models --set sampling.ais_steps=50
 """
 
 from __future__ import annotations
@@ -15,11 +22,13 @@ import json
 import math
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
+from openmm_nice.ais import annealed_importance_sampling
 from openmm_nice.config import config_from_dict
 from openmm_nice.reweighting import effective_sample_size, log_partition_function, probability
 from openmm_nice.targets import build_target, build_trainer
@@ -62,24 +71,56 @@ REMEDIES = {
 }
 
 
-def run_case(name: str, spec: dict, n_samples: int, seed: int) -> dict:
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def run_case(
+    name: str,
+    spec: dict,
+    n_samples: int,
+    seed: int,
+    save: Path | None = None,
+    load: Path | None = None,
+) -> dict:
     config = config_from_dict({**spec, "seed": seed})
     target = build_target(config)
     torch.manual_seed(seed)
     trainer = build_trainer(config, target)
     generator = trainer.generator
     start = time.perf_counter()
-    trainer.run()
+    if load is not None:
+        generator.load_state_dict(torch.load(load / f"{_slug(name)}.pt", weights_only=True))
+    else:
+        trainer.run()
     wall = time.perf_counter() - start
-    x, log_w = generator.sample(n_samples, generator=torch.Generator().manual_seed(seed + 100))
-    x, log_w = x.numpy(), log_w.numpy()
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        torch.save(generator.state_dict(), save / f"{_slug(name)}.pt")
+    rng = torch.Generator().manual_seed(seed + 100)
+    _, model_log_w = generator.sample(n_samples, generator=rng)
+    model_log_w = model_log_w.double().numpy()
+    ais_steps = config.sampling.ais_steps
+    start = time.perf_counter()
+    samples = annealed_importance_sampling(
+        generator,
+        n_samples,
+        ais_steps,
+        batch_size=config.sampling.ais_batch_size,
+        generator_rng=rng,
+    )
+    sampling_s = time.perf_counter() - start
+    x, log_w = samples.x.numpy(), samples.log_w.numpy()
     log_z = target.energy.log_partition_function()
     row = {
         "case": name,
-        "kl_bound": float(np.mean(-log_w) + log_z),
+        "kl_bound": float(np.mean(-model_log_w) + log_z),
+        "model_ess": effective_sample_size(model_log_w) / n_samples,
+        "ais_steps": ais_steps,
         "ess": effective_sample_size(log_w) / n_samples,
         "log_z_abs_error": abs(log_partition_function(log_w) - log_z),
-        "train_s": wall,
+        "train_s": wall if load is None else None,  # None: loaded, not trained
+        "sampling_s": sampling_s,
         "wells": [],
     }
     for index, barrier in target.energy.wells:
@@ -96,7 +137,10 @@ def run_case(name: str, spec: dict, n_samples: int, seed: int) -> dict:
 
 
 def _print(rows: list[dict]) -> None:
-    header = f"{'case':<38}{'KL bound':>10}{'ESS/N':>8}{'|dlogZ|':>9}{'train s':>9}   P(x_i < barrier): exact / direct / reweighted"
+    header = (
+        f"{'case':<38}{'KL bound':>10}{'model ESS/N':>12}{'AIS':>5}{'ESS/N':>8}{'|dlogZ|':>9}"
+        f"{'train s':>9}{'sample s':>9}   P(x_i < barrier): exact / direct / reweighted"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -110,8 +154,10 @@ def _print(rows: list[dict]) -> None:
             else ""
         )
         print(
-            f"{r['case']:<38}{r['kl_bound']:>10.4f}{r['ess']:>8.3f}{r['log_z_abs_error']:>9.4f}"
-            f"{r['train_s']:>9.1f}   {wells}{more}"
+            f"{r['case']:<38}{r['kl_bound']:>10.4f}{r['model_ess']:>12.3f}{r['ais_steps']:>5d}"
+            f"{r['ess']:>8.3f}{r['log_z_abs_error']:>9.4f}"
+            f"{'-' if r['train_s'] is None else format(r['train_s'], '.1f'):>9}"
+            f"{r['sampling_s']:>9.1f}   {wells}{more}"
         )
 
 
@@ -131,6 +177,10 @@ def main() -> None:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="override a config value of every case, e.g. training.reweighted_fkl_weight=5",
+    )
+    parser.add_argument("--save", type=Path, help="write each trained model to SAVE/CASE.pt")
+    parser.add_argument(
+        "--load", type=Path, help="skip training: read each model from LOAD/CASE.pt (--save)"
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest for these sizes)"
@@ -155,7 +205,10 @@ def main() -> None:
         section, _, name = key.partition(".")
         for spec in cases.values():
             spec[section] = {**spec.get(section, {}), name: yaml.safe_load(value)}
-    rows = [run_case(name, spec, args.samples, args.seed) for name, spec in cases.items()]
+    rows = [
+        run_case(name, spec, args.samples, args.seed, args.save, args.load)
+        for name, spec in cases.items()
+    ]
     _print(rows)
     info = {
         "date": time.strftime("%Y-%m-%d"),

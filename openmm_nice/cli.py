@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from openmm_nice.ais import annealed_importance_sampling
 from openmm_nice.config import Config, ConfigError, config_from_dict, load_config
 from openmm_nice.distributed import Ranks, init_distributed, shutdown_distributed
 from openmm_nice.io import atomic_write_text, load_checkpoint, save_samples
@@ -226,13 +227,24 @@ def _cmd_sample(args) -> int:
     config, target, generator = load_run(Path(args.run), args.device)
     try:
         rng = torch.Generator(device=generator.device).manual_seed(args.seed)
-        x, log_w, u = generator.sample_with_energies(
-            args.n, batch_size=args.batch_size, generator=rng
+        ais_steps = config.sampling.ais_steps if args.ais_steps is None else args.ais_steps
+        result = annealed_importance_sampling(
+            generator,
+            args.n,
+            ais_steps,
+            batch_size=config.sampling.ais_batch_size if ais_steps else args.batch_size,
+            generator_rng=rng,
+            progress=not args.quiet,
         )
+        x, log_w, u = result.x, result.log_w, result.u
+        extra, report = {}, {}
+        if ais_steps:
+            extra = {"ais_steps": np.int64(ais_steps)}
+            report = {"ais_steps": ais_steps, "ais_acceptance": float(result.acceptance.mean())}
         x = x.double().cpu().numpy()
         log_w = log_w.double().cpu().numpy()
         u = u.double().cpu().numpy()
-        save_samples(args.out, x, log_w, u)
+        save_samples(args.out, x, log_w, u, **extra)
         if args.traj:
             if not target.is_molecule:
                 raise ValueError(
@@ -247,6 +259,7 @@ def _cmd_sample(args) -> int:
                         "n": args.n,
                         "ess": ess,
                         "log_z": log_partition_function(log_w),
+                        **report,
                         "out": args.out,
                     }
                 )
@@ -359,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traj", help="also write a trajectory (.dcd, .h5, .xtc, .pdb) for molecules")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=65536)
+    p.add_argument(
+        "--ais-steps",
+        type=int,
+        help="levels of annealed importance sampling in latent space after each draw (one "
+        "MALA move each, exact weights); default: the run's sampling.ais_steps; 0: the model's "
+        "one-shot weights",
+    )
     p.add_argument("--device", help="override the run's device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_sample)

@@ -17,6 +17,7 @@ __all__ = [
     "ModelConfig",
     "TrainingConfig",
     "MDConfig",
+    "SamplingConfig",
     "ConfigError",
     "load_config",
     "config_from_dict",
@@ -64,6 +65,14 @@ class TrainingConfig:
 
 
 @dataclass
+class SamplingConfig:
+    # levels of annealed importance sampling in latent space after each model draw (one MALA
+    # move each; 0: the model's own one-shot importance weights), see openmm_nice.ais
+    ais_steps: int = 0
+    ais_batch_size: int = 4096  # chains run together by `sample`
+
+
+@dataclass
 class MDConfig:
     steps: int = 1_000_000
     timestep_fs: float = 1.0
@@ -84,6 +93,7 @@ class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     md: MDConfig = field(default_factory=MDConfig)
 
     def to_dict(self) -> dict:
@@ -214,6 +224,14 @@ def _validate_ranges(config: Config) -> None:
         (
             max(t.ml_weight, t.ml_weight_final or 0) == 0 or t.data is not None,
             "training.ml_weight > 0 (or ml_weight_final > 0) needs training.data (MD frames)",
+        ),
+        (
+            config.sampling.ais_steps >= 0,
+            f"sampling.ais_steps must be >= 0, got {config.sampling.ais_steps}",
+        ),
+        (
+            config.sampling.ais_batch_size >= 1,
+            f"sampling.ais_batch_size must be >= 1, got {config.sampling.ais_batch_size}",
         ),
         (
             t.report_interval >= 1 and t.checkpoint_interval >= 1,

@@ -162,7 +162,11 @@ class BoltzmannGenerator(nn.Module):
         With ``float64`` the target-space points, their energies and hence the log-weights are
         in float64 whatever the model's dtype (for sample files and estimates).
         """
-        z = self.latent(n, generator)
+        return self.draw_from(self.latent(n, generator), float64)
+
+    def draw_from(self, z: Tensor, float64: bool = False) -> Draw:
+        """Like :meth:`draw` for given latents z of shape (B, D) (differentiable in z)."""
+        n = z.shape[0]
         x_flow, y, log_p = self.flow_forward(z)
         if self.conditional is None:
             log_q_y = log_p.new_zeros(n)

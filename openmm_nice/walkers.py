@@ -31,9 +31,20 @@ from torch import Tensor
 
 from openmm_nice.generator import BoltzmannGenerator
 
-__all__ = ["Walkers"]
+__all__ = ["Walkers", "mala_proposal_log_ratio"]
 
 TARGET_ACCEPTANCE = 0.57  # optimal for MALA in high dimension (Roberts and Rosenthal, 1998)
+
+
+def mala_proposal_log_ratio(
+    x: Tensor, x_new: Tensor, drift: Tensor, drift_new: Tensor, step: float
+) -> Tensor:
+    r""":math:`\log q(x | x') - \log q(x' | x)` of the MALA proposal
+    :math:`q(x'|x) = \mathcal N(x + \epsilon \nabla\log\pi(x), 2\epsilon I)`, with ``drift`` the
+    gradient of log pi at x and ``drift_new`` at x' (rows are chains)."""
+    forward = ((x_new - x - step * drift) ** 2).sum(-1)
+    backward = ((x - x_new - step * drift_new) ** 2).sum(-1)
+    return (forward - backward) / (4 * step)
 
 
 class Walkers:
@@ -121,9 +132,9 @@ class Walkers:
             x_new = x - eps * beta * grad + math.sqrt(2 * eps) * noise
             u_new, grad_new = self._energy_and_gradient(energy, x_new)
             with torch.no_grad():
-                forward = ((x_new - x + eps * beta * grad) ** 2).sum(-1)
-                backward = ((x - x_new + eps * beta * grad_new) ** 2).sum(-1)
-                log_a = -beta * (u_new - u) - (backward - forward) / (4 * eps)
+                log_a = -beta * (u_new - u) + mala_proposal_log_ratio(
+                    x, x_new, -beta * grad, -beta * grad_new, eps
+                )
                 uniform = torch.rand(len(x), dtype=x.dtype, device=x.device, generator=rng)
                 accept = (torch.log(uniform) < log_a) & torch.isfinite(u_new)
                 accept &= torch.isfinite(grad_new).all(-1)

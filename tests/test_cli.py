@@ -64,6 +64,24 @@ def test_train_sample_reweight(tmp_path, tiny_config):
         assert data["log_w"].shape == (5000,) and data["u"].shape == (5000,)
         np.testing.assert_allclose(data["u"], DoubleWell_potential(data["x"][:, 0]))
 
+    # latent-space AIS: from the command line, and from the run's sampling.ais_steps
+    ais = tmp_path / "ais.npz"
+    args = ["sample", str(run), "--n", "2000", "--out", str(ais), "--quiet"]
+    assert main([*args, "--ais-steps", "4"]) == 0
+    with np.load(ais) as data:
+        assert int(data["ais_steps"]) == 4 and np.isfinite(data["log_w"]).all()
+        np.testing.assert_allclose(data["u"], DoubleWell_potential(data["x"][:, 0]))
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["sampling"] == {"ais_steps": 0, "ais_batch_size": 4096}
+    config = yaml.safe_load(tiny_config.read_text())
+    config["sampling"] = {"ais_steps": 3}
+    tiny_config.write_text(yaml.safe_dump(config))
+    run_ais = tmp_path / "run_ais"
+    assert main(["train", str(tiny_config), "--out", str(run_ais), "--quiet", "--steps", "5"]) == 0
+    assert main(["sample", str(run_ais), "--n", "500", "--out", str(ais), "--quiet"]) == 0
+    with np.load(ais) as data:
+        assert int(data["ais_steps"]) == 3
+
     out = tmp_path / "rw"
     assert main(["reweight", str(samples), "--run", str(run), "--out", str(out)]) == 0
     report = json.loads((out / "summary.json").read_text())

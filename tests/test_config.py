@@ -55,6 +55,10 @@ def test_wrong_types_and_ranges_are_named():
     )
     with pytest.raises(ConfigError, match=r"model\.torsion_floor must be in \(0, 1\]"):
         config_from_dict({"model": {"torsion_floor": 0}})
+    with pytest.raises(ConfigError, match=r"sampling\.ais_steps must be >= 0"):
+        config_from_dict({"sampling": {"ais_steps": -2}})
+    with pytest.raises(ConfigError, match=r"sampling\.ais_stpes.*valid keys in sampling"):
+        config_from_dict({"sampling": {"ais_stpes": 2}})
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path):
