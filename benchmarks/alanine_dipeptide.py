@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openmm_nice.ais import annealed_importance_sampling
+from openmm_nice.ais import sample_as_configured
 from openmm_nice.analysis import (
     free_energy_map,
     jensen_shannon_divergence,
@@ -137,15 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
         target.energy(torch.as_tensor(x_md[:1]))
         rng = torch.Generator(device=generator.device).manual_seed(args.seed)
         started = time.perf_counter()
-        ais_steps = config.sampling.ais_steps if args.ais_steps is None else args.ais_steps
-        samples = annealed_importance_sampling(
-            generator,
-            args.n,
-            ais_steps,
-            batch_size=config.sampling.ais_batch_size if ais_steps else args.batch_size,
-            generator_rng=rng,
+        samples = sample_as_configured(
+            generator, args.n, config.sampling, args.ais_steps, args.batch_size, rng
         )
-        x, log_w = samples.x, samples.log_w
+        x, log_w, ais_steps = samples.x, samples.log_w, len(samples.step_sizes)
         sampling_s = time.perf_counter() - started
     finally:
         target.close()

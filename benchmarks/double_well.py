@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import yaml
 
-from openmm_nice.ais import annealed_importance_sampling
+from openmm_nice.ais import sample_as_configured
 from openmm_nice.config import config_from_dict
 from openmm_nice.reweighting import effective_sample_size, log_partition_function, probability
 from openmm_nice.targets import build_target, build_trainer
@@ -102,13 +102,7 @@ def run_case(
     model_log_w = model_log_w.double().numpy()
     ais_steps = config.sampling.ais_steps
     start = time.perf_counter()
-    samples = annealed_importance_sampling(
-        generator,
-        n_samples,
-        ais_steps,
-        batch_size=config.sampling.ais_batch_size,
-        generator_rng=rng,
-    )
+    samples = sample_as_configured(generator, n_samples, config.sampling, generator_rng=rng)
     sampling_s = time.perf_counter() - start
     x, log_w = samples.x.numpy(), samples.log_w.numpy()
     log_z = target.energy.log_partition_function()

@@ -32,7 +32,7 @@ from torch import Tensor
 from openmm_nice.generator import BoltzmannGenerator
 from openmm_nice.walkers import mala_proposal_log_ratio
 
-__all__ = ["AISResult", "annealed_importance_sampling"]
+__all__ = ["AISResult", "annealed_importance_sampling", "sample_as_configured"]
 
 TARGET_ACCEPTANCE = 0.6
 
@@ -188,4 +188,31 @@ def annealed_importance_sampling(
         torch.cat(us),
         acceptance,
         torch.tensor(sizes, dtype=torch.float64),
+    )
+
+
+def sample_as_configured(
+    generator: BoltzmannGenerator,
+    n: int,
+    sampling,
+    ais_steps: int | None = None,
+    batch_size: int = 65536,
+    generator_rng: torch.Generator | None = None,
+    progress: bool = False,
+) -> AISResult:
+    """The samples ``openmm-nice sample`` draws for a run: ``sampling.ais_steps`` levels of AIS
+    (``ais_steps`` overrides it) in chains of ``sampling.ais_batch_size``, or the model's own
+    one-shot samples in batches of ``batch_size`` when there are no levels.
+
+    Arguments:
+        sampling: The run's :class:`~openmm_nice.config.SamplingConfig`.
+    """
+    steps = sampling.ais_steps if ais_steps is None else ais_steps
+    return annealed_importance_sampling(
+        generator,
+        n,
+        steps,
+        batch_size=sampling.ais_batch_size if steps else batch_size,
+        generator_rng=generator_rng,
+        progress=progress,
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openmm_nice.ais import annealed_importance_sampling
+from openmm_nice.ais import sample_as_configured
 from openmm_nice.config import Config, ConfigError, config_from_dict, load_config
 from openmm_nice.distributed import Ranks, init_distributed, shutdown_distributed
 from openmm_nice.io import atomic_write_text, load_checkpoint, save_samples
@@ -227,17 +227,12 @@ def _cmd_sample(args) -> int:
     config, target, generator = load_run(Path(args.run), args.device)
     try:
         rng = torch.Generator(device=generator.device).manual_seed(args.seed)
-        ais_steps = config.sampling.ais_steps if args.ais_steps is None else args.ais_steps
-        result = annealed_importance_sampling(
-            generator,
-            args.n,
-            ais_steps,
-            batch_size=config.sampling.ais_batch_size if ais_steps else args.batch_size,
-            generator_rng=rng,
-            progress=not args.quiet,
+        result = sample_as_configured(
+            generator, args.n, config.sampling, args.ais_steps, args.batch_size, rng, not args.quiet
         )
         x, log_w, u = result.x, result.log_w, result.u
         extra, report = {}, {}
+        ais_steps = len(result.step_sizes)
         if ais_steps:
             extra = {"ais_steps": np.int64(ais_steps)}
             report = {"ais_steps": ais_steps, "ais_acceptance": float(result.acceptance.mean())}
