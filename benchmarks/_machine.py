@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import openmm
@@ -16,3 +17,18 @@ def machine_facts() -> dict:
         "openmm": openmm.__version__,
         "torch": torch.__version__,
     }
+
+
+def alanine_json_line(benchmark: str, args, loads: tuple[float, float], platforms: dict) -> str:
+    """The JSON line of an alanine-dipeptide energy benchmark (batch, repeats, machine, load)."""
+    return json.dumps(
+        {
+            "benchmark": benchmark,
+            "system": "alanine_dipeptide_vacuum",
+            "batch": args.batch,
+            "repeats": args.repeats,
+            **machine_facts(),
+            "load_average": list(loads),
+            "platforms": platforms,
+        }
+    )

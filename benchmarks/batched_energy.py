@@ -18,7 +18,6 @@ Usage: python benchmarks/batched_energy.py [--batch 1024] [--repeats 3] [--copie
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import openmm
 import torch
-from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
+from _machine import alanine_json_line  # benchmarks/ is on the path of a script run from it
 from openmm import unit
 
 from openmm_nice import openmm_energy
@@ -224,16 +223,7 @@ def main() -> None:
     print(f"{'platform':<10} {'method':<48} {'workers':>7} {'evals/s':>10} {'x loop':>7}")
     for platform, label, n, rate, ratio in rows:
         print(f"{platform:<10} {label:<48} {n:>7} {rate:>10,.0f} {ratio:>7.2f}")
-    summary = {
-        "benchmark": "batched_energy",
-        "system": "alanine_dipeptide_vacuum",
-        "batch": args.batch,
-        "repeats": args.repeats,
-        **machine_facts(),
-        "load_average": [load_before, load_after],
-        "platforms": results,
-    }
-    print(json.dumps(summary))
+    print(alanine_json_line("batched_energy", args, (load_before, load_after), results))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Usage: python benchmarks/energy_throughput.py [--batch 1024] [--repeats 3]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import openmm
 import torch
-from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
+from _machine import alanine_json_line  # benchmarks/ is on the path of a script run from it
 from openmm import unit
 from openmmtools import testsystems
 
@@ -179,16 +178,7 @@ def main() -> None:
                 f"  {platform:<10} {n} worker(s): {result[f'overhead_ms_{n}']:6.2f} ms per batch "
                 f"({100 * result[f'overhead_fraction_{n}']:.1f}% of it)"
             )
-    summary = {
-        "benchmark": "energy_throughput",
-        "system": "alanine_dipeptide_vacuum",
-        "batch": args.batch,
-        "repeats": args.repeats,
-        **machine_facts(),
-        "load_average": [load_before, load_after],
-        "platforms": results,
-    }
-    print(json.dumps(summary))
+    print(alanine_json_line("energy_throughput", args, (load_before, load_after), results))
 
 
 if __name__ == "__main__":
