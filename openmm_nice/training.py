@@ -125,7 +125,10 @@ class Trainer:
     alanine dipeptide that lowered the ESS, see benchmarks/RESULTS.md). The walkers
     (``walkers`` > 0 of them, see :mod:`openmm_nice.walkers`) are MCMC chains at the current
     beta that take the step's model samples as independence proposals and ``walker_steps``
-    MALA steps; they start from the model's first samples.
+    MALA steps; they start from the model's first samples. With many modes, a loss led by the
+    walkers' likelihood (``kl_weight`` 0.1, no reweighted forward KL) keeps every mode at its
+    population where the full reverse KL pulls the minor ones down (the 16-dimensional
+    many-well in benchmarks/RESULTS.md).
 
     Reporters follow OpenMM's protocol: ``describeNextReport(trainer)`` returns the number of
     steps until the reporter wants the next state, and ``report(trainer, state)`` receives a dict
