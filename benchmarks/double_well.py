@@ -38,6 +38,9 @@ NOTE = {
     "model": {"layers": 8, "hidden": [64, 64], "conditional_hidden": [32, 32]},
     "training": {"steps": 4000, "batch_size": 512, "anneal_steps": 2500},
 }
+MANY_WELL = yaml.safe_load(
+    (Path(__file__).resolve().parent.parent / "examples" / "many_well_16.yaml").read_text()
+)
 CASES = {
     **{
         f"double_well_1d D={d}": {**NOTE, "model": {**NOTE["model"], "latent_dim": d}}
@@ -52,22 +55,9 @@ CASES = {
         for d in (2, 3, 4)
     },
     **{
-        f"many_well_16 D={d}": {
-            "system": {"name": "many_well", "dim": 16},
-            "model": {"latent_dim": d, "layers": 12, "hidden": [128, 128]},
-            # 256 modes: reverse KL alone drops minor wells, so the model is trained mainly by
-            # maximum likelihood on MCMC walkers (mass-covering), with 0.1 of the reverse KL,
-            # and samples get 100 levels of latent-space AIS (benchmarks/RESULTS.md)
-            "training": {
-                "steps": 8000,
-                "batch_size": 1024,
-                "anneal_steps": 3000,
-                "walkers": 1024,
-                "kl_weight": 0.1,
-                "reweighted_fkl_weight": 0.0,
-            },
-            "sampling": {"ais_steps": 100},
-        }
+        # examples/many_well_16.yaml (the walker-led recipe for many modes, see its comments and
+        # benchmarks/RESULTS.md) at each D
+        f"many_well_16 D={d}": {**MANY_WELL, "model": {**MANY_WELL["model"], "latent_dim": d}}
         for d in (16, 24, 32)
     },
 }
