@@ -1,25 +1,22 @@
-"""Alanine dipeptide at 300 K: a trained Boltzmann generator against long MD at MD's own job.
+"""Alanine dipeptide: a trained run against the reference, and its efficiency along the run.
 
-From a trained run folder and a long reference MD it measures, on this machine:
-  * training wall time (RUN/summary.json) and ESS/N of --n fresh samples;
-  * the Jensen-Shannon divergence (natural log) of the importance-sampled 36 x 36 Ramachandran
-    histogram against the reference MD's;
-  * dF = F(phi > 0) - F(phi < 0) in kT with its error, for the generator (bootstrap of
-    independent samples) and for the MD (block bootstrap, as MD frames are correlated);
-  * the wall time each method needs to reach dF to +-TARGET kT (0.1 by default): for MD the
-    reference's error scaled as 1/sqrt(simulated time) at the MD speed measured here with a short
-    run; for the generator the training time plus the sampling time of the n for which the
-    importance-sampled error, scaled as 1/sqrt(n), reaches the target.
-Then it prints a table and one JSON line with every number.
+From a run folder of `openmm-nice train` it measures, on this machine:
+  * along the run (the snapshots that `training.snapshot_interval` keeps in RUN/snapshots):
+    the energy evaluations and training wall time spent so far, and the ESS/N of the flow alone
+    and after the run's latent-space AIS, so that the curve can be set beside the published
+    figures, which spend about 1e8 target evaluations;
+  * for the final model: ESS/N of --n one-shot samples and of --n-ais AIS samples; the
+    importance-sampled dF = F(phi > 0) - F(phi < 0) in kT with its bootstrap error; the
+    Jensen-Shannon divergence (natural log) of the 36 x 36 Ramachandran histogram against the
+    reference map; the population of C7ax / alpha_L (0 < phi < 2.2); and the distance of dF
+    from the reference's.
+It prints the tables and one JSON line with every number.
+
+The reference is the umbrella-sampling + MBAR result of benchmarks/alanine_reference.py,
+committed in benchmarks/reference/ (an npz with `histogram36`, `df_kT`, `df_error_kT`).
 
 Usage:
-    python benchmarks/alanine_dipeptide.py --run RUN \
-        --reference data/reference/alanine_dipeptide_300K_50ns.npz [--n 50000] \
-        [--metad data/reference/alanine_dipeptide_metad_20ns.npz]
-
-The reference (about 20 minutes on 2 cores; not committed, the command is):
-    openmm-nice md examples/alanine_dipeptide.yaml \
-        --out data/reference/alanine_dipeptide_300K_50ns.npz --steps 50000000 --seed 1
+    python benchmarks/alanine_dipeptide.py --run RUN [--n 200000] [--n-ais 50000]
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openmm_nice.ais import sample_as_configured
+from openmm_nice.ais import annealed_importance_sampling
 from openmm_nice.analysis import (
     free_energy_map,
     jensen_shannon_divergence,
@@ -41,235 +38,233 @@ from openmm_nice.analysis import (
     region_free_energy,
 )
 from openmm_nice.cli import load_run
-from openmm_nice.md import run_md
+from openmm_nice.io import load_checkpoint
 from openmm_nice.reweighting import effective_sample_size
 
-REFERENCE_COMMAND = (
-    "openmm-nice md examples/alanine_dipeptide.yaml "
-    "--out data/reference/alanine_dipeptide_300K_50ns.npz --steps 50000000 --seed 1"
+DEFAULT_REFERENCE = Path(__file__).parent / "reference" / "alanine_dipeptide_vacuum_300K.npz"
+C7AX = (0.0, 2.2)  # the C7ax / alpha_L region of phi, radians
+
+# Reverse ESS on alanine dipeptide in implicit solvent (openmmtools AlanineDipeptideImplicit),
+# every method re-run with spline-coupling flows and about 1e8 target evaluations: CMT (ICLR
+# 2026), table 1. Context only: our system here is the vacuum one.
+PUBLISHED = (
+    ("CMT", 0.977, "no MD data"),
+    ("temperature-annealed BG (TA-BG)", 0.958, "no MD data"),
+    ("FAB", 0.948, "no MD data"),
+    ("reverse KL", 0.941, "no MD data"),
+    ("forward KL on MD data", 0.821, "MD data"),
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="a run folder of `openmm-nice train`")
+    p.add_argument("--run", required=True, type=Path, help="a run folder of `openmm-nice train`")
     p.add_argument(
-        "--reference", required=True, help="an npz of `openmm-nice md` (x in nm), with FILE.json"
+        "--reference", type=Path, default=DEFAULT_REFERENCE, help="the reference map (npz)"
     )
+    p.add_argument("--n", type=int, default=200_000, help="one-shot samples of the final model")
+    p.add_argument("--n-ais", type=int, default=50_000, help="AIS samples of the final model")
     p.add_argument(
-        "--metad",
-        help="optional npz of benchmarks/alanine_metadynamics.py (with FILE.json): a second, "
-        "independent reference that samples C7ax / alpha_L, which plain 300 K MD rarely visits",
+        "--ais-steps", type=int, help="AIS levels (default: the run's sampling.ais_steps)"
     )
-    p.add_argument("--n", type=int, default=50_000, help="generator samples to draw")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generator's samples")
-    p.add_argument("--batch-size", type=int, default=65536, help="samples per generator batch")
-    p.add_argument(
-        "--ais-steps",
-        type=int,
-        help="latent-space AIS levels after each draw (default: the run's sampling.ais_steps)",
-    )
-    p.add_argument("--target-error", type=float, default=0.1, help="the dF error to reach (kT)")
-    p.add_argument("--md-blocks", type=int, default=20, help="blocks of the MD block bootstrap")
+    p.add_argument("--snapshot-n", type=int, default=20_000, help="one-shot samples a snapshot")
+    p.add_argument("--snapshot-n-ais", type=int, default=4_000, help="AIS samples a snapshot")
+    p.add_argument("--no-snapshots", action="store_true", help="evaluate the final model only")
     p.add_argument("--n-bootstrap", type=int, default=200, help="bootstrap resamples")
-    p.add_argument(
-        "--md-steps", type=int, default=200_000, help="steps of the short MD that times MD here"
-    )
-    p.add_argument(
-        "--md-platform", help="OpenMM platform of the timed MD (default: the run config's)"
-    )
+    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
-def reference_frames(path: Path) -> tuple[np.ndarray, float]:
-    """Frames (F, 3N) of the reference MD and the simulated time in ns they span."""
+def load_reference(path: Path) -> dict:
+    """The reference's 36 x 36 Ramachandran probabilities and dF with its error."""
     if not path.is_file():
         raise FileNotFoundError(
-            f"reference MD {path} does not exist; make it with {REFERENCE_COMMAND}"
+            f"reference {path} does not exist; make it with benchmarks/alanine_reference.py"
         )
     with np.load(path) as data:
-        if "x" not in data:
-            raise ValueError(f"{path} has no array 'x'; make it with {REFERENCE_COMMAND}")
-        x = np.asarray(data["x"], dtype=np.float64)
-        time_ps = np.asarray(data["time_ps"]) if "time_ps" in data else None
-    if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"reference frames have shape {x.shape}; expected (F, 3N) with F >= 2")
-    sidecar = path.with_name(path.name + ".json")
-    if sidecar.is_file():
-        simulated_ns = float(json.loads(sidecar.read_text())["simulated_ns"])
-    elif time_ps is not None:
-        simulated_ns = float(time_ps[-1]) / 1000.0
-    else:
-        raise ValueError(
-            f"neither {sidecar} nor a time_ps array in {path} says how long the MD ran; "
-            f"make the reference with {REFERENCE_COMMAND}"
-        )
-    return x, simulated_ns
+        missing = {"histogram36", "df_kT", "df_error_kT"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path} lacks {sorted(missing)}; use benchmarks/alanine_reference.py")
+        return {
+            "histogram36": np.asarray(data["histogram36"], dtype=np.float64),
+            "df_kT": float(data["df_kT"]),
+            "df_error_kT": float(data["df_error_kT"]),
+        }
 
 
-def time_to_reach(error: float, target: float) -> float:
-    """The factor by which the sample size must grow for an error ~ 1/sqrt(size) to hit target."""
-    return (error / target) ** 2 if math.isfinite(error) else math.inf
+def draw(generator, config, n: int, ais_steps: int, seed: int) -> dict:
+    """n samples with their weights (one-shot or AIS), timed, with the evaluations spent."""
+    rng = torch.Generator(device=generator.device).manual_seed(seed)
+    energy = generator.energy
+    before, started = energy.evaluation_count, time.perf_counter()
+    result = annealed_importance_sampling(
+        generator,
+        n,
+        ais_steps,
+        batch_size=config.sampling.ais_batch_size if ais_steps else 65536,
+        generator_rng=rng,
+    )
+    return {
+        "x": result.x.double().cpu().numpy(),
+        "log_w": result.log_w.double().cpu().numpy(),
+        "seconds": time.perf_counter() - started,
+        "evaluations": energy.evaluation_count - before,
+        "acceptance": float(result.acceptance.mean()) if ais_steps else math.nan,
+    }
+
+
+def estimates(samples: dict, topology, reference: dict, n_bootstrap: int) -> dict:
+    """ESS/N, dF with its error, JS against the reference, p(C7ax) of weighted samples."""
+    x, log_w = samples["x"], samples["log_w"]
+    phi, psi = ramachandran(x, topology)
+    df = region_free_energy(phi > 0, log_w, n_bootstrap)
+    c7ax = region_free_energy((phi > C7AX[0]) & (phi < C7AX[1]), log_w, n_bootstrap)
+    histogram = free_energy_map(phi, psi, log_w).probability
+    return {
+        "ess": effective_sample_size(log_w) / len(log_w),
+        "df_kT": df["df_kT"],
+        "df_error_kT": df["df_error_kT"],
+        "df_minus_reference_kT": df["df_kT"] - reference["df_kT"],
+        "js_divergence": jensen_shannon_divergence(histogram, reference["histogram36"]),
+        "p_c7ax": c7ax["p"],
+        "p_c7ax_direct": float(np.mean((phi > C7AX[0]) & (phi < C7AX[1]))),
+        "seconds": samples["seconds"],
+        "evaluations": samples["evaluations"],
+        "acceptance": samples["acceptance"],
+    }
+
+
+def along_the_run(run: Path, generator, config, ais_steps: int, args) -> list[dict]:
+    """ESS/N of the flow alone and after AIS at every snapshot of the run."""
+    rows = []
+    for path in sorted((run / "snapshots").glob("step_*.pt")):
+        snapshot = load_checkpoint(path)
+        generator.load_state_dict(snapshot["model"])
+        generator.eval()
+        row = {
+            "step": int(snapshot["step"]),
+            "energy_evaluations": int(snapshot["energy_evaluations"]),
+            "training_s": float(snapshot["elapsed_s"]),
+        }
+        one_shot = draw(generator, config, args.snapshot_n, 0, args.seed)
+        row["ess_flow"] = effective_sample_size(one_shot["log_w"]) / args.snapshot_n
+        if ais_steps:
+            with_ais = draw(generator, config, args.snapshot_n_ais, ais_steps, args.seed)
+            row["ess_ais"] = effective_sample_size(with_ais["log_w"]) / args.snapshot_n_ais
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    run = Path(args.run)
-    summary_path = run / "summary.json"
+    summary_path = args.run / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(
-            f"{summary_path} does not exist; train first with `openmm-nice train CONFIG --out {run}`"
+            f"{summary_path} does not exist; train first with `openmm-nice train CONFIG --out "
+            f"{args.run}`"
         )
-    training_s = float(json.loads(summary_path.read_text())["training_time_s"])
-    x_md, md_ns = reference_frames(Path(args.reference))
-
-    config, target, generator = load_run(run)
+    summary = json.loads(summary_path.read_text())
+    reference = load_reference(args.reference)
+    config, target, generator = load_run(args.run)
     try:
         if not target.is_molecule:
-            raise ValueError(f"{run} is a run of the toy target {target.name!r}, not a molecule")
+            raise ValueError(f"{args.run} is a run of the toy {target.name!r}, not a molecule")
         topology = target.mdtraj_topology()
-        if x_md.shape[1] != 3 * topology.n_atoms:
-            raise ValueError(
-                f"reference frames have shape {x_md.shape}, but {target.name} has "
-                f"{topology.n_atoms} atoms; give the reference MD of the run's system"
-            )
-        # start the energy's worker processes outside the timing: a one-off cost, not per sample
-        target.energy(torch.as_tensor(x_md[:1]))
-        rng = torch.Generator(device=generator.device).manual_seed(args.seed)
-        started = time.perf_counter()
-        samples = sample_as_configured(
-            generator, args.n, config.sampling, args.ais_steps, args.batch_size, rng
+        ais_steps = config.sampling.ais_steps if args.ais_steps is None else args.ais_steps
+        final_state = {k: v.clone() for k, v in generator.state_dict().items()}
+        rows = (
+            [] if args.no_snapshots else along_the_run(args.run, generator, config, ais_steps, args)
         )
-        x, log_w, ais_steps = samples.x, samples.log_w, len(samples.step_sizes)
-        sampling_s = time.perf_counter() - started
+        generator.load_state_dict(final_state)
+        generator.eval()
+        flow = estimates(
+            draw(generator, config, args.n, 0, args.seed), topology, reference, args.n_bootstrap
+        )
+        ais = None
+        if ais_steps:
+            ais = estimates(
+                draw(generator, config, args.n_ais, ais_steps, args.seed + 1),
+                topology,
+                reference,
+                args.n_bootstrap,
+            )
     finally:
         target.close()
-    x = x.double().cpu().numpy()
-    log_w = log_w.double().cpu().numpy()
-
-    phi, psi = ramachandran(x, topology)
-    phi_md, psi_md = ramachandran(x_md, topology)
-    bg_map = free_energy_map(phi, psi, log_w)
-    md_map = free_energy_map(phi_md, psi_md)
-    js = jensen_shannon_divergence(bg_map.probability, md_map.probability)
-    md_block = max(1, len(x_md) // args.md_blocks)
-    bg_df = region_free_energy(phi > 0, log_w, args.n_bootstrap)
-    md_df = region_free_energy(phi_md > 0, None, args.n_bootstrap, block_size=md_block)
-
-    speed = run_md(config, args.md_steps, quiet=True, platform=args.md_platform)
-    md_wall = md_ns * time_to_reach(md_df["df_error_kT"], args.target_error) * 86400.0
-    md_wall /= speed.ns_per_day
-    n_needed = args.n * time_to_reach(bg_df["df_error_kT"], args.target_error)
-    bg_wall = training_s + sampling_s / args.n * n_needed
-
     result = {
-        "run": str(run),
+        "benchmark": "alanine_dipeptide",
+        "run": str(args.run),
+        "system": target.name,
         "reference": str(args.reference),
-        "training_time_s": training_s,
-        "n": args.n,
+        "reference_df_kT": reference["df_kT"],
+        "reference_df_error_kT": reference["df_error_kT"],
+        "training_s": summary["training_time_s"],
+        "training_steps": summary["steps"],
+        "training_energy_evaluations": summary.get("energy_evaluations"),
         "ais_steps": ais_steps,
-        "sampling_time_s": sampling_s,
-        "ess": effective_sample_size(log_w) / args.n,
-        "js_divergence": js,
-        "bg_df_kT": bg_df["df_kT"],
-        "bg_df_error_kT": bg_df["df_error_kT"],
-        "bg_p_phi_positive": bg_df["p"],
-        "md_df_kT": md_df["df_kT"],
-        "md_df_error_kT": md_df["df_error_kT"],
-        "md_p_phi_positive": md_df["p"],
-        "md_frames": len(x_md),
-        "md_simulated_ns": md_ns,
-        "md_block_frames": md_block,
-        "md_phi_sign_changes": int(np.count_nonzero(np.diff((phi_md > 0).astype(np.int8)))),
-        "md_ns_per_day": speed.ns_per_day,
-        "md_speed_platform": speed.platform,
-        "target_error_kT": args.target_error,
-        "bg_samples_needed": n_needed,
-        "bg_wall_time_to_target_s": bg_wall,
-        "md_ns_needed": md_ns * time_to_reach(md_df["df_error_kT"], args.target_error),
-        "md_wall_time_to_target_s": md_wall,
+        "n": args.n,
+        "n_ais": args.n_ais,
+        "flow": flow,
+        "ais": ais,
+        "along_the_run": rows,
     }
-    if args.metad:
-        metad_path = Path(args.metad)
-        with np.load(metad_path) as data:
-            metad_histogram = np.asarray(data["histogram36"])
-        metad_info = json.loads(metad_path.with_name(metad_path.name + ".json").read_text())
-        result.update(
-            metad=str(metad_path),
-            metad_ns=metad_info["ns"],
-            metad_df_kT=metad_info["final_df_kT"],
-            metad_df_three_quarters_kT=metad_info["three_quarters_df_kT"],
-            js_divergence_vs_metad=jensen_shannon_divergence(bg_map.probability, metad_histogram),
-            md_js_divergence_vs_metad=jensen_shannon_divergence(
-                md_map.probability, metad_histogram
-            ),
-        )
-    print_table(result)
-    print(
-        json.dumps(
-            {
-                k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-                for k, v in result.items()
-            }
-        )
-    )
+    print_tables(result)
+    print(json.dumps(_finite(result)))
     return result
 
 
-def print_table(r: dict) -> None:
-    t = r["target_error_kT"]
-    rows = [
-        ("training wall time", f"{r['training_time_s']:.1f} s", ""),
-        ("ESS / N", f"{r['ess']:.3f} (N = {r['n']}, {r['ais_steps']} AIS levels)", ""),
-        ("JS divergence, 36x36 Ramachandran", f"{r['js_divergence']:.4f}", "vs reference MD"),
+def _finite(value):
+    """JSON-safe copy: non-finite floats become null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def print_tables(r: dict) -> None:
+    if r["along_the_run"]:
+        print("Along the run (snapshots):")
+        print(
+            f"{'step':>7} {'evaluations':>12} {'train s':>8} {'ESS/N flow':>11} {'ESS/N AIS':>10}"
+        )
+        for row in r["along_the_run"]:
+            ais = f"{row['ess_ais']:.3f}" if "ess_ais" in row else "-"
+            print(
+                f"{row['step']:>7} {row['energy_evaluations']:>12.3g} {row['training_s']:>8.0f} "
+                f"{row['ess_flow']:>11.3f} {ais:>10}"
+            )
+        print()
+    evaluations = r["training_energy_evaluations"]
+    print(
+        f"Final model ({r['training_steps']} steps, {r['training_s']:.0f} s of training"
+        + (f", {evaluations:.3g} energy evaluations" if evaluations else "")
+        + f"); reference dF = {r['reference_df_kT']:.3f} +- {r['reference_df_error_kT']:.3f} kT"
+    )
+    columns = [("flow alone", r["flow"], r["n"])]
+    if r["ais"] is not None:
+        columns.append((f"AIS, {r['ais_steps']} levels", r["ais"], r["n_ais"]))
+    print(f"{'':28}" + "".join(f"{name:>30}" for name, _, _ in columns))
+    lines = [
+        ("samples", lambda e, n: f"{n}"),
+        ("ESS / N", lambda e, n: f"{e['ess']:.3f}"),
+        ("dF(phi>0 - phi<0), kT", lambda e, n: f"{e['df_kT']:.3f} +- {e['df_error_kT']:.3f}"),
+        ("dF - reference, kT", lambda e, n: f"{e['df_minus_reference_kT']:+.3f}"),
+        ("JS vs reference (36 x 36)", lambda e, n: f"{e['js_divergence']:.4f}"),
         (
-            "dF(phi>0 - phi<0)",
-            f"{r['bg_df_kT']:.3f} +- {r['bg_df_error_kT']:.3f} kT",
-            f"{r['md_df_kT']:.3f} +- {r['md_df_error_kT']:.3f} kT",
+            "p(C7ax), weighted / direct",
+            lambda e, n: f"{e['p_c7ax']:.4f} / {e['p_c7ax_direct']:.4f}",
         ),
-        (
-            "p(phi>0)",
-            f"{r['bg_p_phi_positive']:.4f}",
-            f"{r['md_p_phi_positive']:.4f}",
-        ),
-        (
-            "data",
-            f"{r['n']} samples in {r['sampling_time_s']:.1f} s",
-            f"{r['md_simulated_ns']:.3g} ns, {r['md_phi_sign_changes']} phi sign changes",
-        ),
-        (
-            "speed",
-            f"{r['n'] / r['sampling_time_s']:.0f} samples/s",
-            f"{r['md_ns_per_day']:.0f} ns/day ({r['md_speed_platform']})",
-        ),
-        (
-            f"wall time to dF +-{t:g} kT",
-            f"{r['bg_wall_time_to_target_s']:.1f} s ({r['bg_samples_needed']:.3g} samples, training included)",
-            f"{r['md_wall_time_to_target_s']:.1f} s ({r['md_ns_needed']:.3g} ns)",
-        ),
+        ("sampling s", lambda e, n: f"{e['seconds']:.1f}"),
+        ("energy evaluations", lambda e, n: f"{e['evaluations']:.3g}"),
     ]
-    if "metad" in r:
-        rows += [
-            (
-                "metadynamics reference",
-                f"{r['metad_ns']:g} ns well-tempered on (phi, psi)",
-                "",
-            ),
-            (
-                "  JS divergence vs metadynamics",
-                f"{r['js_divergence_vs_metad']:.4f}",
-                f"{r['md_js_divergence_vs_metad']:.4f}",
-            ),
-            (
-                "  dF(phi>0 - phi<0), metadynamics",
-                f"{r['metad_df_kT']:.3f} kT (at 3/4 of the run: "
-                f"{r['metad_df_three_quarters_kT']:.3f})",
-                "",
-            ),
-        ]
-    print(f"{'':36} {'Boltzmann generator':46} {'MD':30}")
-    for name, bg, md in rows:
-        print(f"{name:36} {bg:46} {md:30}")
+    for name, cell in lines:
+        print(f"{name:28}" + "".join(f"{cell(e, n):>30}" for _, e, n in columns))
+    print()
+    print("Published reverse ESS, implicit solvent, about 1e8 evaluations (CMT, ICLR 2026):")
+    for name, ess, data in PUBLISHED:
+        print(f"  {name:34} {ess:.3f} ({data})")
 
 
 if __name__ == "__main__":

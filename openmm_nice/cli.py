@@ -16,7 +16,12 @@ from openmm_nice.ais import sample_as_configured
 from openmm_nice.config import Config, ConfigError, config_from_dict, load_config
 from openmm_nice.distributed import Ranks, init_distributed, shutdown_distributed
 from openmm_nice.io import atomic_write_text, load_checkpoint, save_samples
-from openmm_nice.reporters import CheckpointReporter, MetricsReporter, ProgressReporter
+from openmm_nice.reporters import (
+    CheckpointReporter,
+    MetricsReporter,
+    ProgressReporter,
+    SnapshotReporter,
+)
 from openmm_nice.reweighting import bootstrap_error, effective_sample_size, log_partition_function
 from openmm_nice.targets import Target, build_generator, build_target, build_trainer, load_frames
 
@@ -112,6 +117,14 @@ def _train_ranked(
                 ),
                 ProgressReporter(config.training.steps, 10, initial=start, disable=quiet),
             ]
+            if config.training.snapshot_interval:
+                reporters.append(
+                    SnapshotReporter(
+                        out / "snapshots",
+                        config.training.snapshot_interval,
+                        extra=_checkpoint_extra(config),
+                    )
+                )
         trainer = build_trainer(
             local, target, frames, reporters, seed=config.seed + 1000 * ranks.rank
         )
@@ -127,6 +140,7 @@ def _train_ranked(
         summary = {
             "steps": trainer.step,
             "training_time_s": trainer.elapsed,
+            "energy_evaluations": trainer.generator.energy.evaluation_count,
             "system": target.name,
             "processes": ranks.world_size,
         }

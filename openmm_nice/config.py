@@ -51,17 +51,32 @@ class TrainingConfig:
     ml_weight_final: float | None = None  # if set, the ML weight moves linearly to it
     reweighted_fkl_weight: float = 1.0  # forward KL on the model's own reweighted samples
     beta_start: float = 0.1  # annealed inverse temperature, relative to the target
-    anneal_steps: int = 2000
+    anneal_start: int = 0  # steps held at beta_start before the anneal
+    anneal_steps: int = 2000  # steps of the geometric anneal from beta_start to 1
     data: str | list[str] | None = None  # MD frames for the ML term (npz with `x` or
     # trajectories; a list of files is pooled)
     ml_batch_size: int = 256
     walkers: int = 0  # MCMC walkers whose likelihood is trained (0: none); <= batch_size
     walker_weight: float = 1.0  # weight of the walkers' negative log-likelihood
     walker_steps: int = 5  # MALA steps of the walkers per training step
+    # buffer of the model's own samples with exact weights at any beta (forward KL), see
+    # openmm_nice.buffer; buffer_weight 0: none
+    buffer_size: int = 0
+    buffer_weight: float = 0.0
+    buffer_batch_size: int = 256
+    buffer_interval: int = 100  # steps between additions of buffer_draws model samples
+    buffer_draws: int = 4096
+    # molecules: steps before which the coordinate map (torsion densities and cuts, shifts and
+    # scales) is refitted to refit_samples of the model's own weighted samples, followed by
+    # refit_steps maximum-likelihood steps on them
+    map_refits: list[int] = field(default_factory=list)
+    refit_samples: int = 100_000
+    refit_steps: int = 500
     energy_cut: float = 1000.0  # the regularised training energy turns logarithmic here (kT)
     grad_clip: float = 100.0
     report_interval: int = 50
     checkpoint_interval: int = 500
+    snapshot_interval: int = 0  # keep the model every this many steps in RUN/snapshots (0: no)
 
 
 @dataclass
@@ -100,13 +115,17 @@ class Config:
         return dataclasses.asdict(self)
 
     def set_steps(self, steps: int) -> None:
-        """Change the number of training steps, keeping the end of training at the target
-        temperature: an anneal longer than 5/8 of the steps (the note example's ratio) is
-        shortened to that."""
+        """Change the number of training steps; fewer steps shrink the schedule (the anneal's
+        start and length, the map refits) in proportion, so that training still ends at the
+        target temperature after the same stages."""
         if steps < 0:
             raise ConfigError(f"the number of steps must be >= 0, got {steps}")
-        self.training.steps = int(steps)
-        self.training.anneal_steps = min(self.training.anneal_steps, 5 * int(steps) // 8)
+        t = self.training
+        factor = min(1.0, steps / t.steps) if t.steps else 1.0
+        t.steps = int(steps)
+        t.anneal_start = int(t.anneal_start * factor)
+        t.anneal_steps = int(t.anneal_steps * factor)
+        t.map_refits = sorted({int(k * factor) for k in t.map_refits})
 
     def save(self, path: str | os.PathLike) -> None:
         from openmm_nice.io import atomic_write_text
@@ -210,6 +229,23 @@ def _validate_ranges(config: Config) -> None:
         ),
         (0 < t.beta_start <= 1, f"training.beta_start must be in (0, 1], got {t.beta_start}"),
         (t.anneal_steps >= 0, f"training.anneal_steps must be >= 0, got {t.anneal_steps}"),
+        (t.anneal_start >= 0, f"training.anneal_start must be >= 0, got {t.anneal_start}"),
+        (
+            min(t.buffer_size, t.buffer_weight) >= 0
+            and (t.buffer_weight == 0 or t.buffer_size > 0),
+            "training.buffer_size and buffer_weight must be >= 0, and buffer_weight > 0 needs "
+            f"buffer_size > 0 (got {t.buffer_size} and {t.buffer_weight})",
+        ),
+        (
+            min(t.buffer_batch_size, t.buffer_interval, t.buffer_draws, t.refit_samples) >= 1,
+            "training.buffer_batch_size, buffer_interval, buffer_draws and refit_samples "
+            "must be >= 1",
+        ),
+        (t.refit_steps >= 0, f"training.refit_steps must be >= 0, got {t.refit_steps}"),
+        (
+            all(k >= 0 for k in t.map_refits),
+            f"training.map_refits must list steps >= 0, got {t.map_refits}",
+        ),
         (
             min(t.kl_weight, t.ml_weight, t.reweighted_fkl_weight, t.ml_weight_final or 0) >= 0,
             "training loss weights must be >= 0",
@@ -234,8 +270,8 @@ def _validate_ranges(config: Config) -> None:
             f"sampling.ais_batch_size must be >= 1, got {config.sampling.ais_batch_size}",
         ),
         (
-            t.report_interval >= 1 and t.checkpoint_interval >= 1,
-            "report and checkpoint intervals must be >= 1",
+            t.report_interval >= 1 and t.checkpoint_interval >= 1 and t.snapshot_interval >= 0,
+            "report and checkpoint intervals must be >= 1 (snapshot_interval >= 0)",
         ),
     ]
     for ok, message in checks:

@@ -16,7 +16,13 @@ from torch import Tensor, nn
 
 from openmm_nice.transforms import Transform
 
-__all__ = ["build_zmatrix", "torsion_symmetries", "InternalCoordinates", "MolecularTransform"]
+__all__ = [
+    "build_zmatrix",
+    "handed_torsions",
+    "torsion_symmetries",
+    "InternalCoordinates",
+    "MolecularTransform",
+]
 
 
 def build_zmatrix(topology: app.Topology | mdtraj.Topology) -> np.ndarray:
@@ -159,6 +165,60 @@ def torsion_symmetries(
         )
         orders.append(len(turned) if same else 1)
     return np.asarray(orders, dtype=np.int64)
+
+
+def handed_torsions(
+    topology: app.Topology | mdtraj.Topology,
+    zmatrix: np.ndarray | Tensor,
+    positions: np.ndarray | Tensor,
+) -> np.ndarray:
+    r"""The handedness of each stereocentre torsion of a structure, 0 for the other torsions.
+
+    A Z-matrix row (i, j, k, l) whose torsion partner l is bonded to j (a sibling of i, see
+    :func:`build_zmatrix`) at a centre j with four bonded neighbours fixes on which side of
+    the plane (k, j, l) atom i lies: the sign of that torsion is the centre's handedness
+    (about +-120 degrees at an sp3 carbon). No thermal motion changes it (inverting a
+    tetrahedral centre breaks bonds), and the mirror image of a molecule has the same energy,
+    so a generator that may place i on either side can learn the other enantiomer, or mix
+    both. :class:`MolecularTransform` keeps such torsions on the reference's half circle,
+    so that the Boltzmann distribution sampled is that of the given stereoisomer, as MD
+    from the same structure samples it. Centres with three neighbours (planar sp2 atoms,
+    amines, which invert) are left free.
+
+    Arguments:
+        topology: The molecule's ``openmm.app.Topology`` or ``mdtraj.Topology``.
+        zmatrix: Integer array (N, 4) from :func:`build_zmatrix`.
+        positions: One reference structure, shape (N, 3) or (3N,) or (1, 3N), in nm.
+
+    Returns:
+        An array of shape (N - 3,) of -1, 0 or +1 per torsion of :class:`InternalCoordinates`.
+
+    Example:
+        >>> top = app.Topology()
+        >>> residue = top.addResidue("MET", top.addChain())
+        >>> c = top.addAtom("C", app.element.carbon, residue)
+        >>> hs = [top.addAtom(f"H{i}", app.element.hydrogen, residue) for i in range(4)]
+        >>> for h in hs:
+        ...     _ = top.addBond(c, h)
+        >>> xyz = [[0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63], [-0.63, 0.63, -0.63],
+        ...        [0.63, -0.63, -0.63]]
+        >>> handed_torsions(top, build_zmatrix(top), np.array(xyz) / 10).tolist()
+        [1, -1]
+    """
+    z = _validate_zmatrix(zmatrix)
+    _, neighbours = _bond_graph(topology)
+    x = torch.as_tensor(np.asarray(positions, dtype=np.float64)).reshape(1, -1)
+    if x.shape[1] != 3 * len(z):
+        raise ValueError(
+            f"positions must hold {len(z)} atoms (shape (N, 3) or (3N,)), got {tuple(x.shape)}"
+        )
+    with torch.no_grad():
+        torsions = InternalCoordinates(z).to_internal(x)[0][0, 2 * len(z) - 3 :].numpy()
+    signs = np.zeros(len(z) - 3, dtype=np.int64)
+    for t, (_, j, _, partner) in enumerate(z[3:]):
+        if partner in neighbours[j] and len(neighbours[j]) == 4:
+            signs[t] = 1 if torsions[t] > 0 else -1
+    return signs
 
 
 def _earliest(candidates: set[int], row_of: dict[int, int], row: int) -> tuple[int] | tuple[()]:
@@ -478,6 +538,10 @@ class MolecularTransform(Transform):
         torsion_offset: The torsions' cuts plus pi, shape (N - 3,), in radians.
         torsion_cdf: G at the K + 1 bin edges from the cut, shape (N - 3, K + 1), rising
             strictly from 0 to 1; None for uniform torsions (K = 1).
+        torsion_sign: Shape (N - 3,): 0 for a torsion on the whole circle (the map above),
+            +1 or -1 for one kept on the half circle of that sign, the handedness of a
+            stereocentre (see :func:`handed_torsions`), mapped by
+            :math:`\phi = \pm\pi\,\sigma(y)`; None for all 0.
 
     Use :meth:`from_data` to set shift, scale and offsets from a structure or a trajectory.
     All four are buffers (saved in the state dict, not trained) and are cast to the input's
@@ -503,6 +567,7 @@ class MolecularTransform(Transform):
         scale: np.ndarray | Tensor,
         torsion_offset: np.ndarray | Tensor,
         torsion_cdf: np.ndarray | Tensor | None = None,
+        torsion_sign: np.ndarray | Tensor | None = None,
     ):
         super().__init__()
         self.internal = InternalCoordinates(zmatrix)
@@ -539,6 +604,14 @@ class MolecularTransform(Transform):
                 "positive mass; from_data mixes in a uniform floor for this)"
             )
         self.register_buffer("torsion_cdf", cdf)
+        sign = torch.zeros(n_torsions) if torsion_sign is None else torsion_sign
+        sign = torch.as_tensor(sign, dtype=torch.float64).clone()
+        if sign.shape != (n_torsions,) or not torch.isin(sign, sign.new_tensor([-1, 0, 1])).all():
+            raise ValueError(
+                f"torsion_sign must hold {n_torsions} values in {{-1, 0, 1}} (0: the whole "
+                f"circle; +-1: that half circle, see handed_torsions), got {torsion_sign}"
+            )
+        self.register_buffer("torsion_sign", sign)
 
     @property
     def dim(self) -> int:
@@ -567,6 +640,8 @@ class MolecularTransform(Transform):
         symmetry: np.ndarray | Tensor | None = None,
         scan_frames: int = 32,
         scan_angles: int = 72,
+        weights: np.ndarray | Tensor | None = None,
+        handedness: np.ndarray | Tensor | None = None,
     ) -> MolecularTransform:
         r"""A transform normalised to a trajectory, or to one reference structure.
 
@@ -613,6 +688,13 @@ class MolecularTransform(Transform):
                 even where short MD visited them unequally.
             scan_frames: Number of frames the energy scan uses.
             scan_angles: Number of torsion values the energy scan tries.
+            weights: Optional non-negative weights of the frames, shape (F,), e.g. the
+                normalised importance weights of a generator's own samples, so that the
+                densities, cuts, shifts and scales are those of the weighted ensemble
+                (data-free training refits the map this way). Frames of weight 0 are unused.
+            handedness: Optional ``torsion_sign`` of shape (N - 3,) from
+                :func:`handed_torsions`: torsions with sign +-1 keep that half circle,
+                normalised like angles (no density, no cut); every frame must lie in it.
 
         Returns:
             A :class:`MolecularTransform` with float64 buffers.
@@ -627,16 +709,42 @@ class MolecularTransform(Transform):
                 f"x_frames must have shape (F, {3 * n}) or (F, {n}, 3) with F >= 1 for this "
                 f"{n}-atom Z-matrix, got {tuple(x_frames.shape)}"
             )
+        w = None
+        if weights is not None:
+            w = torch.as_tensor(weights).detach().to("cpu", torch.float64).reshape(-1)
+            if w.shape != (x.shape[0],) or not torch.isfinite(w).all() or (w < 0).any():
+                raise ValueError(
+                    f"weights must be {x.shape[0]} finite non-negative numbers (one per frame), "
+                    f"got shape {tuple(w.shape)}"
+                )
+            if not w.sum() > 0:
+                raise ValueError("weights are all zero: no frame to fit the map to")
+            keep = w > 0
+            x, w = x[keep], w[keep] / w[keep].sum()
         if not torch.isfinite(x).all():
             raise ValueError("x_frames contains non-finite coordinates; remove those frames")
         with torch.no_grad():
             q = internal.to_internal(x)[0]
         bonds, angles, torsions = q.split([n - 1, n - 2, n - 3], dim=1)
-        if x.shape[0] == 1:
-            offset = torsions[0]
-            shift = torch.cat(
-                [bonds[0].log(), _logit_angle(angles[0]), torch.zeros(n - 3, dtype=torch.float64)]
+        sign = torch.zeros(n - 3, dtype=torch.float64)
+        if handedness is not None:
+            sign = torch.as_tensor(np.asarray(handedness), dtype=torch.float64).reshape(-1)
+            if sign.shape != (n - 3,):
+                raise ValueError(
+                    f"handedness must hold {n - 3} signs (one per torsion), got {tuple(sign.shape)}"
+                )
+        half = sign != 0
+        signed = sign * torsions
+        if (half & ((signed <= 0) | (signed >= math.pi))).any():
+            raise ValueError(
+                "some frames have a stereocentre of the other handedness than `handedness` "
+                "says (a mirror image); fit the map to frames of the reference stereoisomer"
             )
+        y_half = _logit_angle(signed.clamp(1e-12, math.pi - 1e-12))
+        if x.shape[0] == 1 and w is None:
+            offset = torsions[0]
+            y_torsion = torch.where(half, y_half, 0.0)[0]
+            shift = torch.cat([bonds[0].log(), _logit_angle(angles[0]), y_torsion])
             kinds = [(n - 1, 0), (n - 2, 1), (n - 3, 2)]
             scale = torch.cat(
                 [
@@ -644,12 +752,14 @@ class MolecularTransform(Transform):
                     for size, i in kinds
                 ]
             )
-            return cls(zmatrix, shift, scale, offset)
+            scale[2 * n - 3 :] = torch.where(half, reference_scale[1], scale[2 * n - 3 :])
+            return cls(zmatrix, shift, scale, offset, torsion_sign=sign)
         if not 0 < floor <= 1:
             raise ValueError(f"floor must lie in (0, 1], got {floor}")
         scan = None
         if energy is not None:
             scan = _torsion_scan(internal, q, energy, scan_frames, scan_angles)
+        frame_weights = None if w is None else w.numpy()
         offsets, cdfs = [], []
         orders = np.ones(n - 3, dtype=np.int64) if symmetry is None else np.asarray(symmetry)
         if orders.shape != (n - 3,) or (orders < 1).any():
@@ -668,18 +778,29 @@ class MolecularTransform(Transform):
             # each frame's n equivalent angles of an n-fold rotor: shape (n, F)
             copies = values[None] + 2 * math.pi * np.arange(orders[t])[:, None] / orders[t]
             values = copies.reshape(-1)
-            cut = _cut_angle(values, bins, smoothing, None if scan is None else scan[t])
+            copy_weights = None
+            if frame_weights is not None:
+                copy_weights = np.tile(frame_weights, orders[t])
+            cut = _cut_angle(
+                values, bins, smoothing, None if scan is None else scan[t], copy_weights
+            )
             width = density_smoothing
             if width == "auto":
-                width = _cross_validated_smoothing(copies - cut, bins, floor)
+                width = _cross_validated_smoothing(copies - cut, bins, floor, frame_weights)
             widths.append(float(width))
             offsets.append(math.remainder(cut + math.pi, 2 * math.pi))
-            cdfs.append(_circular_cdf(values - cut, bins, width, floor))
-        offset = torch.tensor(offsets, dtype=torch.float64)
+            cdfs.append(_circular_cdf(values - cut, bins, width, floor, copy_weights))
+        offset = torch.where(half, 0.0, torch.tensor(offsets, dtype=torch.float64))
         cdf = torch.as_tensor(np.stack(cdfs))
-        y_torsion = _torsion_to_normal(torsions, offset, cdf)
+        cdf[half] = torch.linspace(0, 1, bins + 1, dtype=torch.float64)  # unused there
+        y_torsion = torch.where(half, y_half, _torsion_to_normal(torsions, offset, cdf))
         y = torch.cat([bonds.log(), _logit_angle(angles), y_torsion], dim=1)
-        transform = cls(zmatrix, y.mean(0), y.std(0).clamp_min(min_scale), offset, cdf)
+        if w is None:
+            mean, std = y.mean(0), y.std(0)
+        else:
+            mean = w @ y
+            std = (w @ (y - mean) ** 2).sqrt()
+        transform = cls(zmatrix, mean, std.clamp_min(min_scale), offset, cdf, sign)
         transform.density_smoothing = widths  # what each torsion's density used, in bins
         return transform
 
@@ -690,40 +811,78 @@ class MolecularTransform(Transform):
         y = shift + scale * s
         n = self.internal.n_atoms
         y_bond, y_angle, y_torsion = y.split([n - 1, n - 2, n - 3], dim=1)
-        torsion, log_g = _normal_to_torsion(y_torsion, self.torsion_offset, self.torsion_cdf)
+        torsion, log_slope = self._torsions_from_normal(y_torsion)
         q = torch.cat([torch.exp(y_bond), math.pi * torch.sigmoid(y_angle), torsion], dim=1)
         x, log_jacobian = self.internal.to_cartesian(q)
         # An infinite angle or torsion saturates to a finite q; mark the row so that the
         # energy sees a non-finite configuration (U = +inf) instead of a degenerate one.
         x = torch.where(torch.isfinite(s).all(dim=1, keepdim=True), x, math.nan)
-        return x, self._ladj_of_maps(y, scale, log_g) + log_jacobian
+        return x, self._ladj_of_maps(y, scale, log_slope) + log_jacobian
 
     def inverse_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Flow coordinates s (B, 3N - 6) of positions x (B, 3N) in nm, and the inverse's ladj."""
+        r"""Flow coordinates s (B, 3N - 6) of positions x (B, 3N) in nm, and the inverse's ladj.
+
+        A configuration outside the map's domain (a stereocentre of the other handedness than
+        ``torsion_sign`` keeps) gets a finite s and ladj :math:`-\infty`: density 0.
+        """
         _check_batch(x, 3 * self.internal.n_atoms, "x")
         shift, scale = (b.to(x.dtype) for b in (self.shift, self.scale))
         q, minus_log_jacobian = self.internal.to_internal(x)
         n = self.internal.n_atoms
         bonds, angles, torsions = q.split([n - 1, n - 2, n - 3], dim=1)
-        y_torsion, log_g = _torsion_to_normal(
-            torsions, self.torsion_offset, self.torsion_cdf, with_log_density=True
-        )
+        y_torsion, log_slope, inside = self._torsions_to_normal(torsions)
         y = torch.cat([torch.log(bonds), _logit_angle(angles), y_torsion], dim=1)
         s = (y - shift) / scale
-        return s, minus_log_jacobian - self._ladj_of_maps(y, scale, log_g)
+        ladj = minus_log_jacobian - self._ladj_of_maps(y, scale, log_slope)
+        return s, torch.where(inside, ladj, -math.inf)
 
-    def _ladj_of_maps(self, y: Tensor, scale: Tensor, log_g: Tensor) -> Tensor:
-        """log|det| of s -> q: normalisation plus the elementwise domain maps, at y, with
-        ``log_g`` the torsion densities at the torsions."""
-        n = self.internal.n_atoms
-        y_bond, y_angle, y_torsion = y.split([n - 1, n - 2, n - 3], dim=1)
-        angle = (
-            math.log(math.pi)
-            + nn.functional.logsigmoid(y_angle)
-            + nn.functional.logsigmoid(-y_angle)
+    def _torsions_from_normal(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Torsions (B, T) from their normalised values y, and log|d torsion / d y|."""
+        torsion, log_g = _normal_to_torsion(y, self.torsion_offset, self.torsion_cdf)
+        log_slope = -0.5 * math.log(2 * math.pi) - 0.5 * y**2 - log_g
+        if not self.torsion_sign.any():
+            return torsion, log_slope
+        sign = self.torsion_sign.to(y.dtype)
+        half = sign != 0
+        return (
+            torch.where(half, sign * math.pi * torch.sigmoid(y), torsion),
+            torch.where(half, _log_slope_of_logistic(y), log_slope),
         )
-        torsion = -0.5 * math.log(2 * math.pi) - 0.5 * y_torsion**2 - log_g
-        return scale.log().sum() + y_bond.sum(1) + angle.sum(1) + torsion.sum(1)
+
+    def _torsions_to_normal(self, torsion: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The inverse of :meth:`_torsions_from_normal`: y (B, T), log|d torsion / d y| and
+        whether every torsion of a row lies in its map's domain (B,)."""
+        y, log_g = _torsion_to_normal(
+            torsion, self.torsion_offset, self.torsion_cdf, with_log_density=True
+        )
+        log_slope = -0.5 * math.log(2 * math.pi) - 0.5 * y**2 - log_g
+        if not self.torsion_sign.any():
+            return y, log_slope, torch.ones_like(y[:, 0], dtype=torch.bool)
+        sign = self.torsion_sign.to(torsion.dtype)
+        half = sign != 0
+        signed = sign * torsion
+        inside = ~half | ((signed > 0) & (signed < math.pi))
+        # outside the half circle: a finite stand-in (the point's density is set to 0)
+        signed = torch.where(inside, signed, math.pi / 2)
+        y_half = _logit_angle(signed)
+        return (
+            torch.where(half, y_half, y),
+            torch.where(half, _log_slope_of_logistic(y_half), log_slope),
+            inside.all(dim=1),
+        )
+
+    def _ladj_of_maps(self, y: Tensor, scale: Tensor, log_slope: Tensor) -> Tensor:
+        """log|det| of s -> q: normalisation plus the elementwise domain maps, at y, with
+        ``log_slope`` the torsion maps' log-derivatives."""
+        n = self.internal.n_atoms
+        y_bond, y_angle, _ = y.split([n - 1, n - 2, n - 3], dim=1)
+        angle = _log_slope_of_logistic(y_angle)
+        return scale.log().sum() + y_bond.sum(1) + angle.sum(1) + log_slope.sum(1)
+
+
+def _log_slope_of_logistic(y: Tensor) -> Tensor:
+    """log d(pi sigma(y))/dy, the log-derivative of the maps onto (0, pi)."""
+    return math.log(math.pi) + nn.functional.logsigmoid(y) + nn.functional.logsigmoid(-y)
 
 
 def _logit_angle(angle: Tensor) -> Tensor:
@@ -770,11 +929,14 @@ def _torsion_to_normal(
     return y, (mass / width).log().to(dtype)
 
 
-def _smoothed_histogram(angles: np.ndarray, bins: int, smoothing: float) -> np.ndarray:
-    """Counts of angles (taken mod 2 pi from 0) in ``bins`` bins, smoothed around the circle."""
+def _smoothed_histogram(
+    angles: np.ndarray, bins: int, smoothing: float, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """(Weighted) counts of angles (taken mod 2 pi from 0) in ``bins`` bins, smoothed around
+    the circle."""
     position = np.remainder(angles, 2 * math.pi) * bins / (2 * math.pi)
-    counts = np.bincount(np.minimum(position.astype(np.int64), bins - 1), minlength=bins)
-    return _smooth_counts(counts, smoothing)
+    index = np.minimum(position.astype(np.int64), bins - 1)
+    return _smooth_counts(np.bincount(index, weights, minlength=bins), smoothing)
 
 
 def _smooth_counts(counts: np.ndarray, smoothing: float) -> np.ndarray:
@@ -793,14 +955,21 @@ SMOOTHING_CANDIDATES = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 14.0, 20.0, 30.0)
 
 
 def _cross_validated_smoothing(
-    copies: np.ndarray, bins: int, floor: float, folds: int = 5
+    copies: np.ndarray,
+    bins: int,
+    floor: float,
+    weights: np.ndarray | None = None,
+    folds: int = 5,
 ) -> float:
     """The width of :data:`SMOOTHING_CANDIDATES` whose floored, smoothed histogram gives the
-    highest log-likelihood to held-out contiguous blocks of frames; ``copies`` (n, F) holds
-    each frame's n symmetry-equivalent angles (kept in the same block)."""
-    n_frames = copies.shape[1]
+    highest (weighted) log-likelihood to held-out contiguous blocks of frames; ``copies``
+    (n, F) holds each frame's n symmetry-equivalent angles (kept in the same block), and
+    ``weights`` (F,) optional frame weights."""
+    n_copies, n_frames = copies.shape
     if n_frames < 2 * folds:
         return 10.0
+    w = np.ones(n_frames) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = np.broadcast_to(w, (n_copies, n_frames))
     edges = np.linspace(0, n_frames, folds + 1).round().astype(np.int64)
     position = np.remainder(copies, 2 * math.pi) * bins / (2 * math.pi)
     index = np.minimum(position.astype(np.int64), bins - 1)
@@ -810,17 +979,24 @@ def _cross_validated_smoothing(
         for k in range(folds):
             held = np.zeros(n_frames, dtype=bool)
             held[edges[k] : edges[k + 1]] = True
-            smooth = _smooth_counts(np.bincount(index[:, ~held].ravel(), minlength=bins), width)
+            counts = np.bincount(index[:, ~held].ravel(), w[:, ~held].ravel(), minlength=bins)
+            smooth = _smooth_counts(counts, width)
             density = (1 - floor) * smooth / smooth.sum() + floor / bins
-            score += np.log(density[index[:, held]]).sum()
+            score += (w[:, held] * np.log(density[index[:, held]])).sum()
         scores.append(score)
     return SMOOTHING_CANDIDATES[int(np.argmax(scores))]
 
 
-def _circular_cdf(angles: np.ndarray, bins: int, smoothing: float, floor: float) -> np.ndarray:
-    """G at the bin edges of the smoothed histogram of angles measured from the cut, mixed
-    with a uniform floor: shape (bins + 1,), from exactly 0 to exactly 1."""
-    smooth = _smoothed_histogram(angles, bins, smoothing)
+def _circular_cdf(
+    angles: np.ndarray,
+    bins: int,
+    smoothing: float,
+    floor: float,
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """G at the bin edges of the (weighted) smoothed histogram of angles measured from the
+    cut, mixed with a uniform floor: shape (bins + 1,), from exactly 0 to exactly 1."""
+    smooth = _smoothed_histogram(angles, bins, smoothing, weights)
     mass = (1 - floor) * smooth / smooth.sum() + floor / bins
     cdf = np.concatenate([[0.0], np.cumsum(mass)])
     cdf /= cdf[-1]
@@ -852,11 +1028,17 @@ def _torsion_scan(
     return scan
 
 
-def _cut_angle(angles: np.ndarray, bins: int, smoothing: float, scan: np.ndarray | None) -> float:
-    """Where to cut a torsion's circle: in the least-populated region of the smoothed
-    histogram; with a scan, at its highest scanned free energy there, else in the middle of the
-    widest such region."""
-    smooth = _smoothed_histogram(angles + math.pi, bins, smoothing)  # bins from -pi
+def _cut_angle(
+    angles: np.ndarray,
+    bins: int,
+    smoothing: float,
+    scan: np.ndarray | None,
+    weights: np.ndarray | None = None,
+) -> float:
+    """Where to cut a torsion's circle: in the least-populated region of the (weighted)
+    smoothed histogram; with a scan, at its highest scanned free energy there, else in the
+    middle of the widest such region."""
+    smooth = _smoothed_histogram(angles + math.pi, bins, smoothing, weights)  # bins from -pi
     lowest = smooth <= smooth.min() * (1 + 1e-9)
     centres = -math.pi + (np.arange(bins) + 0.5) * 2 * math.pi / bins
     if scan is not None:

@@ -25,6 +25,9 @@ class Energy(torch.nn.Module):
     a wrong shape is a clear error and a non-finite coordinate gives :math:`U = +\infty`
     (importance weight 0) instead of a NaN.
 
+    ``evaluation_count`` counts the configurations evaluated (rows of every call), the
+    currency in which the cost of training and sampling is compared.
+
     Arguments:
         dim: The dimension d of a point.
     """
@@ -34,6 +37,7 @@ class Energy(torch.nn.Module):
         if int(dim) < 1:
             raise ValueError(f"an energy needs dim >= 1, got {dim}")
         self.dim = int(dim)
+        self.evaluation_count = 0
         self.register_buffer(
             "non_finite_count", torch.zeros((), dtype=torch.long), persistent=False
         )
@@ -41,6 +45,7 @@ class Energy(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Return U(x) of shape (B,) for x of shape (B, dim)."""
         x = self._validate(x)
+        self.evaluation_count += x.shape[0]
         finite = torch.isfinite(x).all(dim=-1)
         if finite.all():
             return self._energy(x)

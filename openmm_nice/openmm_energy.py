@@ -766,7 +766,9 @@ class OpenMMEnergy(Energy):
         # Energy.forward's checks for non-finite rows run as torch operations on the whole
         # batch; torch spreads those over its thread pool, whose threads then compete with
         # the OpenMM workers for cores. _ReducedEnergy does the same checks in numpy.
-        return self._energy(self._validate(x))
+        x = self._validate(x)
+        self.evaluation_count += x.shape[0]
+        return self._energy(x)
 
     def _energy(self, x: Tensor) -> Tensor:
         return _ReducedEnergy.apply(x, self)

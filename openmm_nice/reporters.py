@@ -10,7 +10,13 @@ from tqdm.auto import tqdm
 
 from openmm_nice.io import atomic_write_text, save_checkpoint
 
-__all__ = ["ProgressReporter", "MetricsReporter", "CheckpointReporter", "METRIC_COLUMNS"]
+__all__ = [
+    "ProgressReporter",
+    "MetricsReporter",
+    "CheckpointReporter",
+    "SnapshotReporter",
+    "METRIC_COLUMNS",
+]
 
 # Column names carry their units: nats for KL terms, kT for energies, seconds for time.
 METRIC_COLUMNS = (
@@ -19,6 +25,7 @@ METRIC_COLUMNS = (
     "reverse_kl_nats",
     "nll_nats",
     "walker_nll_nats",
+    "buffer_nll_nats",
     "walker_exchange",
     "walker_acceptance",
     "energy_kT",
@@ -28,11 +35,13 @@ METRIC_COLUMNS = (
     "beta",
     "learning_rate",
     "elapsed_s",
+    "energy_evaluations",
 )
 _STATE_KEYS = {
     "reverse_kl_nats": "reverse_kl",
     "nll_nats": "nll",
     "walker_nll_nats": "walker_nll",
+    "buffer_nll_nats": "buffer_nll",
     "conditional_nats": "conditional",
 }
 
@@ -121,3 +130,39 @@ class CheckpointReporter:
 
     def report(self, trainer, state: dict) -> None:
         save_checkpoint(self.path, {**self.extra, **trainer.state_dict()})
+
+
+class SnapshotReporter:
+    """Keeps the model as it was every ``interval`` steps, one small file per snapshot, so that
+    a run can be evaluated along its course (ESS against energy evaluations and wall time).
+
+    Each ``folder/step_0001000.pt`` holds the model's state dict, the step, the training wall
+    time and the energy evaluations spent so far, and ``extra`` (e.g. the resolved config); it
+    loads with ``torch.load(..., weights_only=True)``.
+
+    Arguments:
+        folder: Where the snapshots go (created if needed).
+        interval: Steps between snapshots.
+        extra: Plain data stored in every snapshot.
+    """
+
+    def __init__(self, folder: str | os.PathLike, interval: int, extra: dict | None = None):
+        if interval < 1:
+            raise ValueError(f"the snapshot interval must be >= 1 step, got {interval}")
+        self.folder = Path(folder)
+        self.interval = int(interval)
+        self.extra = dict(extra or {})
+
+    def describeNextReport(self, trainer) -> int:  # noqa: N802
+        return _steps_to_next_multiple(trainer.step, self.interval)
+
+    def report(self, trainer, state: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        snapshot = {
+            **self.extra,
+            "model": trainer.generator.state_dict(),
+            "step": trainer.step,
+            "elapsed_s": trainer.elapsed,
+            "energy_evaluations": trainer.generator.energy.evaluation_count,
+        }
+        save_checkpoint(self.folder / f"step_{trainer.step:07d}.pt", snapshot)

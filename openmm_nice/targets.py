@@ -20,6 +20,7 @@ __all__ = [
     "build_generator",
     "build_trainer",
     "load_frames",
+    "map_fitter",
     "openmm_energy_for",
     "TOY_SYSTEMS",
 ]
@@ -133,13 +134,17 @@ def build_generator(
         from openmm_nice.coordinates import (
             MolecularTransform,
             build_zmatrix,
+            handed_torsions,
             torsion_symmetries,
         )
 
-        zmatrix = build_zmatrix(target.molecule.topology)
+        molecule = target.molecule
+        zmatrix = build_zmatrix(molecule.topology)
+        reference = molecule.positions.reshape(1, -1)
+        # the stereoisomer of the reference structure, whatever frames or samples say
+        handedness = handed_torsions(molecule.topology, zmatrix, reference)
         if frames is None:
-            reference = target.molecule.positions.reshape(1, -1)
-            coordinates = MolecularTransform.from_data(zmatrix, reference)
+            coordinates = MolecularTransform.from_data(zmatrix, reference, handedness=handedness)
         else:
             # The energy places each torsion's cut on a barrier, not in a basin the data missed.
             coordinates = MolecularTransform.from_data(
@@ -148,9 +153,8 @@ def build_generator(
                 floor=config.model.torsion_floor,
                 density_smoothing=config.model.torsion_smoothing,  # 360 bins: 1 degree each
                 energy=target.energy,
-                symmetry=torsion_symmetries(
-                    target.molecule.topology, zmatrix, target.molecule.system
-                ),
+                symmetry=torsion_symmetries(molecule.topology, zmatrix, molecule.system),
+                handedness=handedness,
             )
     m = config.model
     generator = BoltzmannGenerator(
@@ -174,6 +178,9 @@ def build_trainer(
     generator = build_generator(config, target, frames)
     dtype = generator.dtype
     t = config.training
+    fit_map = None
+    if target.is_molecule and t.map_refits:
+        fit_map = map_fitter(config, target, generator.coordinates)
     return Trainer(
         generator,
         steps=t.steps,
@@ -194,5 +201,41 @@ def build_trainer(
         walkers=t.walkers,
         walker_weight=t.walker_weight,
         walker_steps=t.walker_steps,
+        anneal_start=t.anneal_start,
+        buffer_size=t.buffer_size,
+        buffer_weight=t.buffer_weight,
+        buffer_batch_size=t.buffer_batch_size,
+        buffer_interval=t.buffer_interval,
+        buffer_draws=t.buffer_draws,
+        map_refits=t.map_refits,
+        fit_map=fit_map,
+        refit_samples=t.refit_samples,
+        refit_steps=t.refit_steps,
         reporters=reporters,
     )
+
+
+def map_fitter(config: Config, target: Target, coordinates):
+    """The function ``fit_map(x, weights)`` with which a :class:`~openmm_nice.training.Trainer`
+    refits a molecule's coordinate map to weighted samples: the same Z-matrix, handedness and
+    rotor symmetries as ``coordinates``, torsion densities smoothed and floored as
+    ``config.model`` says."""
+    from openmm_nice.coordinates import MolecularTransform, torsion_symmetries
+
+    molecule = target.molecule
+    zmatrix = coordinates.internal.zmatrix.cpu().numpy()
+    symmetry = torsion_symmetries(molecule.topology, zmatrix, molecule.system)
+    handedness = coordinates.torsion_sign.cpu().numpy()
+
+    def fit_map(x: torch.Tensor, weights: torch.Tensor):
+        return MolecularTransform.from_data(
+            zmatrix,
+            x,
+            floor=config.model.torsion_floor,
+            density_smoothing=config.model.torsion_smoothing,
+            symmetry=symmetry,
+            weights=weights,
+            handedness=handedness,
+        )
+
+    return fit_map

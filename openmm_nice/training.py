@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from openmm_nice.buffer import SampleBuffer
 from openmm_nice.energies import regularize_energy
 from openmm_nice.generator import BoltzmannGenerator
 from openmm_nice.reweighting import effective_sample_size
@@ -73,8 +74,13 @@ class _StepLoss(nn.Module):
         self.generator = trainer.generator
         self._trainer = [trainer]  # a list, so that the trainer is not registered as a submodule
 
-    def forward(self, beta: float, data: Tensor | None) -> tuple[Tensor, dict, Tensor]:
+    def forward(
+        self, beta: float, data: Tensor | None, refit_buffer: SampleBuffer | None = None
+    ) -> tuple[Tensor, dict, Tensor | None]:
         t = self._trainer[0]
+        if refit_buffer is not None:  # the maximum-likelihood steps that follow a map refit
+            ml = nll(self.generator, t.buffer_batch(beta, refit_buffer), t.rng)
+            return ml, {"buffer_nll": float(ml.detach())}, None
         rkl, d, state = reverse_kl(self.generator, t.batch_size, beta, t.energy_cut, t.rng)
         state["reverse_kl"] = float(rkl.detach())
         loss = t.kl_weight * rkl
@@ -86,6 +92,10 @@ class _StepLoss(nn.Module):
             ml = nll(self.generator, data.to(d.x.device), t.rng)
             state["nll"] = float(ml.detach())
             loss = loss + t.ml_weight_at(t.step) * ml
+        if t.buffer_weight > 0 and len(t.buffer) > 0:
+            ml = nll(self.generator, t.buffer_batch(beta, t.buffer), t.rng)
+            state["buffer_nll"] = float(ml.detach())
+            loss = loss + t.buffer_weight * ml
         if t.walkers > 0:
             walkers, state["walker_exchange"], state["walker_acceptance"] = t.move_walkers(d, beta)
             ml = nll(self.generator, walkers.x.to(d.x.dtype), t.rng)
@@ -102,8 +112,13 @@ class TrainingSchedule:
     beta_start: float = 1.0
     anneal_steps: int = 0
     lr_schedule: str = "cosine"
+    anneal_start: int = 0
 
     def beta(self, step: int) -> float:
+        """``beta_start`` until ``anneal_start``, then geometric to 1 over ``anneal_steps``."""
+        if step < self.anneal_start:
+            return self.beta_start
+        step -= self.anneal_start
         if self.anneal_steps <= 0 or step >= self.anneal_steps:
             return 1.0
         # geometric in beta: equal ratios between neighbouring temperatures
@@ -119,8 +134,9 @@ class Trainer:
     """Trains a :class:`BoltzmannGenerator`; reporters see every state, the trainer never prints.
 
     The loss of a step is ``kl_weight * J_R(beta) + reweighted_fkl_weight * forward KL(beta)
-    + ml_weight * NLL(data) + walker_weight * NLL(walkers)``, with beta annealed from
-    ``beta_start`` to 1 and, with ``ml_weight_final``, the ML weight moved linearly from
+    + buffer_weight * NLL(buffer) + ml_weight * NLL(data) + walker_weight * NLL(walkers)``,
+    with beta held at ``beta_start`` for ``anneal_start`` steps, then annealed geometrically
+    to 1 over ``anneal_steps`` and, with ``ml_weight_final``, the ML weight moved linearly from
     ``ml_weight`` to it over the steps (e.g. 0, for the reverse KL to finish alone; on
     alanine dipeptide that lowered the ESS, see benchmarks/RESULTS.md). The walkers
     (``walkers`` > 0 of them, see :mod:`openmm_nice.walkers`) are MCMC chains at the current
@@ -129,6 +145,17 @@ class Trainer:
     walkers' likelihood (``kl_weight`` 0.1, no reweighted forward KL) keeps every mode at its
     population where the full reverse KL pulls the minor ones down (the 16-dimensional
     many-well in benchmarks/RESULTS.md).
+
+    Data-free training of molecules (the recipe of ``examples/alanine_dipeptide.yaml``) starts
+    hot, where barriers are low and the reverse KL finds every basin, and cools. Two things
+    carry what the hot models found to the target: the buffer (:class:`~openmm_nice.buffer.
+    SampleBuffer`: ``buffer_draws`` model samples added every ``buffer_interval`` steps, the
+    newest ``buffer_size`` kept, whose NLL under importance resampling at the current beta is
+    a mass-covering forward KL), and refits of the coordinate map (at each step listed in
+    ``map_refits``: ``refit_samples`` new samples, ``fit_map(x, weights)`` fitted to the
+    weighted buffer, then ``refit_steps`` maximum-likelihood steps, see :meth:`refit_map`),
+    which give each torsion a density learned from the model's own weighted samples instead
+    of MD data.
 
     Reporters follow OpenMM's protocol: ``describeNextReport(trainer)`` returns the number of
     steps until the reporter wants the next state, and ``report(trainer, state)`` receives a dict
@@ -145,6 +172,17 @@ class Trainer:
         walkers: Number of MCMC walkers (0: none); at most ``batch_size``.
         walker_weight: Weight of their negative log-likelihood in the loss.
         walker_steps: MALA steps per training step.
+        anneal_start: Steps held at ``beta_start`` before the anneal.
+        buffer_size: Samples the buffer keeps (0: no buffer term).
+        buffer_weight: Weight of the buffer's importance-resampled NLL.
+        buffer_batch_size: Buffer samples per step.
+        buffer_interval: Steps between additions to the buffer.
+        buffer_draws: Model samples added each time.
+        map_refits: Steps before which the coordinate map is refitted.
+        fit_map: ``fit_map(x, weights)`` returns a coordinate transform (its state is loaded
+            into ``generator.coordinates``) fitted to samples x (B, dim) with weights (B,).
+        refit_samples: Samples drawn for each refit.
+        refit_steps: Maximum-likelihood steps after each refit.
         reporters: Reporter objects.
     """
 
@@ -169,6 +207,16 @@ class Trainer:
         walkers: int = 0,
         walker_weight: float = 1.0,
         walker_steps: int = 5,
+        anneal_start: int = 0,
+        buffer_size: int = 0,
+        buffer_weight: float = 0.0,
+        buffer_batch_size: int = 256,
+        buffer_interval: int = 100,
+        buffer_draws: int = 4096,
+        map_refits: Sequence[int] = (),
+        fit_map: Callable[[Tensor, Tensor], nn.Module] | None = None,
+        refit_samples: int = 100_000,
+        refit_steps: int = 500,
         reporters: Sequence = (),
     ):
         self.kl_weight, self.ml_weight = float(kl_weight), float(ml_weight)
@@ -182,11 +230,36 @@ class Trainer:
                 f"walkers must be between 0 and batch_size ({batch_size}): each step's model "
                 f"samples are their proposals; got {walkers}"
             )
+        if map_refits and fit_map is None:
+            raise ValueError(
+                "map_refits needs fit_map, the function that fits the coordinate map to "
+                "weighted samples (targets.build_trainer provides it for molecules)"
+            )
+        if map_refits and getattr(generator, "coordinates", None) is None:
+            raise ValueError("map_refits needs a generator with a coordinate map (a molecule)")
+        if buffer_weight > 0 and buffer_size < 1:
+            raise ValueError(f"buffer_weight > 0 needs buffer_size >= 1, got {buffer_size}")
+        if min(buffer_batch_size, buffer_interval, buffer_draws, refit_samples) < 1:
+            raise ValueError(
+                "buffer_batch_size, buffer_interval, buffer_draws and refit_samples must be >= 1"
+            )
         self.generator = generator
         self.steps = int(steps)
         self.batch_size = int(batch_size)
         self.reweighted_fkl_weight = float(reweighted_fkl_weight)
-        self.schedule = TrainingSchedule(self.steps, beta_start, anneal_steps, lr_schedule)
+        self.schedule = TrainingSchedule(
+            self.steps, beta_start, anneal_steps, lr_schedule, int(anneal_start)
+        )
+        self.buffer = SampleBuffer(max(int(buffer_size), 1))
+        self.buffer_size = int(buffer_size)
+        self.buffer_weight = float(buffer_weight)
+        self.buffer_batch_size = int(buffer_batch_size)
+        self.buffer_interval = int(buffer_interval)
+        self.buffer_draws = int(buffer_draws)
+        self.map_refits = sorted({int(k) for k in map_refits})
+        self.fit_map = fit_map
+        self.refit_samples = int(refit_samples)
+        self.refit_steps = int(refit_steps)
         self.data = data
         self.ml_batch_size = int(ml_batch_size)
         self.energy_cut = float(energy_cut)
@@ -264,6 +337,46 @@ class Trainer:
         accepted = walkers.langevin(self.generator.energy, beta, self.walker_steps, self.rng)
         return walkers, exchanged, accepted
 
+    def buffer_batch(self, beta: float, buffer: SampleBuffer) -> Tensor:
+        """``buffer_batch_size`` samples of ``buffer`` resampled by their weights at ``beta``."""
+        x = buffer.sample(self.buffer_batch_size, beta, self.rng)
+        return x.to(self.generator.dtype)
+
+    def refit_map(self, beta: float) -> None:
+        """Refit the coordinate map to the model's own samples weighted for ``beta``, then
+        realign the model to it.
+
+        Draws ``refit_samples`` samples, fits a new map to them and the buffer's samples
+        (whose weights stay exact under any later model) weighted at ``beta`` with
+        ``fit_map(x, weights)`` (e.g. torsion densities and cuts where the weighted samples
+        are thinnest), and takes ``refit_steps`` maximum-likelihood steps on those samples
+        resampled by their weights, so that the flow, which learned the old map's
+        coordinates, describes the same distribution in the new ones. The new samples then
+        join the buffer.
+        """
+        samples = SampleBuffer(len(self.buffer) + self.refit_samples)
+        if len(self.buffer):
+            samples.add(*self.buffer.state)
+        with torch.no_grad():
+            samples.add_draws(self.generator, self.refit_samples, rng=self.rng)
+            fitted = self.fit_map(samples.x, samples.normalized_weights(beta))
+            state = {k: v.to(self.generator.device) for k, v in fitted.state_dict().items()}
+            if dist.is_available() and dist.is_initialized():
+                for value in state.values():  # every rank takes rank 0's map
+                    dist.broadcast(value, 0)
+            self.generator.coordinates.load_state_dict(state)
+        lr = self.learning_rate * self.schedule.lr_factor(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(self.refit_steps):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._loss(beta, None, samples)[0]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.grad_clip)
+            self.optimizer.step()
+        if self.buffer_size:
+            self.buffer.add(*(t[-self.refit_samples :] for t in samples.state))
+
     def run(self, steps: int | None = None) -> None:
         """Train until ``steps`` (default: all configured steps) have been taken in total."""
         target = self.steps if steps is None else min(int(steps), self.steps)
@@ -271,10 +384,15 @@ class Trainer:
         next_report = [r.describeNextReport(self) for r in self.reporters]
         while self.step < target:
             start = time.perf_counter()
+            if self.step in self.map_refits:
+                self.refit_map(self.schedule.beta(self.step))
+            if self.buffer_weight > 0 and self.step % self.buffer_interval == 0:
+                self.buffer.add_draws(self.generator, self.buffer_draws, rng=self.rng)
             state = self._train_step()
             self.step += 1
             self.elapsed += time.perf_counter() - start
             state["elapsed_s"] = self.elapsed
+            state["energy_evaluations"] = self.generator.energy.evaluation_count
             for i, reporter in enumerate(self.reporters):
                 next_report[i] -= 1
                 if next_report[i] <= 0 or self.step == target:
@@ -292,6 +410,8 @@ class Trainer:
             "rng": self.rng.get_state(),
             "data_rng": self.data_rng.get_state(),
             "walkers": None if self._walkers is None else self._walkers.state_dict(),
+            "buffer": self.buffer.state_dict() if len(self.buffer) else None,
+            "energy_evaluations": self.generator.energy.evaluation_count,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -304,3 +424,6 @@ class Trainer:
         walkers = state.get("walkers")
         if walkers is not None:
             self._walkers = Walkers.from_state_dict(walkers)
+        if state.get("buffer") is not None:
+            self.buffer = SampleBuffer.from_state_dict(state["buffer"])
+        self.generator.energy.evaluation_count = int(state.get("energy_evaluations", 0))

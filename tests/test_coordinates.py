@@ -21,6 +21,7 @@ from openmm_nice.coordinates import (
     _circular_cdf,
     _cross_validated_smoothing,
     build_zmatrix,
+    handed_torsions,
     torsion_symmetries,
 )
 
@@ -475,3 +476,84 @@ def test_from_data_with_auto_smoothing(zmatrix, frames, alanine):
     torch.testing.assert_close(minus, -ladj, rtol=0, atol=1e-7)
     with pytest.raises(ValueError, match="density_smoothing must be a positive width"):
         MolecularTransform.from_data(zmatrix, frames.numpy(), density_smoothing="wide")
+
+
+# Stereocentres
+
+
+def test_handed_torsions_of_alanine(alanine, zmatrix, reference):
+    signs = handed_torsions(alanine.topology, zmatrix, reference)
+    atoms = list(alanine.topology.atoms())
+    neighbours = {a.index: set() for a in atoms}
+    for a, b in alanine.topology.bonds():
+        neighbours[a.index].add(b.index)
+        neighbours[b.index].add(a.index)
+    for (_, j, _, partner), sign in zip(zmatrix[3:], signs, strict=True):
+        stereo = partner in neighbours[j] and len(neighbours[j]) == 4
+        assert (sign != 0) == stereo
+    # CA, the chiral centre, and the three methyl carbons: two sibling torsions each
+    assert np.count_nonzero(signs) == 8
+    ic = InternalCoordinates(zmatrix)
+    torsions = ic.to_internal(reference)[0][0, 2 * ic.n_atoms - 3 :].numpy()
+    assert (np.sign(torsions[signs != 0]) == signs[signs != 0]).all()
+    # the mirror image has every handedness reversed
+    assert (handed_torsions(alanine.topology, zmatrix, -reference) == -signs).all()
+
+
+@pytest.fixture(scope="module")
+def handed(alanine, zmatrix, reference):
+    """A transform keeping alanine's stereocentres, fitted to 200 frames near the reference."""
+    signs = handed_torsions(alanine.topology, zmatrix, reference)
+    ic = InternalCoordinates(zmatrix)
+    generator = torch.Generator().manual_seed(2)
+    noise = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=generator)
+    q = ic.to_internal(reference)[0].expand(200, -1).clone()
+    n = ic.n_atoms
+    q[:, : n - 1] *= 1 + 0.02 * noise(200, n - 1)
+    q[:, n - 1 : 2 * n - 3] += 0.05 * noise(200, n - 2)
+    q[:, 2 * n - 3 :] += 0.2 * noise(200, n - 3)
+    frames = random_rigid_motion(ic.to_cartesian(q)[0])
+    return MolecularTransform.from_data(zmatrix, frames, handedness=signs), signs, frames
+
+
+def test_handed_transform_round_trip_and_exact_log_det(handed):
+    transform, signs, _ = handed
+    s = torch.randn(64, 60)
+    x, ladj = transform.call_and_ladj(s)
+    s_back, ladj_back = transform.inverse_and_ladj(random_rigid_motion(x))
+    assert (s_back - s).abs().max() < 1e-10
+    torch.testing.assert_close(ladj_back, -ladj, rtol=0, atol=1e-10)
+    for s_one, ladj_one in zip(s[:2], ladj[:2], strict=True):
+        rigid = torch.cat([torch.randn(3), torch.tensor([0.7, 1.1, -2.0])])
+        observed = augmented_slogdet(transform, s_one, rigid)
+        assert observed == pytest.approx(math.log(math.sin(1.1)) + ladj_one.item(), abs=1e-9)
+    # every sample, however far out in s, keeps the reference's handedness
+    wide = 4 * torch.randn(1000, 60)
+    n = transform.internal.n_atoms
+    torsions = transform.internal.to_internal(transform(wide))[0][:, 2 * n - 3 :]
+    kept = torch.as_tensor(signs != 0)
+    assert (torch.sign(torsions[:, kept]) == torch.as_tensor(signs[signs != 0])).all()
+
+
+def test_mirror_images_have_zero_density(handed):
+    transform, _, frames = handed
+    s, ladj = transform.inverse_and_ladj(frames[:5])
+    assert torch.isfinite(ladj).all()
+    mirror_s, mirror_ladj = transform.inverse_and_ladj(-frames[:5])
+    assert torch.isfinite(mirror_s).all() and (mirror_ladj == -math.inf).all()
+    with pytest.raises(ValueError, match="other handedness"):
+        MolecularTransform.from_data(transform.internal.zmatrix, -frames, handedness=handed[1])
+
+
+def test_weighted_fit_equals_the_fit_to_repeated_frames(zmatrix, frames):
+    """Integer weights give the map fitted to frames repeated that many times."""
+    counts = torch.randint(0, 4, (len(frames),), generator=torch.Generator().manual_seed(3))
+    weighted = MolecularTransform.from_data(zmatrix, frames, weights=counts.double())
+    repeated = MolecularTransform.from_data(zmatrix, frames.repeat_interleave(counts, dim=0))
+    for name in ("torsion_offset", "torsion_cdf", "shift"):
+        torch.testing.assert_close(getattr(weighted, name), getattr(repeated, name))
+    # the weighted standard deviation is the population one, the repeated one has n - 1
+    n = int(counts.sum())
+    torch.testing.assert_close(weighted.scale, repeated.scale * math.sqrt((n - 1) / n))
+    with pytest.raises(ValueError, match="non-negative"):
+        MolecularTransform.from_data(zmatrix, frames, weights=-torch.ones(len(frames)))

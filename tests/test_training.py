@@ -11,6 +11,7 @@ from openmm_nice.energies import DoubleWell1D
 from openmm_nice.generator import BoltzmannGenerator
 from openmm_nice.io import load_checkpoint
 from openmm_nice.reporters import METRIC_COLUMNS, CheckpointReporter, MetricsReporter
+from openmm_nice.reweighting import effective_sample_size
 from openmm_nice.training import Trainer, TrainingSchedule, nll, reverse_kl
 
 
@@ -90,3 +91,87 @@ def test_ml_weight_moves_linearly_to_its_final_value():
     assert _trainer(steps=10, ml_weight=0.5, data=data).ml_weight_at(7) == 0.5
     with pytest.raises(ValueError, match="ml_weight_final must be >= 0"):
         _trainer(ml_weight=1.0, ml_weight_final=-1.0, data=data)
+
+
+def test_schedule_holds_beta_start_before_the_anneal():
+    s = TrainingSchedule(100, beta_start=0.25, anneal_steps=40, anneal_start=20)
+    assert s.beta(0) == s.beta(19) == 0.25
+    assert s.beta(40) == pytest.approx(0.25**0.5) and s.beta(60) == 1.0
+
+
+def test_buffer_term_trains_the_model_from_its_own_weighted_samples():
+    """Forward KL on the buffer alone (no reverse KL) moves the model towards the target."""
+    t = _trainer(
+        steps=200,
+        learning_rate=3e-3,
+        kl_weight=0.0,
+        reweighted_fkl_weight=0.0,
+        beta_start=1.0,
+        anneal_steps=0,
+        buffer_size=4096,
+        buffer_weight=1.0,
+        buffer_interval=20,
+        buffer_draws=1024,
+    )
+
+    def ess() -> float:
+        _, log_w = t.generator.sample(20000, generator=torch.Generator().manual_seed(3))
+        return effective_sample_size(log_w) / 20000
+
+    before = ess()
+    t.run()
+    assert len(t.buffer) == 4096 and ess() > before + 0.1  # 0.14 -> 0.37 when written
+    with pytest.raises(ValueError, match="buffer_weight > 0 needs buffer_size"):
+        _trainer(buffer_weight=1.0)
+
+
+class _Shift(torch.nn.Module):
+    """A one-dimensional coordinate map x = s + offset, standing in for a molecule's."""
+
+    dim = 1
+
+    def __init__(self, offset: float = 0.0):
+        super().__init__()
+        self.register_buffer("offset", torch.tensor([offset]))
+
+    def call_and_ladj(self, s):
+        return s + self.offset, s.new_zeros(s.shape[0])
+
+    def inverse_and_ladj(self, x):
+        return x - self.offset, x.new_zeros(x.shape[0])
+
+
+def test_map_refit_loads_the_fitted_map_and_realigns_the_model():
+    torch.manual_seed(0)
+    bg = BoltzmannGenerator(
+        DoubleWell1D(),
+        latent_dim=2,
+        layers=2,
+        hidden=[8],
+        conditional_hidden=[8],
+        coordinates=_Shift(),
+    )
+    seen = {}
+
+    def fit_map(x, weights):
+        seen["n"], seen["total"] = len(x), float(weights.sum())
+        return _Shift(float((weights * x[:, 0]).sum()))  # centre the map on the weighted mean
+
+    t = Trainer(
+        bg,
+        steps=4,
+        batch_size=64,
+        seed=7,
+        map_refits=[2],
+        fit_map=fit_map,
+        refit_samples=2000,
+        refit_steps=20,
+    )
+    t.run(2)
+    parameters = [p.detach().clone() for p in bg.parameters()]
+    t.run()
+    assert seen["n"] == 2000 and seen["total"] == pytest.approx(1.0)
+    assert bg.coordinates.offset.item() != 0.0
+    assert any((a != b).any() for a, b in zip(parameters, bg.parameters()))
+    with pytest.raises(ValueError, match="map_refits needs fit_map"):
+        Trainer(bg, steps=4, map_refits=[2])
