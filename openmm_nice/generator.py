@@ -206,7 +206,7 @@ class BoltzmannGenerator(nn.Module):
         and F. On the extended space (x, y), whose target is :math:`\mu(x) \hat P(y|x)`,
         drawing y is an exact Gibbs step, and :meth:`Draw.log_weights` is the weight of the
         point that a Metropolis-Hastings move with the model's draws as proposals needs
-        (:func:`openmm_nice.moves.independence_step`).
+        (:func:`openmm_nice.moves.independence_metropolis`).
 
         Arguments:
             x: Points in the target's coordinates, shape (B, energy.dim).

@@ -17,7 +17,7 @@ between), then proposes (x', y') from the model and accepts with the ratio of
 <openmm_nice.generator.Draw.log_weights>`). U is the target's at the chain's temperature, which
 need not be the training temperature.
 
-:func:`independence_step` is the kernel, for any energy; :class:`BoltzmannGeneratorMove` wraps
+:func:`independence_metropolis` is the kernel, for any energy; :class:`BoltzmannGeneratorMove` wraps
 it as an ``openmmtools.mcmc.MCMCMove`` for OpenMM systems, and :func:`run_chain` runs the
 chain of the ``openmm-nice mcmc`` command.
 """
@@ -45,7 +45,7 @@ from openmm_nice.io import save_samples, write_trajectory
 from openmm_nice.systems import import_openmmtools
 
 __all__ = [
-    "independence_step",
+    "independence_metropolis",
     "BoltzmannGeneratorMove",
     "SeededLangevinDynamicsMove",
     "ChainResult",
@@ -59,52 +59,85 @@ cache = import_openmmtools("cache")
 
 
 @torch.no_grad()
-def independence_step(
+def independence_metropolis(
     generator: BoltzmannGenerator,
     x: Tensor,
     u: Tensor,
     energy: Callable[[Tensor], Tensor],
+    n_steps: int = 1,
     rng: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    r"""One Metropolis-Hastings step of each of B chains, with the generator's draws as proposals.
+    r"""Metropolis-Hastings steps of B chains with the generator's draws as proposals.
 
-    Each chain's y is drawn afresh from :math:`\hat P(y|x)` (:meth:`BoltzmannGenerator.draw_at`),
-    then one independent draw (x', y') of the model is accepted with probability
-    :math:`\min(1, w(x', y') / w(x, y))`, with the log-weights of :meth:`Draw.log_weights
-    <openmm_nice.generator.Draw.log_weights>` under ``energy``. Both steps leave
-    :math:`\mu(x) \hat P(y|x)` invariant, so the chains' x keep :math:`\mu \propto e^{-U}`. A
-    proposal with an infinite or NaN energy is rejected; a chain whose own weight is undefined
-    (a clash it started in) takes any proposal with a finite one.
+    At each of ``n_steps`` steps every chain's y is drawn afresh from :math:`\hat P(y|x)`
+    (:meth:`BoltzmannGenerator.draw_at`), then an independent draw (x', y') of the model is
+    accepted with probability :math:`\min(1, w(x', y') / w(x, y))`, with the log-weights of
+    :meth:`Draw.log_weights <openmm_nice.generator.Draw.log_weights>` under ``energy``. Both
+    steps leave :math:`\mu(x) \hat P(y|x)` invariant, so the chains' x keep
+    :math:`\mu \propto e^{-U}`. A proposal with an infinite or NaN energy is rejected; a chain
+    whose own weight is undefined (a clash it started in) takes any proposal with a finite one.
+
+    The proposals do not depend on the chains, so all ``n_steps * B`` are drawn in one batch,
+    and so are the fresh y of a chain's point for all the steps it may stay there: a batch for
+    the starting points, and one more after each step that some chain accepts.
 
     Arguments:
         generator: The model. Its dtype is the arithmetic's: float64 makes the ratios exact to
             rounding, which the roundtrip of the closed-form inverse keeps small.
         x: The chains' points (B, energy dim) in the target's coordinates.
         u: Their reduced energies under ``energy``, shape (B,).
-        energy: The reduced energy U of points (B, dim) -> (B,) whose Boltzmann distribution
+        energy: The reduced energy U of points (N, dim) -> (N,) whose Boltzmann distribution
             the chains sample, e.g. the model's own energy times T_train / T for another
             temperature.
+        n_steps: Steps of each chain.
         rng: Random numbers for y, the proposals and the acceptance tests.
 
     Returns:
-        The chains' points and energies after the step, and which chains accepted, (B,) bool.
+        The chains' points and energies after the steps, and how many proposals each chain
+        accepted, (B,) int64.
 
     Example:
         >>> from openmm_nice.energies import DoubleWell1D
         >>> bg = BoltzmannGenerator(DoubleWell1D(), latent_dim=2, layers=2, hidden=[8])
         >>> x = torch.full((4, 1), -1.5)
-        >>> x, u, accepted = independence_step(bg, x, bg.energy(x), bg.energy)
-        >>> x.shape, u.shape, accepted.dtype
-        (torch.Size([4, 1]), torch.Size([4]), torch.bool)
+        >>> x, u, accepted = independence_metropolis(bg, x, bg.energy(x), bg.energy, n_steps=3)
+        >>> x.shape, u.shape, bool((accepted <= 3).all())
+        (torch.Size([4, 1]), torch.Size([4]), True)
     """
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
     x = x.to(device=generator.device, dtype=generator.dtype)
     u = u.to(device=generator.device, dtype=generator.dtype)
-    current = generator.draw_at(x, u, rng)
-    proposal = generator.draw(len(x), rng, energy=energy)
-    log_ratio = proposal.log_weights() - current.log_weights()
-    uniform = torch.rand(len(x), dtype=x.dtype, device=x.device, generator=rng)
-    accept = torch.log(uniform) < log_ratio  # NaN (both weights zero) rejects
-    return torch.where(accept[:, None], proposal.x, x), torch.where(accept, proposal.u, u), accept
+    chains = len(x)
+    proposals = generator.draw(n_steps * chains, rng, energy=energy)
+    log_w_new = proposals.log_weights().reshape(n_steps, chains)
+    x_new = proposals.x.reshape(n_steps, chains, -1)
+    u_new = proposals.u.reshape(n_steps, chains)
+    log_w = _refreshed_log_weights(generator, x, u, n_steps, rng)
+    log_uniform = torch.rand(n_steps, chains, dtype=x.dtype, device=x.device, generator=rng).log()
+    accepted = torch.zeros(chains, dtype=torch.int64, device=x.device)
+    for step in range(n_steps):
+        accept = log_uniform[step] < log_w_new[step] - log_w[step]  # NaN (both zero) rejects
+        if not accept.any():
+            continue
+        x = torch.where(accept[:, None], x_new[step], x)
+        u = torch.where(accept, u_new[step], u)
+        accepted += accept
+        if step + 1 < n_steps:
+            log_w[step + 1 :, accept] = _refreshed_log_weights(
+                generator, x[accept], u[accept], n_steps - step - 1, rng
+            )
+    return x, u, accepted
+
+
+def _refreshed_log_weights(
+    generator: BoltzmannGenerator, x: Tensor, u: Tensor, n: int, rng: torch.Generator | None
+) -> Tensor:
+    """log w of the points x (B, dim) with n fresh draws of y each, shape (n, B); for D = d,
+    where there is no y, the one weight of each point, n times."""
+    draws = 1 if generator.conditional is None else n
+    at = generator.draw_at(x.repeat(draws, 1), u.repeat(draws), rng)
+    return at.log_weights().reshape(draws, len(x)).expand(n, -1).clone()
 
 
 @contextlib.contextmanager
@@ -132,7 +165,7 @@ def _sha256(path: Path) -> str:
 class BoltzmannGeneratorMove(mcmc.MCMCMove):
     r"""An ``openmmtools.mcmc.MCMCMove`` whose proposals are independent draws of a generator.
 
-    :meth:`apply` makes ``n_proposals`` steps of :func:`independence_step` for the Boltzmann
+    :meth:`apply` makes ``n_proposals`` steps of :func:`independence_metropolis` for the Boltzmann
     distribution of the thermodynamic state it is given: reduced potentials come from the
     state's own Context (:meth:`ThermodynamicState.reduced_potential`), so the state's
     temperature may differ from the training temperature, and the move serves every state of
@@ -221,7 +254,7 @@ class BoltzmannGeneratorMove(mcmc.MCMCMove):
             raise TypeError(
                 "BoltzmannGeneratorMove needs a generator of an OpenMM system (its energy an "
                 f"OpenMMEnergy), got {type(generator.energy).__name__}; for other energies use "
-                "openmm_nice.moves.independence_step"
+                "openmm_nice.moves.independence_metropolis"
             )
         if isinstance(n_proposals, bool) or not isinstance(n_proposals, int) or n_proposals < 1:
             raise ValueError(f"n_proposals must be a positive int, got {n_proposals!r}")
@@ -295,14 +328,13 @@ class BoltzmannGeneratorMove(mcmc.MCMCMove):
             return u
 
         x = ((positions - translation[:, None]) @ rotation).reshape(1, -1)
-        u, moved = energy(x), False
         with _one_thread():
-            for _ in range(self.n_proposals):
-                x, u, accepted = independence_step(self._generator, x, u, energy, self._rng)
-                self.n_proposed += 1
-                self.n_accepted += int(accepted.item())
-                moved |= bool(accepted.item())
-        if moved:
+            x, _, accepted = independence_metropolis(
+                self._generator, x, energy(x), energy, self.n_proposals, self._rng
+            )
+        self.n_proposed += self.n_proposals
+        self.n_accepted += int(accepted.item())
+        if accepted.item():
             sampler_state.positions = unit.Quantity(placed(x)[0].numpy(), unit.nanometer)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -354,7 +386,7 @@ def _load_generator(run: Path) -> BoltzmannGenerator:
     if not target.is_molecule:
         raise ValueError(
             f"{run} was trained on the toy target {target.name!r}, not an OpenMM system; for "
-            "toy energies use openmm_nice.moves.independence_step"
+            "toy energies use openmm_nice.moves.independence_metropolis"
         )
     return generator.to(torch.float64)
 

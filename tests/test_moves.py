@@ -18,7 +18,7 @@ from openmm_nice.coordinates import InternalCoordinates, build_zmatrix
 from openmm_nice.moves import (
     SeededLangevinDynamicsMove,
     cache,
-    independence_step,
+    independence_metropolis,
     mcmc,
     run_chain,
     states,
@@ -78,16 +78,18 @@ def mala_step(energy, x, u, step: float, rng: torch.Generator):
     return torch.where(accept[:, None], x_new, x), torch.where(accept, u_new, u)
 
 
-def run_toy_chains(bg, n_chains, n_steps, beta=1.0, mala_steps=0, start=1.3, seed=1):
-    """Chains of the move (each followed by ``mala_steps`` MALA steps) from x = start; returns
-    x after each step, shape (n_steps, n_chains)."""
+def run_toy_chains(
+    bg, n_chains, n_iterations, proposals=1, mala_steps=0, beta=1.0, start=1.3, seed=1
+):
+    """Chains from x = start of ``proposals`` steps of the move then ``mala_steps`` MALA steps
+    per iteration; returns x after each iteration, shape (n_iterations, n_chains)."""
     rng = torch.Generator().manual_seed(seed)
     energy = lambda points: beta * bg.energy(points)
     x = torch.full((n_chains, 1), start)
     u = energy(x)
-    trace = np.empty((n_steps, n_chains))
-    for i in range(n_steps):
-        x, u, _ = independence_step(bg, x, u, energy, rng)
+    trace = np.empty((n_iterations, n_chains))
+    for i in range(n_iterations):
+        x, u, _ = independence_metropolis(bg, x, u, energy, proposals, rng)
         for _ in range(mala_steps):
             x, u = mala_step(energy, x, u, 0.02, rng)
         trace[i] = x[:, 0].numpy()
@@ -112,14 +114,21 @@ def test_exact_population_of_the_toy():
 
 
 @pytest.mark.parametrize(
-    "latent_dim, mala_steps, beta",
-    [(None, 0, 1.0), (2, 0, 1.0), (None, 2, 1.0), (2, 2, 1.0), (2, 0, 0.75)],
+    "latent_dim, proposals, mala_steps, beta",
+    [
+        (None, 1, 0, 1.0),
+        (2, 1, 0, 1.0),
+        (2, 4, 0, 1.0),  # several steps per call: batched proposals and refreshes of y
+        (None, 1, 2, 1.0),
+        (2, 1, 2, 1.0),
+        (2, 1, 0, 0.75),
+    ],
 )
 def test_chains_of_a_poor_model_reproduce_the_exact_population(
-    poor_models, latent_dim, mala_steps, beta
+    poor_models, latent_dim, proposals, mala_steps, beta
 ):
     bg = poor_models[latent_dim]
-    trace = run_toy_chains(bg, n_chains=64, n_steps=300, beta=beta, mala_steps=mala_steps)
+    trace = run_toy_chains(bg, 64, 300, proposals, mala_steps, beta)
     exact = probability_below_zero(beta)
     error = check_population((trace[50:] < 0).astype(float), exact)
     # the test has power: the model's own draws miss the answer by many such errors
@@ -129,16 +138,17 @@ def test_chains_of_a_poor_model_reproduce_the_exact_population(
 
 
 def test_a_chain_started_in_the_wrong_well_visits_both_within_100_moves(poor_models):
-    trace = run_toy_chains(poor_models[2], n_chains=16, n_steps=100, start=1.3)
-    assert (trace < 0).any(axis=0).all()  # every chain reached the left well
-    assert (trace > 0).any(axis=0).all()
+    trace = run_toy_chains(poor_models[2], n_chains=16, n_iterations=100, start=1.3)
+    assert (trace < 0).any(axis=0).all()  # every chain, started right, reached the left well
 
 
 def test_a_proposal_replaces_a_chain_stuck_at_an_infinite_energy(poor_models):
     bg = poor_models[2]
     x = torch.full((8, 1), math.nan)
-    x, u, accepted = independence_step(bg, x, torch.full((8,), math.inf), bg.energy)
-    assert accepted.all() and torch.isfinite(u).all() and torch.isfinite(x).all()
+    x, u, accepted = independence_metropolis(bg, x, torch.full((8,), math.inf), bg.energy)
+    assert (accepted == 1).all() and torch.isfinite(u).all() and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="n_steps"):
+        independence_metropolis(bg, x, u, bg.energy, n_steps=0)
 
 
 # The openmmtools move on an OpenMM system: one particle in the double well
