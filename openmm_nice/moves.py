@@ -42,7 +42,8 @@ from torch import Tensor
 
 from openmm_nice.generator import BoltzmannGenerator
 from openmm_nice.io import save_samples, write_trajectory
-from openmm_nice.systems import import_openmmtools
+from openmm_nice.openmm_energy import OpenMMEnergy
+from openmm_nice.systems import import_quietly
 
 __all__ = [
     "independence_metropolis",
@@ -53,9 +54,9 @@ __all__ = [
     "write_chain",
 ]
 
-mcmc = import_openmmtools("mcmc")
-states = import_openmmtools("states")
-cache = import_openmmtools("cache")
+mcmc = import_quietly("openmmtools.mcmc")
+states = import_quietly("openmmtools.states")
+cache = import_quietly("openmmtools.cache")
 
 
 @torch.no_grad()
@@ -248,8 +249,6 @@ class BoltzmannGeneratorMove(mcmc.MCMCMove):
         n_proposals: int,
         seed: int | None,
     ) -> None:
-        from openmm_nice.openmm_energy import OpenMMEnergy
-
         if not isinstance(generator.energy, OpenMMEnergy):
             raise TypeError(
                 "BoltzmannGeneratorMove needs a generator of an OpenMM system (its energy an "
@@ -260,7 +259,7 @@ class BoltzmannGeneratorMove(mcmc.MCMCMove):
             raise ValueError(f"n_proposals must be a positive int, got {n_proposals!r}")
         if generator.dtype != torch.float64 or generator.device.type != "cpu":
             generator = copy.deepcopy(generator).to(device="cpu", dtype=torch.float64)
-        self._generator = generator.eval()
+        self._generator = generator
         self._reference = states.ThermodynamicState(
             generator.energy.system, generator.energy.temperature
         )

@@ -16,7 +16,7 @@ __all__ = [
     "alanine_dipeptide_vacuum",
     "from_pdb",
     "from_xml",
-    "import_openmmtools",
+    "import_quietly",
     "load_molecular_system",
 ]
 
@@ -60,8 +60,9 @@ class MolecularSystem:
         return len(self.positions)
 
 
-def import_openmmtools(name: str):
-    """The module ``openmmtools.<name>``, without the banner its pymbar import prints to stdout."""
+def import_quietly(name: str):
+    """The module ``name`` (e.g. ``openmmtools.mcmc``), without the banner that pymbar, which
+    openmmtools imports, prints to stdout."""
     import contextlib
     import importlib
     import io
@@ -71,12 +72,12 @@ def import_openmmtools(name: str):
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("pymbar").setLevel(logging.ERROR)
-        return importlib.import_module(f"openmmtools.{name}")
+        return importlib.import_module(name)
 
 
 def alanine_dipeptide_vacuum() -> MolecularSystem:
     """Alanine dipeptide (ACE-ALA-NME, 22 atoms) in vacuum from openmmtools, no constraints."""
-    testsystems = import_openmmtools("testsystems")
+    testsystems = import_quietly("openmmtools.testsystems")
 
     test = testsystems.AlanineDipeptideVacuum(constraints=None)
     return MolecularSystem(test.system, test.topology, test.positions, "alanine_dipeptide_vacuum")

@@ -285,9 +285,9 @@ def test_sequence_of_langevin_and_the_move_in_an_mcmc_sampler(alanine_run, alani
 def test_multistate_samplers_run_the_move_and_their_storage_reopens(
     alanine_run, alanine, tmp_path, sampler_name
 ):
-    from openmm_nice.systems import import_openmmtools
+    from openmm_nice.systems import import_quietly
 
-    multistate = import_openmmtools("multistate")
+    multistate = import_quietly("openmmtools.multistate")
     storage = str(tmp_path / "storage.nc")
     moves = mcmc.SequenceMove(
         [
