@@ -29,9 +29,10 @@ from openmm_nice.walkers import mala_proposal_log_ratio
 EXACT_LEFT = 0.93273  # P(x < 0) of the note's double well, DoubleWell1D().probability_below(0, 0)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The chains here evaluate small batches, for which torch's thread pool only costs."""
+    """The models and chains here work on small batches, for which torch's thread pool only
+    costs (set before the module's other fixtures train their models)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
