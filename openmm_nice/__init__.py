@@ -27,6 +27,7 @@ from openmm_nice.transforms import AdditiveCoupling, LULinear, nice_flow
 __all__ = [
     "AdditiveCoupling",
     "BoltzmannGenerator",
+    "BoltzmannGeneratorMove",
     "ConditionalGaussian",
     "DoubleWell1D",
     "DoubleWell2D",
@@ -50,3 +51,13 @@ __all__ = [
     "regularize_energy",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The move subclasses openmmtools' MCMCMove; importing openmmtools takes seconds, so the
+    # package imports it on first use only.
+    if name == "BoltzmannGeneratorMove":
+        from openmm_nice.moves import BoltzmannGeneratorMove
+
+        return BoltzmannGeneratorMove
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

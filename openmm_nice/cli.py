@@ -1,4 +1,4 @@
-"""The `openmm-nice` command: train, sample, sweep, reweight, md."""
+"""The `openmm-nice` command: train, sample, sweep, reweight, md, mcmc."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from openmm_nice.ais import sample_as_configured
 from openmm_nice.config import Config, ConfigError, config_from_dict, load_config
 from openmm_nice.distributed import Ranks, init_distributed, shutdown_distributed
-from openmm_nice.io import atomic_write_text, load_checkpoint, save_samples
+from openmm_nice.io import atomic_write_text, load_checkpoint, save_samples, write_trajectory
 from openmm_nice.reporters import (
     CheckpointReporter,
     MetricsReporter,
@@ -259,7 +259,7 @@ def _cmd_sample(args) -> int:
                 raise ValueError(
                     f"--traj needs a molecular system; {target.name!r} is a toy target"
                 )
-            _write_trajectory(args.traj, x, target)
+            write_trajectory(args.traj, x, target.mdtraj_topology())
         ess = effective_sample_size(log_w) / len(log_w)
         if not args.quiet:
             print(
@@ -276,17 +276,6 @@ def _cmd_sample(args) -> int:
     finally:
         target.close()
     return 0
-
-
-def _write_trajectory(path: str, x: np.ndarray, target: Target) -> None:
-    import mdtraj
-
-    top = target.mdtraj_topology()
-    traj = mdtraj.Trajectory(x.reshape(len(x), top.n_atoms, 3).astype(np.float32), top)
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    traj.save(str(tmp))
-    tmp.replace(path)
 
 
 def _cmd_sweep(args) -> int:
@@ -351,6 +340,36 @@ def _cmd_md(args) -> int:
     from openmm_nice.md import md_command
 
     return md_command(args)
+
+
+def _cmd_mcmc(args) -> int:
+    from openmm_nice.moves import run_chain, write_chain
+
+    result = run_chain(
+        args.run,
+        args.n_iterations,
+        args.langevin_steps,
+        n_proposals=args.proposals,
+        timestep_fs=args.timestep,
+        collision_rate_per_ps=args.collision_rate,
+        temperature=args.temperature,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    data = write_chain(args.out, result)
+    if not args.quiet:
+        report = {
+            "iterations": len(result.u),
+            "langevin_steps": result.langevin_steps,
+            "proposals": result.n_proposals,
+            "acceptance": result.acceptance,
+            "temperature_K": result.temperature,
+            "wall_time_s": result.wall_time_s,
+            "out": args.out,
+            "data": str(data),
+        }
+        print(json.dumps(report))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -429,6 +448,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_md)
+
+    p = sub.add_parser(
+        "mcmc",
+        help="an openmmtools Markov chain of Langevin dynamics and the generator's exact "
+        "Metropolis-Hastings move",
+    )
+    p.add_argument("run", help="the run folder written by `train` (a molecule)")
+    p.add_argument("--n-iterations", type=int, required=True, help="iterations, a frame each")
+    p.add_argument(
+        "--langevin-steps",
+        type=int,
+        required=True,
+        help="Langevin steps per iteration (0: the generator's move alone)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="the trajectory (.dcd, .xtc, .h5, ...); beside it an .npz of the same name with "
+        "x, u (E/kT), phi, psi, accepted proposals per iteration and the acceptance",
+    )
+    p.add_argument(
+        "--proposals",
+        type=int,
+        default=1,
+        help="generator proposals per iteration (0: Langevin dynamics alone)",
+    )
+    p.add_argument(
+        "--timestep", type=float, help="Langevin time step in fs (default: md.timestep_fs)"
+    )
+    p.add_argument(
+        "--collision-rate",
+        type=float,
+        help="Langevin collision rate in 1/ps (default: md.friction_per_ps)",
+    )
+    p.add_argument(
+        "--temperature", type=float, help="the chain's temperature in K (default: the run's)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the proposals and the Langevin noise")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=_cmd_mcmc)
     return parser
 
 

@@ -501,6 +501,40 @@ class InternalCoordinates(nn.Module):
             start += size
         return pos.reshape(batch, 3 * n), self._log_jacobian(bonds, angles)
 
+    def rigid_motion(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The rotation R and translation t that place the canonical frame at positions x.
+
+        Every configuration is :math:`x = R\, x_c(q) + t` atom by atom, with :math:`x_c(q)`
+        the canonical-frame positions of :meth:`to_cartesian`: t is the position of the root
+        atom (row 0), R's first column points from it to the atom of row 1, and its second
+        lies in the plane of the first three atoms, towards the atom of row 2.
+
+        Arguments:
+            x: Positions of shape (B, 3N) in nm.
+
+        Returns:
+            R of shape (B, 3, 3), a proper rotation, and t of shape (B, 3), so that
+            ``x_c @ R.mT + t`` (with x_c of shape (B, N, 3)) gives x back.
+
+        Example:
+            >>> ic = InternalCoordinates([[0, -1, -1, -1], [1, 0, -1, -1], [2, 1, 0, -1]])
+            >>> x = torch.tensor([[1.0, 1, 1, 1, 1.2, 1, 0.8, 1.2, 1]])
+            >>> rotation, translation = ic.rigid_motion(x)
+            >>> canonical = ic.to_cartesian(ic.to_internal(x)[0])[0].reshape(1, 3, 3)
+            >>> torch.allclose(canonical @ rotation.mT + translation[:, None], x.reshape(1, 3, 3))
+            True
+        """
+        _check_batch(x, 3 * self.n_atoms, "x")
+        pos = x.reshape(x.shape[0], self.n_atoms, 3)
+        root = pos[:, int(self.zmatrix[0, 0])]
+        first = pos[:, int(self.zmatrix[1, 0])] - root
+        second = pos[:, int(self.zmatrix[2, 0])] - root
+        e1 = first / torch.linalg.vector_norm(first, dim=-1, keepdim=True)
+        in_plane = second - (second * e1).sum(-1, keepdim=True) * e1
+        e2 = in_plane / torch.linalg.vector_norm(in_plane, dim=-1, keepdim=True)
+        e3 = torch.linalg.cross(e1, e2)
+        return torch.stack([e1, e2, e3], dim=-1), root
+
     @staticmethod
     def _log_jacobian(bonds: Tensor, angles: Tensor) -> Tensor:
         return 2 * torch.log(bonds).sum(1) + torch.log(torch.sin(angles)).sum(1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -143,28 +143,45 @@ class BoltzmannGenerator(nn.Module):
         log_p = standard_normal_log_prob(z) - ladj - ladj_s
         return h[:, : self.dim], h[:, self.dim :], log_p
 
-    def flow_log_prob(self, x_flow: Tensor, y: Tensor) -> Tensor:
-        """log P(x_flow, y) of given points, by the closed-form inverse of S and F."""
+    def flow_inverse(self, x_flow: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(z, log P(x_flow, y)) of given points, by the closed-form inverse of S and F."""
         h, ladj_s = self.linear.inverse_and_ladj(torch.cat([x_flow, y], dim=-1))
         if self.flow is None:
-            return standard_normal_log_prob(h) + ladj_s
+            return h, standard_normal_log_prob(h) + ladj_s
         z, ladj_f = self.flow.inverse_and_ladj(h)
-        return standard_normal_log_prob(z) + ladj_s + ladj_f
+        return z, standard_normal_log_prob(z) + ladj_s + ladj_f
+
+    def flow_log_prob(self, x_flow: Tensor, y: Tensor) -> Tensor:
+        """log P(x_flow, y) of given points, by the closed-form inverse of S and F."""
+        return self.flow_inverse(x_flow, y)[1]
 
     def _from_target(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.coordinates is None:
             return x, x.new_zeros(x.shape[0])
         return self.coordinates.inverse_and_ladj(x)
 
-    def draw(self, n: int, generator: torch.Generator | None = None, float64: bool = False) -> Draw:
+    def draw(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        float64: bool = False,
+        energy: Callable[[Tensor], Tensor] | None = None,
+    ) -> Draw:
         """One pass of n latents through the model, with exact energies (differentiable).
 
         With ``float64`` the target-space points, their energies and hence the log-weights are
-        in float64 whatever the model's dtype (for sample files and estimates).
+        in float64 whatever the model's dtype (for sample files and estimates). ``energy``, a
+        reduced energy of points (B, dim) in the target's coordinates, replaces the model's own
+        (e.g. the target at another temperature).
         """
-        return self.draw_from(self.latent(n, generator), float64)
+        return self.draw_from(self.latent(n, generator), float64, energy)
 
-    def draw_from(self, z: Tensor, float64: bool = False) -> Draw:
+    def draw_from(
+        self,
+        z: Tensor,
+        float64: bool = False,
+        energy: Callable[[Tensor], Tensor] | None = None,
+    ) -> Draw:
         """Like :meth:`draw` for given latents z of shape (B, D) (differentiable in z)."""
         n = z.shape[0]
         x_flow, y, log_p = self.flow_forward(z)
@@ -178,8 +195,44 @@ class BoltzmannGenerator(nn.Module):
             x, ladj = x_flow, x_flow.new_zeros(n)
         else:
             x, ladj = self.coordinates.call_and_ladj(x_flow)
-        u = self.energy(x)
+        u = (self.energy if energy is None else energy)(x)
         return Draw(z, x_flow, y, x, log_p, log_q_y, ladj, u)
+
+    def draw_at(self, x: Tensor, u: Tensor, generator: torch.Generator | None = None) -> Draw:
+        r"""The :class:`Draw` of given points x with reduced energies u, y drawn afresh.
+
+        x_flow and the coordinate map's log-det come from the inverse of the coordinates, y
+        from :math:`\hat P(y|x)` (nothing for D = d), and z from the closed-form inverse of S
+        and F. On the extended space (x, y), whose target is :math:`\mu(x) \hat P(y|x)`,
+        drawing y is an exact Gibbs step, and :meth:`Draw.log_weights` is the weight of the
+        point that a Metropolis-Hastings move with the model's draws as proposals needs
+        (:func:`openmm_nice.moves.independence_metropolis`).
+
+        Arguments:
+            x: Points in the target's coordinates, shape (B, energy.dim).
+            u: Their reduced energies (B,), the model's own target's or another's.
+            generator: Random numbers for y.
+
+        Example:
+            >>> from openmm_nice.energies import DoubleWell1D
+            >>> bg = BoltzmannGenerator(DoubleWell1D(), latent_dim=2, layers=2, hidden=[8])
+            >>> d = bg.draw(3)
+            >>> torch.allclose(bg.draw_at(d.x, d.u).x_flow, d.x_flow)
+            True
+        """
+        if x.ndim != 2 or x.shape[1] != self.energy.dim or u.shape != x.shape[:1]:
+            raise ValueError(
+                f"expected x of shape (B, {self.energy.dim}) and u of shape (B,), got "
+                f"{tuple(x.shape)} and {tuple(u.shape)}"
+            )
+        x_flow, minus_ladj = self._from_target(x)
+        if self.conditional is None:
+            y, log_q_y = x_flow[:, :0], x_flow.new_zeros(x.shape[0])
+        else:
+            y = self.conditional.sample(x_flow, generator)
+            log_q_y = self.conditional.log_prob(y, x_flow)
+        z, log_p = self.flow_inverse(x_flow, y)
+        return Draw(z, x_flow, y, x, log_p, log_q_y, -minus_ladj, u)
 
     @torch.no_grad()
     def sample(

@@ -18,6 +18,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "save_samples",
+    "write_trajectory",
 ]
 
 
@@ -100,3 +101,17 @@ def read_frames(path: str | os.PathLike, topology=None, what: str = "frames") ->
 
     traj = mdtraj.load(str(path), top=topology)
     return traj.xyz.astype(np.float64).reshape(traj.n_frames, -1)
+
+
+def write_trajectory(path: str | os.PathLike, x, topology, time=None) -> None:
+    """Write frames x (F, 3N) in nm as a trajectory in the format of ``path``'s suffix (any
+    that mdtraj writes: .dcd, .xtc, .h5, .pdb, ...), with the mdtraj ``topology`` and optional
+    ``time`` (F,) in ps; written to a temporary name, then renamed into place."""
+    import mdtraj
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    xyz = np.asarray(x).reshape(len(x), topology.n_atoms, 3).astype(np.float32)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    mdtraj.Trajectory(xyz, topology, time=time).save(str(tmp))
+    tmp.replace(path)

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from openmm_nice.config import Config, load_config
-from openmm_nice.io import atomic_write_text, read_frames, save_samples
+from openmm_nice.io import atomic_write_text, read_frames, save_samples, write_trajectory
 
 __all__ = [
     "MDResult",
@@ -203,13 +203,7 @@ def write_md(path: str | Path, result: MDResult, topology) -> None:
             path, result.frames, np.zeros(len(result.frames)), result.u, time_ps=result.time_ps
         )
         return
-    import mdtraj
-
-    xyz = result.frames.reshape(len(result.frames), -1, 3).astype(np.float32)
-    traj = mdtraj.Trajectory(xyz, topology, time=result.time_ps)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    traj.save(str(tmp))
-    tmp.replace(path)
+    write_trajectory(path, result.frames, topology, time=result.time_ps)
 
 
 def md_command(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ __all__ = [
     "alanine_dipeptide_vacuum",
     "from_pdb",
     "from_xml",
+    "import_quietly",
     "load_molecular_system",
 ]
 
@@ -59,9 +60,11 @@ class MolecularSystem:
         return len(self.positions)
 
 
-def _import_openmmtools_testsystems():
-    """openmmtools.testsystems, without the banner its pymbar import prints to stdout."""
+def import_quietly(name: str):
+    """The module ``name`` (e.g. ``openmmtools.mcmc``), without the banner that pymbar, which
+    openmmtools imports, prints to stdout."""
     import contextlib
+    import importlib
     import io
     import logging
     import warnings
@@ -69,13 +72,12 @@ def _import_openmmtools_testsystems():
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("pymbar").setLevel(logging.ERROR)
-        from openmmtools import testsystems
-    return testsystems
+        return importlib.import_module(name)
 
 
 def alanine_dipeptide_vacuum() -> MolecularSystem:
     """Alanine dipeptide (ACE-ALA-NME, 22 atoms) in vacuum from openmmtools, no constraints."""
-    testsystems = _import_openmmtools_testsystems()
+    testsystems = import_quietly("openmmtools.testsystems")
 
     test = testsystems.AlanineDipeptideVacuum(constraints=None)
     return MolecularSystem(test.system, test.topology, test.positions, "alanine_dipeptide_vacuum")

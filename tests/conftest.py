@@ -20,3 +20,28 @@ def device(request):
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA is not available on this machine")
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def alanine_run(tmp_path_factory):
+    """A run folder of alanine dipeptide in vacuum trained for 3 steps (a poor model), D > d."""
+    from openmm_nice.cli import train_run
+    from openmm_nice.config import config_from_dict
+
+    config = config_from_dict(
+        {
+            "system": "alanine_dipeptide_vacuum",
+            "seed": 0,
+            "model": {"latent_dim": 62, "layers": 2, "hidden": [32], "conditional_hidden": [16]},
+            "training": {
+                "steps": 3,
+                "batch_size": 32,
+                "beta_start": 1.0,
+                "anneal_steps": 0,
+                "report_interval": 1,
+            },
+        }
+    )
+    run = tmp_path_factory.mktemp("alanine") / "run"
+    train_run(config, run, quiet=True, n_eval=200)
+    return run

@@ -196,3 +196,32 @@ def test_training_and_sampling_on_the_gpu(tmp_path, tiny_config):
     assert main(["sample", str(run), "--n", "1000", "--out", str(samples), "--quiet"]) == 0
     with np.load(samples) as data:
         assert np.isfinite(data["log_w"]).all()
+
+
+def test_mcmc_writes_the_chain_energies_angles_and_acceptance(tmp_path, alanine_run, capsys):
+    import mdtraj
+
+    from openmm_nice.analysis import ramachandran
+    from openmm_nice.cli import load_run
+
+    out = tmp_path / "chain.dcd"
+    args = ["mcmc", str(alanine_run), "--n-iterations", "4", "--langevin-steps", "5"]
+    assert main([*args, "--proposals", "3", "--out", str(out), "--seed", "2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    _, target, _ = load_run(alanine_run)
+    traj = mdtraj.load(str(out), top=target.mdtraj_topology())
+    assert traj.n_frames == 4
+    with np.load(tmp_path / "chain.npz") as data:
+        x, u = data["x"], data["u"]
+        assert x.shape == (4, 66) and (data["log_w"] == 0).all()
+        np.testing.assert_allclose(traj.xyz.reshape(4, -1), x, atol=1e-5)  # DCD is float32
+        np.testing.assert_allclose(u, target.energy(torch.as_tensor(x)).numpy(), rtol=1e-9)
+        phi, psi = ramachandran(x, target.mdtraj_topology())
+        np.testing.assert_allclose(data["phi"], phi)
+        np.testing.assert_allclose(data["psi"], psi)
+        assert data["accepted"].shape == (4,) and 0 <= data["accepted"].max() <= 3
+        assert float(data["acceptance"]) == pytest.approx(data["accepted"].sum() / 12)
+        assert float(data["acceptance"]) == pytest.approx(report["acceptance"])
+    target.close()
+    assert main([*args, "--out", str(tmp_path / "chain.npz"), "--quiet"]) == 2
+    assert "trajectory" in capsys.readouterr().err

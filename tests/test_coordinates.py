@@ -193,6 +193,24 @@ def test_x_to_q_to_x_round_trip_up_to_rigid_motion(zmatrix, reference):
     assert (pos[:, a2, 1] > 0).all() and pos[:, a2, 2].abs().max() == 0
 
 
+def test_rigid_motion_places_the_canonical_frame_back_at_the_positions(zmatrix, reference):
+    ic = InternalCoordinates(zmatrix)
+    x = random_rigid_motion(ic.to_cartesian(perturbed(ic, reference, 16))[0])
+    rotation, translation = ic.rigid_motion(x)
+    torch.testing.assert_close(
+        rotation.mT @ rotation, torch.eye(3).expand(16, 3, 3), rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(torch.linalg.det(rotation), torch.ones(16), rtol=0, atol=1e-12)
+    canonical = ic.to_cartesian(ic.to_internal(x)[0])[0].reshape(16, -1, 3)
+    placed = canonical @ rotation.mT + translation[:, None]
+    assert (placed.reshape(16, -1) - x).abs().max() < 1e-10
+    # another molecule's internal coordinates land in this one's frame
+    other = canonical.roll(1, dims=0) @ rotation.mT + translation[:, None]
+    moved_rotation, moved_translation = ic.rigid_motion(other.reshape(16, -1))
+    torch.testing.assert_close(moved_rotation, rotation, rtol=0, atol=1e-12)
+    torch.testing.assert_close(moved_translation, translation, rtol=0, atol=1e-12)
+
+
 def test_log_jacobian_is_exact(zmatrix, reference):
     """slogdet of (t, ZYZ Euler angles, q) -> R x(q) + t is log sin(beta) + log J(q)."""
     ic = InternalCoordinates(zmatrix)

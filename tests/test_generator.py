@@ -29,6 +29,31 @@ def test_draw_density_agrees_with_the_closed_form_inverse(latent_dim):
     torch.testing.assert_close(bg.flow_log_prob(d.x_flow, d.y), d.log_p, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("latent_dim", [1, 3])
+def test_draw_at_a_drawn_point_recovers_its_latent_and_weight(latent_dim):
+    bg = _random_generator(DoubleWell1D(), latent_dim)
+    d = bg.draw(64)
+    at = bg.draw_at(d.x, d.u, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(at.x_flow, d.x_flow, rtol=0, atol=0)
+    again = bg.draw_from(at.z)  # z is the inverse of (x, the fresh y)
+    torch.testing.assert_close(again.x, d.x, rtol=0, atol=1e-10)
+    torch.testing.assert_close(again.log_weights(), at.log_weights(), rtol=0, atol=1e-10)
+    if latent_dim == 1:  # D = d: nothing is drawn, the point's weight is the draw's own
+        torch.testing.assert_close(at.log_weights(), d.log_weights(), rtol=0, atol=1e-10)
+    else:  # y is drawn afresh from P^(y|x)
+        assert (at.y - d.y).abs().min() > 0
+    with pytest.raises(ValueError, match="shape"):
+        bg.draw_at(d.x, d.u[:3])
+
+
+def test_draw_with_another_energy_weights_by_that_energy():
+    bg = _random_generator(DoubleWell1D(), 2)
+    z = torch.randn(16, 2)
+    own, hot = bg.draw_from(z), bg.draw_from(z, energy=lambda x: 0.5 * bg.energy(x))
+    torch.testing.assert_close(hot.u, 0.5 * own.u)
+    torch.testing.assert_close(hot.log_weights(), own.log_weights(beta=0.5))
+
+
 def test_joint_density_is_the_change_of_variables_with_an_autograd_jacobian():
     bg = _random_generator(DoubleWell2D(), 2)
     z = torch.randn(5, 2)
