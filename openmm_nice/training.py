@@ -334,8 +334,20 @@ class Trainer:
             exchanged = walkers.exchange(
                 self.generator, x, u, d.log_weights(beta).detach(), beta, self.rng
             )
-        accepted = walkers.langevin(self.generator.energy, beta, self.walker_steps, self.rng)
+        accepted = walkers.langevin(self._supported_energy, beta, self.walker_steps, self.rng)
         return walkers, exchanged, accepted
+
+    def _supported_energy(self, x: Tensor) -> Tensor:
+        """The energy, +inf outside the model's support (a stereocentre of the other
+        handedness, which the coordinate map excludes), so that walkers stay where the model's
+        density is defined."""
+        u = self.generator.energy(x)
+        coordinates = getattr(self.generator, "coordinates", None)
+        if coordinates is None:
+            return u
+        with torch.no_grad():
+            inside = torch.isfinite(coordinates.inverse_and_ladj(x.to(self.generator.dtype))[1])
+        return torch.where(inside, u, math.inf)
 
     def buffer_batch(self, beta: float, buffer: SampleBuffer) -> Tensor:
         """``buffer_batch_size`` samples of ``buffer`` resampled by their weights at ``beta``."""
