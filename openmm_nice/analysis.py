@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from openmm_nice.errors import UserInputError
 from openmm_nice.io import atomic_write_text, save_samples
 from openmm_nice.plots import plot_free_energy_map, plot_profiles
 from openmm_nice.reweighting import (
@@ -112,13 +113,13 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with np.load(path) as data:
         missing = [k for k in ("x", "log_w", "u") if k not in data]
         if missing:
-            raise ValueError(
+            raise UserInputError(
                 f"{path} lacks {', '.join(missing)}; it is not a sample file of `openmm-nice "
                 "sample` (an MD trajectory is reweighted with --traj FILE --config CONFIG)"
             )
         x, log_w, u = data["x"], data["log_w"], data["u"]
     if x.ndim != 2 or log_w.shape != (len(x),) or u.shape != (len(x),):
-        raise ValueError(
+        raise UserInputError(
             f"{path}: x {x.shape}, log_w {log_w.shape}, u {u.shape} do not have the shapes "
             "(N, d), (N,), (N,) of a sample file"
         )
@@ -142,15 +143,15 @@ def load_trajectory(path: str | Path, topology: Any, stride: int = 1) -> np.ndar
             f"trajectory {path} does not exist; make one with `openmm-nice md CONFIG --out FILE`"
         )
     if stride < 1:
-        raise ValueError(f"--stride must be at least 1, got {stride}")
+        raise UserInputError(f"--stride must be at least 1, got {stride}")
     n_atoms = topology.n_atoms
     if path.suffix == ".npz":
         with np.load(path) as data:
             if "x" not in data:
-                raise ValueError(f"{path} has no array 'x' of frames (F, {3 * n_atoms}) in nm")
+                raise UserInputError(f"{path} has no array 'x' of frames (F, {3 * n_atoms}) in nm")
             x = np.asarray(data["x"][::stride], dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != 3 * n_atoms:
-            raise ValueError(
+            raise UserInputError(
                 f"frames in {path} have shape {x.shape}, but the system has {n_atoms} atoms, "
                 f"so frames of shape (F, {3 * n_atoms}); pass the --config the frames were made with"
             )
@@ -158,20 +159,20 @@ def load_trajectory(path: str | Path, topology: Any, stride: int = 1) -> np.ndar
         try:
             traj = mdtraj.load(str(path), top=topology, stride=stride)
         except OSError as error:
-            raise ValueError(f"mdtraj cannot read {path}: {error}") from None
+            raise UserInputError(f"mdtraj cannot read {path}: {error}") from None
         except ValueError as error:
-            raise ValueError(
+            raise UserInputError(
                 f"{path} does not match the system's {n_atoms} atoms ({error}); pass the "
                 "--config the trajectory was made with"
             ) from None
         if traj.n_atoms != n_atoms:
-            raise ValueError(
+            raise UserInputError(
                 f"{path} has {traj.n_atoms} atoms but the system has {n_atoms}; pass the "
                 "--config the trajectory was made with"
             )
         x = traj.xyz.astype(np.float64).reshape(traj.n_frames, -1)
     if len(x) == 0:
-        raise ValueError(f"{path} holds no frames")
+        raise UserInputError(f"{path} holds no frames")
     return x
 
 
@@ -226,7 +227,9 @@ def region_free_energy(
     inside = np.asarray(inside, dtype=bool)
     w = _weights(log_w, len(inside))
     if w.shape != inside.shape:
-        raise ValueError(f"mask {inside.shape} and log-weights {w.shape} must have the same shape")
+        raise UserInputError(
+            f"mask {inside.shape} and log-weights {w.shape} must have the same shape"
+        )
     p = float(np.sum(w[inside]))
 
     def population(i: np.ndarray) -> float:
@@ -273,7 +276,7 @@ def observable_mean(
     f = np.asarray(values, dtype=np.float64)
     w = _weights(log_w, len(f))
     if w.shape != f.shape:
-        raise ValueError(f"values {f.shape} and log-weights {w.shape} must have the same shape")
+        raise UserInputError(f"values {f.shape} and log-weights {w.shape} must have the same shape")
     if circular:
         s, c = np.sin(f), np.cos(f)
 
@@ -308,9 +311,9 @@ def jensen_shannon_divergence(p, q) -> float:
     p = np.asarray(p, dtype=np.float64).ravel()
     q = np.asarray(q, dtype=np.float64).ravel()
     if p.shape != q.shape:
-        raise ValueError(f"histograms of {p.shape} and {q.shape} bins cannot be compared")
+        raise UserInputError(f"histograms of {p.shape} and {q.shape} bins cannot be compared")
     if (p < 0).any() or (q < 0).any() or p.sum() <= 0 or q.sum() <= 0:
-        raise ValueError("histograms must be non-negative with a positive total")
+        raise UserInputError("histograms must be non-negative with a positive total")
     p, q = p / p.sum(), q / q.sum()
     m = 0.5 * (p + q)
 
@@ -391,19 +394,19 @@ def free_energy_map(
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.ndim != 1 or a.shape != b.shape:
-        raise ValueError(
+        raise UserInputError(
             f"angles must be two arrays of the same shape (N,), got {a.shape}, {b.shape}"
         )
     if bins < 1:
-        raise ValueError(f"bins must be at least 1, got {bins}")
+        raise UserInputError(f"bins must be at least 1, got {bins}")
     for name, angle in (("a", a), ("b", b)):
         if not np.all(np.abs(angle) <= math.pi + 1e-9):
-            raise ValueError(
+            raise UserInputError(
                 f"angle {name} has values outside [-pi, pi]; pass radians (np.deg2rad for degrees)"
             )
     w = _weights(log_w, len(a))
     if w.shape != a.shape:
-        raise ValueError(f"angles {a.shape} and log-weights {w.shape} must have the same shape")
+        raise UserInputError(f"angles {a.shape} and log-weights {w.shape} must have the same shape")
     edges = np.linspace(-math.pi, math.pi, bins + 1)
     p = _histogram2d(a, b, w, edges)
     with np.errstate(divide="ignore"):
@@ -446,7 +449,7 @@ def ramachandran(x: np.ndarray, topology: Any) -> tuple[np.ndarray, np.ndarray]:
     _, phi = mdtraj.compute_phi(traj)
     _, psi = mdtraj.compute_psi(traj)
     if phi.shape[1] == 0 or psi.shape[1] == 0:
-        raise ValueError("the molecule has no backbone phi/psi dihedral")
+        raise UserInputError("the molecule has no backbone phi/psi dihedral")
     return phi[:, 0].astype(np.float64), psi[:, 0].astype(np.float64)
 
 
@@ -459,24 +462,24 @@ def parse_observable(spec: str, n_atoms: int) -> tuple[str, list[int]]:
     usage = "use dihedral:i,j,k,l, angle:i,j,k or distance:i,j with 0-based atom indices"
     kind, _, atoms = spec.partition(":")
     if kind not in _OBSERVABLE_ATOMS:
-        raise ValueError(f"unknown observable {spec!r}; {usage}")
+        raise UserInputError(f"unknown observable {spec!r}; {usage}")
     try:
         indices = [int(a) for a in atoms.split(",")]
     except ValueError:
-        raise ValueError(f"bad atom indices in observable {spec!r}; {usage}") from None
+        raise UserInputError(f"bad atom indices in observable {spec!r}; {usage}") from None
     if len(indices) != _OBSERVABLE_ATOMS[kind]:
-        raise ValueError(
+        raise UserInputError(
             f"observable {spec!r}: a {kind} needs {_OBSERVABLE_ATOMS[kind]} atoms, got "
             f"{len(indices)}; {usage}"
         )
     bad = [i for i in indices if not 0 <= i < n_atoms]
     if bad:
-        raise ValueError(
+        raise UserInputError(
             f"observable {spec!r}: atom indices {bad} are out of range for {n_atoms} atoms "
             f"(0 to {n_atoms - 1})"
         )
     if len(set(indices)) != len(indices):
-        raise ValueError(f"observable {spec!r} repeats an atom; {usage}")
+        raise UserInputError(f"observable {spec!r} repeats an atom; {usage}")
     return kind, indices
 
 
@@ -501,7 +504,7 @@ def reduced_energies(energy: Any, x: np.ndarray, batch_size: int = 8192) -> np.n
     import torch
 
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        raise UserInputError(f"batch size must be at least 1, got {batch_size}")
     out = np.empty(len(x))
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
@@ -539,14 +542,14 @@ def reweight_trajectory(
     u_source = reduced_energies(source_energy, x, batch_size)
     bad = ~np.isfinite(u_source)
     if bad.any():
-        raise ValueError(
+        raise UserInputError(
             f"{int(bad.sum())} of {len(x)} frames have an infinite or NaN energy in the source "
             "state, so they cannot have been sampled from it; check that --config is the state "
             "the trajectory was run in"
         )
     if target_energy is None:
         if target_temperature is None:
-            raise ValueError("give a target energy or a target temperature")
+            raise UserInputError("give a target energy or a target temperature")
         from openmm import unit
 
         t_source = source_energy.temperature.value_in_unit(unit.kelvin)
@@ -598,7 +601,7 @@ def _toy_report(x: np.ndarray, log_w: np.ndarray, args: argparse.Namespace, out:
     )
     for i in indices:
         if not 0 <= i < x.shape[1]:
-            raise ValueError(
+            raise UserInputError(
                 f"coordinate {i} is out of range for samples of dimension {x.shape[1]}"
             )
         s = x[:, i]
@@ -671,46 +674,46 @@ def _molecule_report(
 def _check_mode(args: argparse.Namespace) -> None:
     """Exactly one of a sample file or --traj, and only the options that mode uses."""
     if (args.samples is None) == (args.traj is None):
-        raise ValueError(
+        raise UserInputError(
             "give either a sample file (`reweight SAMPLES.npz --run RUN`) or an MD trajectory "
             "(`reweight --traj MD.dcd --config CONFIG --temperature T`), not "
             + ("both" if args.samples else "neither")
         )
     if args.traj is not None:
         if args.config is None:
-            raise ValueError(
+            raise UserInputError(
                 "--traj needs --config, the config of the state the trajectory was run in"
             )
         if args.temperature is None and args.target_config is None:
-            raise ValueError(
+            raise UserInputError(
                 "--traj needs a target state: --temperature T_NEW (same System) and/or "
                 "--target-config OTHER.yaml"
             )
         if args.run is not None:
-            raise ValueError("--run is for sample files; with --traj give --config instead")
+            raise UserInputError("--run is for sample files; with --traj give --config instead")
     else:
         if args.temperature is not None or args.target_config is not None:
-            raise ValueError(
+            raise UserInputError(
                 "--temperature and --target-config reweight an MD trajectory: give it with "
                 "--traj FILE --config CONFIG instead of a sample file"
             )
         if args.run is not None and args.config is not None:
-            raise ValueError("give the sample file's system by --run or by --config, not both")
+            raise UserInputError("give the sample file's system by --run or by --config, not both")
     if args.temperature is not None and not (
         math.isfinite(args.temperature) and args.temperature > 0
     ):
-        raise ValueError(f"--temperature must be positive (kelvin), got {args.temperature}")
+        raise UserInputError(f"--temperature must be positive (kelvin), got {args.temperature}")
     if args.block_size is not None and args.block_size < 1:
-        raise ValueError(f"--block-size must be at least 1, got {args.block_size}")
+        raise UserInputError(f"--block-size must be at least 1, got {args.block_size}")
     if args.n_bootstrap < 2:
-        raise ValueError(f"--n-bootstrap must be at least 2, got {args.n_bootstrap}")
+        raise UserInputError(f"--n-bootstrap must be at least 2, got {args.n_bootstrap}")
 
 
 def _samples_command(args: argparse.Namespace, out: Path) -> dict:
     x, log_w, _ = load_samples(args.samples)
     target = None
     if args.run:
-        from openmm_nice.cli import load_run
+        from openmm_nice.runs import load_run
 
         _, target, _ = load_run(Path(args.run))
     elif args.config:
@@ -725,7 +728,7 @@ def _samples_command(args: argparse.Namespace, out: Path) -> dict:
         if target is not None and target.is_molecule:
             topology = target.mdtraj_topology()
             if x.shape[1] != 3 * topology.n_atoms:
-                raise ValueError(
+                raise UserInputError(
                     f"samples in {args.samples} have dimension {x.shape[1]}, but {target.name} "
                     f"has {topology.n_atoms} atoms ({3 * topology.n_atoms} coordinates); give the "
                     "run or config the samples were drawn from"
@@ -734,7 +737,7 @@ def _samples_command(args: argparse.Namespace, out: Path) -> dict:
             summary.update(_molecule_report(x, log_w, topology, args, out, block_size, labels))
         else:
             if args.observable:
-                raise ValueError(
+                raise UserInputError(
                     "--observable needs a molecular system; give the sample file's --run or "
                     "--config"
                 )
@@ -761,7 +764,7 @@ def _check_stored_energies(path: str | Path, stride: int, u_source: np.ndarray, 
         return
     difference = float(np.median(np.abs(stored - u_source)))
     if difference > 1e-3 + 1e-4 * float(np.median(np.abs(u_source))):
-        raise ValueError(
+        raise UserInputError(
             f"the reduced energies u stored in {path} differ from E/kT of --config's state "
             f"({t_source:g} K) by {difference:.3g} kT (median); give the --config (system and "
             "temperature) the trajectory was run with"
@@ -780,7 +783,7 @@ def _trajectory_command(args: argparse.Namespace, out: Path) -> dict:
     target_config = load_config(args.target_config) if args.target_config else None
     target = molecular_system(target_config) if target_config else None
     if target is not None and _elements(target.topology) != _elements(source.topology):
-        raise ValueError(
+        raise UserInputError(
             f"--target-config's system {target.name} ({target.n_atoms} atoms) does not have the "
             f"same atoms in the same order as --config's {source.name} ({source.n_atoms} "
             "atoms); reweighting needs both Systems to describe the same particles"

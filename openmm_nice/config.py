@@ -12,6 +12,8 @@ from typing import Any, Union
 
 import yaml
 
+from openmm_nice.errors import ConfigError
+
 __all__ = [
     "Config",
     "ModelConfig",
@@ -22,10 +24,6 @@ __all__ = [
     "load_config",
     "config_from_dict",
 ]
-
-
-class ConfigError(ValueError):
-    """A config key that does not exist, or a value of the wrong type or range."""
 
 
 @dataclass

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from openmm_nice.errors import UserInputError
+
 __all__ = [
     "read_frames",
     "atomic_write",
@@ -73,7 +75,7 @@ def save_samples(path: str | os.PathLike, x, log_w, u, **extra) -> None:
     }
     n = arrays["x"].shape[0]
     if arrays["x"].ndim != 2 or arrays["log_w"].shape != (n,) or arrays["u"].shape != (n,):
-        raise ValueError(
+        raise UserInputError(
             f"samples need x (N, d), log_w (N,), u (N,); got {arrays['x'].shape}, "
             f"{arrays['log_w'].shape}, {arrays['u'].shape}"
         )
@@ -91,10 +93,10 @@ def read_frames(path: str | os.PathLike, topology=None, what: str = "frames") ->
     if path.suffix.lower() == ".npz":
         with np.load(path) as data:
             if "x" not in data:
-                raise ValueError(f"{what} {path} has no array 'x' of frames")
+                raise UserInputError(f"{what} {path} has no array 'x' of frames")
             return np.asarray(data["x"], dtype=np.float64)
     if topology is None:
-        raise ValueError(
+        raise UserInputError(
             f"{what} {path} is a trajectory, which needs a molecular system; give an npz with x"
         )
     import mdtraj

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from openmm_nice.errors import UserInputError
+
 __all__ = [
     "effective_sample_size",
     "log_partition_function",
@@ -32,11 +34,11 @@ def _as_numpy(a) -> np.ndarray:
 def _check_log_w(log_w) -> np.ndarray:
     log_w = _as_numpy(log_w)
     if log_w.ndim != 1 or log_w.size == 0:
-        raise ValueError(f"log-weights must be a non-empty 1-D array, got shape {log_w.shape}")
+        raise UserInputError(f"log-weights must be a non-empty 1-D array, got shape {log_w.shape}")
     if np.isnan(log_w).any() or np.isposinf(log_w).any():
-        raise ValueError("log-weights contain NaN or +inf; weights of bad samples must be -inf")
+        raise UserInputError("log-weights contain NaN or +inf; weights of bad samples must be -inf")
     if not np.isfinite(log_w).any():
-        raise ValueError("every log-weight is -inf: no sample has positive weight")
+        raise UserInputError("every log-weight is -inf: no sample has positive weight")
     return log_w
 
 
@@ -99,11 +101,11 @@ def bootstrap(
         5
     """
     if block_size < 1:
-        raise ValueError(f"block_size must be at least 1, got {block_size}")
+        raise UserInputError(f"block_size must be at least 1, got {block_size}")
     if n_bootstrap < 2:
-        raise ValueError(f"n_bootstrap must be at least 2 for an error bar, got {n_bootstrap}")
+        raise UserInputError(f"n_bootstrap must be at least 2 for an error bar, got {n_bootstrap}")
     if n < 2 * block_size:
-        raise ValueError(
+        raise UserInputError(
             f"{n} samples make fewer than 2 blocks of {block_size}; a bootstrap needs more "
             "samples or a smaller block size (--block-size)"
         )
@@ -144,7 +146,7 @@ def expectation(values, log_w=None) -> tuple[float, float]:
         return float(f.mean()), float(f.std(ddof=1) / math.sqrt(len(f))) if len(f) > 1 else math.nan
     w = normalized_weights(log_w)
     if f.shape != w.shape:
-        raise ValueError(f"values {f.shape} and log-weights {w.shape} must have the same shape")
+        raise UserInputError(f"values {f.shape} and log-weights {w.shape} must have the same shape")
     keep = w > 0
     mean = float(np.sum(w[keep] * f[keep]))
     return mean, float(np.sqrt(np.sum(w[keep] ** 2 * (f[keep] - mean) ** 2)))
@@ -204,7 +206,9 @@ def free_energy_profile(
     s = _as_numpy(s)
     w = np.ones_like(s) if log_w is None else normalized_weights(log_w)
     if s.shape != w.shape:
-        raise ValueError(f"coordinate {s.shape} and log-weights {w.shape} must have the same shape")
+        raise UserInputError(
+            f"coordinate {s.shape} and log-weights {w.shape} must have the same shape"
+        )
     lo, hi = (float(s.min()), float(s.max())) if range is None else range
     edges = np.linspace(lo, hi, bins + 1)
     f = _profile(s, w, edges)

@@ -202,7 +202,7 @@ def test_mcmc_writes_the_chain_energies_angles_and_acceptance(tmp_path, alanine_
     import mdtraj
 
     from openmm_nice.analysis import ramachandran
-    from openmm_nice.cli import load_run
+    from openmm_nice.runs import load_run
 
     out = tmp_path / "chain.dcd"
     args = ["mcmc", str(alanine_run), "--n-iterations", "4", "--langevin-steps", "5"]
@@ -225,3 +225,31 @@ def test_mcmc_writes_the_chain_energies_angles_and_acceptance(tmp_path, alanine_
     target.close()
     assert main([*args, "--out", str(tmp_path / "chain.npz"), "--quiet"]) == 2
     assert "trajectory" in capsys.readouterr().err
+
+
+def test_no_module_of_the_package_imports_the_command_line():
+    package = ROOT / "openmm_nice"
+    for path in package.glob("*.py"):
+        if path.name != "cli.py":
+            text = path.read_text()
+            assert "openmm_nice.cli" not in text and "from openmm_nice import cli" not in text, path
+
+
+def test_user_errors_are_one_line_but_bugs_keep_their_traceback(monkeypatch, tmp_path, capsys):
+    import openmm_nice.cli as cli
+    from openmm_nice.errors import UserInputError
+
+    def fails_with(error):
+        def train_run(*args, **kwargs):
+            raise error
+
+        return train_run
+
+    argv = ["train", str(ROOT / "examples" / "double_well_1d.yaml"), "--out", str(tmp_path / "r")]
+    monkeypatch.setattr(cli, "train_run", fails_with(UserInputError("give a better value")))
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == "openmm-nice train: error: give a better value"
+    for bug in (ValueError("a bug"), TypeError("another bug")):
+        monkeypatch.setattr(cli, "train_run", fails_with(bug))
+        with pytest.raises(type(bug), match="bug"):
+            main(argv)
