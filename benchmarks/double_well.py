@@ -124,8 +124,8 @@ def run_case(
             {
                 "coordinate": index,
                 "exact": target.energy.probability_below(index, barrier),
-                "direct": probability(below)[0],
-                "reweighted": probability(below, log_w)[0],
+                "direct": probability(below, n_bootstrap=0).value,
+                "reweighted": probability(below, log_w, n_bootstrap=0).value,
             }
         )
     return row

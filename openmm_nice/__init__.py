@@ -12,14 +12,10 @@ from openmm_nice.energies import (
     MuellerBrown,
     regularize_energy,
 )
+from openmm_nice.free_energy import free_energy_profile
 from openmm_nice.generator import BoltzmannGenerator
 from openmm_nice.openmm_energy import OpenMMEnergy
-from openmm_nice.reweighting import (
-    effective_sample_size,
-    expectation,
-    free_energy_profile,
-    log_partition_function,
-)
+from openmm_nice.reweighting import effective_sample_size, expectation, log_partition_function
 from openmm_nice.systems import MolecularSystem, alanine_dipeptide_vacuum, load_molecular_system
 from openmm_nice.training import Trainer
 from openmm_nice.transforms import AdditiveCoupling, LULinear, nice_flow

@@ -93,10 +93,78 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
-def _cmd_reweight(args) -> int:
-    from openmm_nice.analysis import reweight_command
+def _check_reweight_mode(args) -> None:
+    """Exactly one of a sample file or --traj, and only the options that mode uses."""
+    if (args.samples is None) == (not args.traj):
+        raise UserInputError(
+            "give either a sample file (`reweight SAMPLES.npz --run RUN`) or an MD trajectory "
+            "(`reweight --traj MD.dcd --config CONFIG --temperature T`), not "
+            + ("both" if args.samples else "neither")
+        )
+    if args.traj:
+        if not args.config:
+            raise UserInputError(
+                "--traj needs --config, the config of the state the trajectory was run in"
+            )
+        if args.temperature is None and args.target_config is None:
+            raise UserInputError(
+                "--traj needs a target state: --temperature T_NEW (same System) and/or "
+                "--target-config OTHER.yaml"
+            )
+        if args.run is not None:
+            raise UserInputError("--run is for sample files; with --traj give --config instead")
+    else:
+        if args.temperature is not None or args.target_config is not None:
+            raise UserInputError(
+                "--temperature and --target-config reweight an MD trajectory: give it with "
+                "--traj FILE --config CONFIG instead of a sample file"
+            )
+        if len(args.config) > 1:
+            raise UserInputError("a sample file takes one --config (or its --run)")
 
-    return reweight_command(args)
+
+def _coordinates(text: str) -> list[int] | None:
+    if text == "all":
+        return None
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise UserInputError(
+            f"--coordinates {text!r}: give 'all' or comma-separated indices such as 0,2"
+        ) from None
+
+
+def _cmd_reweight(args) -> int:
+    from openmm_nice.reweight import reweight_samples, reweight_trajectories
+
+    _check_reweight_mode(args)
+    configs = [load_config(path) for path in args.config]
+    statistics = {"n_bootstrap": args.n_bootstrap, "observables": args.observable}
+    if args.traj:
+        reweight_trajectories(
+            args.traj,
+            configs,
+            args.out,
+            temperature=args.temperature,
+            target_config=load_config(args.target_config) if args.target_config else None,
+            block_size=args.block_size,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            **statistics,
+        )
+    else:
+        reweight_samples(
+            args.samples,
+            args.out,
+            run=args.run,
+            config=configs[0] if configs else None,
+            coordinates=_coordinates(args.coordinates),
+            bins=args.bins,
+            block_size=args.block_size or 1,
+            **statistics,
+        )
+    print((Path(args.out) / "summary.json").read_text(), end="")
+    return 0
 
 
 def _cmd_md(args) -> int:
@@ -215,11 +283,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser(
-        "reweight", help="weighted observables and free-energy profiles from samples"
+        "reweight",
+        help="weighted observables and free-energy profiles from samples",
+        description="Weighted observables and free-energy maps, either of a sample file (direct "
+        "and importance-sampled) or of MD trajectories reweighted from the states they were run "
+        "in (--config) to another temperature (--temperature) or System (--target-config): by "
+        "EXP from one state, by MBAR from several pooled ones.",
     )
-    from openmm_nice.analysis import add_reweight_arguments
-
-    add_reweight_arguments(p)
+    p.add_argument(
+        "samples",
+        nargs="?",
+        help="an npz from `openmm-nice sample` (x, log_w, u); or give --traj instead",
+    )
+    p.add_argument(
+        "--traj",
+        action="append",
+        default=[],
+        help="an MD trajectory to reweight (.npz with x in nm, or any mdtraj format such as "
+        ".dcd); repeatable, each with its own --config (several states, pooled by MBAR) or all "
+        "with one (one state)",
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="the config of the state the frames come from (system, temperature); needed with "
+        "--traj, once per --traj or once for all; for a sample file it names the system "
+        "instead of --run",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        help="with --traj: the target temperature in K (default: that of --target-config)",
+    )
+    p.add_argument(
+        "--target-config",
+        help="with --traj: a config whose system (at its temperature, unless --temperature) is "
+        "the target state; it must have the same atoms in the same order",
+    )
+    p.add_argument("--out", required=True, help="folder for CSV, PNG and summary.json")
+    p.add_argument("--run", help="the run folder of a sample file, for molecules and exact answers")
+    p.add_argument(
+        "--coordinates", default="all", help="toy targets: comma-separated indices to profile"
+    )
+    p.add_argument("--bins", type=int, default=60, help="toy targets: bins of each profile")
+    p.add_argument(
+        "--observable",
+        action="append",
+        default=[],
+        help="molecules: dihedral:i,j,k,l or angle:i,j,k (radians) or distance:i,j (nm), "
+        "0-based atom indices; its mean with an error; repeatable",
+    )
+    p.add_argument("--n-bootstrap", type=int, default=200, help="resamples for error bars")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        help="frames per bootstrap block (correlated frames need blocks longer than their "
+        "correlation time); default 1 for a sample file, a twentieth of the shortest "
+        "trajectory for --traj",
+    )
+    p.add_argument("--stride", type=int, default=1, help="with --traj: use every k-th frame")
+    p.add_argument(
+        "--batch-size", type=int, default=8192, help="with --traj: frames per energy evaluation"
+    )
     p.set_defaults(func=_cmd_reweight)
 
     p = sub.add_parser("md", help="plain OpenMM Langevin MD of a config's system")

@@ -573,7 +573,7 @@ def write_chain(path: str | Path, result: ChainResult) -> Path:
     ``n_proposals``, ``timestep_fs``. Returns the npz's path."""
     import mdtraj
 
-    from openmm_nice.analysis import ramachandran
+    from openmm_nice.observables import ramachandran
 
     path = Path(path)
     if path.suffix.lower() == ".npz":

@@ -13,8 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from openmm_nice.free_energy import FreeEnergyProfile, free_energy_profile  # noqa: E402
 from openmm_nice.io import atomic_write  # noqa: E402
-from openmm_nice.reweighting import FreeEnergyProfile, free_energy_profile  # noqa: E402
 
 __all__ = [
     "save_figure",
@@ -85,7 +85,7 @@ def plot_note_figure(
         ax.errorbar(
             profile.centers,
             profile.free_energy + shift,
-            yerr=profile.error,
+            yerr=_bars(profile.error),
             color="red",
             fmt=".",
             ms=3,
@@ -96,6 +96,11 @@ def plot_note_figure(
     axes[0].set_ylabel("U(x)")
     axes[0].legend()
     save_figure(fig, path)
+
+
+def _bars(error: np.ndarray) -> np.ndarray:
+    """Error bars to draw: none (NaN) where the error is not finite."""
+    return np.where(np.isfinite(error), error, np.nan)
 
 
 def _profile_offset(profile: FreeEnergyProfile, potential, log_z: float) -> float:
@@ -116,7 +121,13 @@ def plot_profiles(
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (label, p) in enumerate(profiles.items()):
         ax.errorbar(
-            p.centers, p.free_energy, yerr=p.error, fmt=".-", ms=3, color=f"C{i}", label=label
+            p.centers,
+            p.free_energy,
+            yerr=_bars(p.error),
+            fmt=".-",
+            ms=3,
+            color=f"C{i}",
+            label=label,
         )
     if exact is not None:
         ax.plot(*exact, color="black", label="exact")

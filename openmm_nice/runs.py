@@ -35,6 +35,7 @@ __all__ = [
     "check_device",
     "evaluate",
     "load_run",
+    "load_target",
     "sample_run",
     "sweep_latent_dims",
     "train_run",
@@ -64,11 +65,14 @@ def check_device(name: str) -> torch.device:
     return device
 
 
-def _target(config: Config) -> Target:
-    """The target of ``config.system``. Building it raises ``ValueError`` only for what the
-    config names (an unknown system, options its energy refuses, a force field that cannot
-    parameterise the PDB, a System or platform OpenMM refuses), so those reach the user as
-    config errors."""
+def load_target(config: Config) -> Target:
+    """The target ``config.system`` names: its energy (an OpenMMEnergy with the config's
+    platform and workers for molecules), and its molecule; ``close()`` it when done.
+
+    Building it raises ``ValueError`` only for what the config names (an unknown system, options
+    its energy refuses, a force field that cannot parameterise the PDB, a System or platform
+    OpenMM refuses), so those reach the user as :class:`~openmm_nice.errors.ConfigError`.
+    """
     try:
         return build_target(config)
     except ValueError as error:
@@ -165,7 +169,7 @@ def _train_ranked(
     if ranks.distributed and torch.device(config.device).type == "cuda":
         local.device = f"cuda:{ranks.local_rank}"
     torch.manual_seed(config.seed)  # the same initial model on every rank
-    target = _target(local)
+    target = load_target(local)
     try:
         frames = _frames(config, target)
         state = load_checkpoint(checkpoint) if resume else None
@@ -253,11 +257,12 @@ def _run_plots(out: Path, target: Target, model: BoltzmannGenerator) -> None:
             out / "figure1.png",
         )
         return
-    from openmm_nice.analysis import free_energy_map, ramachandran
+    from openmm_nice.free_energy import free_energy_map
+    from openmm_nice.observables import ramachandran
 
     try:
         phi, psi = ramachandran(x, target.mdtraj_topology())
-    except ValueError:
+    except UserInputError:
         return  # no backbone: nothing to map
     maps = {}
     for label, weights in (("direct", None), ("importance-sampled", log_w)):
@@ -311,7 +316,7 @@ def load_run(run: PathLike, device: str | None = None) -> Run:
     if device is not None:
         config.device = device
     check_device(config.device)
-    target = _target(config)
+    target = load_target(config)
     model = build_generator(config, target)
     model.load_state_dict(state["model"])
     model.eval()
