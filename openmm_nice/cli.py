@@ -19,9 +19,14 @@ __all__ = ["main", "build_parser"]
 def _cmd_train(args) -> int:
     out = Path(args.out)
     if args.resume:
+        if args.set:
+            raise UserInputError(
+                "--set changes the config of a new run; a resumed run keeps its own "
+                f"({out / 'config.yaml'})"
+            )
         config = load_config(out / "config.yaml")
     else:
-        config = load_config(args.config)
+        config = load_config(args.config, args.set)
     if args.steps is not None and args.resume:
         config.training.steps = args.steps  # the schedule already under way stays as it is
     elif args.steps is not None:
@@ -78,7 +83,7 @@ def _cmd_sweep(args) -> int:
             )
 
     result = sweep_latent_dims(
-        load_config(args.config),
+        load_config(args.config, args.set),
         _latent_dims(args.latent_dims),
         args.out,
         steps=args.steps,
@@ -138,7 +143,7 @@ def _cmd_reweight(args) -> int:
     from openmm_nice.reweight import reweight_samples, reweight_trajectories
 
     _check_reweight_mode(args)
-    configs = [load_config(path) for path in args.config]
+    configs = [load_config(path, args.set) for path in args.config]
     statistics = {"n_bootstrap": args.n_bootstrap, "observables": args.observable}
     if args.traj:
         reweight_trajectories(
@@ -146,7 +151,7 @@ def _cmd_reweight(args) -> int:
             configs,
             args.out,
             temperature=args.temperature,
-            target_config=load_config(args.target_config) if args.target_config else None,
+            target_config=load_config(args.target_config, args.set) if args.target_config else None,
             block_size=args.block_size,
             stride=args.stride,
             batch_size=args.batch_size,
@@ -170,7 +175,7 @@ def _cmd_reweight(args) -> int:
 def _cmd_md(args) -> int:
     from openmm_nice.md import run_md_to_file
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     if args.seed is not None:
         config.seed = args.seed
     if args.temperature is not None:
@@ -178,6 +183,8 @@ def _cmd_md(args) -> int:
             raise UserInputError(f"--temperature must be positive (kelvin), got {args.temperature}")
         config.temperature = float(args.temperature)
     command = ["openmm-nice", "md", str(args.config), "--out", str(args.out)]
+    for override in args.set:
+        command += ["--set", override]
     if args.steps is not None:
         command += ["--steps", str(args.steps)]
     if args.seed is not None:
@@ -230,6 +237,18 @@ def _cmd_mcmc(args) -> int:
     return 0
 
 
+def _add_set(p: argparse.ArgumentParser, configs: str = "the config") -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"override a key of {configs} before it is validated, e.g. training.steps=10 or "
+        "model.hidden=[32,32] (the value is read as YAML; relative paths against the config "
+        "file's folder); repeatable",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openmm-nice", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="override seed")
     p.add_argument("--device", help="override device (cpu, cuda, cuda:1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    _add_set(p, "CONFIG (not with --resume)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="draw samples with importance weights from a trained run")
@@ -280,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="override training.steps")
     p.add_argument("--n-eval", type=int, default=20000, help="fresh latents for J_R and its error")
     p.add_argument("--quiet", action="store_true")
+    _add_set(p)
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser(
@@ -346,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, default=8192, help="with --traj: frames per energy evaluation"
     )
+    _add_set(p, "every --config and --target-config")
     p.set_defaults(func=_cmd_reweight)
 
     p = sub.add_parser("md", help="plain OpenMM Langevin MD of a config's system")
@@ -363,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--start-frame", type=int, default=-1, help="which frame of --start (default: the last)"
     )
     p.add_argument("--quiet", action="store_true")
+    _add_set(p)
     p.set_defaults(func=_cmd_md)
 
     p = sub.add_parser(

@@ -105,6 +105,11 @@ def test_existing_run_needs_resume_and_bad_configs_are_named(tmp_path, tiny_conf
     bad.write_text("system: no_such_system\n")
     assert main(["train", str(bad), "--out", str(tmp_path / "r3"), "--quiet"]) == 2
     assert "double_well_1d" in capsys.readouterr().err
+    argv = ["train", str(tiny_config), "--out", str(tmp_path / "r4"), "--quiet"]
+    assert main([*argv, "--set", "training.batch=3"]) == 2
+    assert "training.batch; valid keys in training are" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(run), "--set", "seed=1", "--quiet"]) == 2
+    assert "a resumed run keeps its own" in capsys.readouterr().err
 
 
 def test_sweep_writes_j_r_per_latent_dimension(tmp_path, tiny_config, capsys):

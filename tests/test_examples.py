@@ -87,3 +87,14 @@ def test_alanine_example_trains_and_samples_with_openmm_energies(tmp_path):
         expected = context.getState(getEnergy=True).getPotentialEnergy() / kt
         assert u[i] == pytest.approx(expected, rel=1e-9, abs=1e-6)
     assert mdtraj.load(str(traj), top=mdtraj.Topology.from_openmm(molecule.topology)).n_frames == 64
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_example_trains_with_a_set_override(tmp_path, config):
+    run = tmp_path / config.stem
+    assert (
+        main(["train", str(config), "--set", "training.steps=10", "--out", str(run), "--quiet"])
+        == 0
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["n"] == 20000
