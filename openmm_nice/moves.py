@@ -210,8 +210,7 @@ class BoltzmannGeneratorMove(mcmc.MCMCMove):
 
         from openmm import unit
         from openmmtools import mcmc, states
-        from openmm_nice import BoltzmannGeneratorMove
-        from openmm_nice.runs import load_run
+        from openmm_nice import BoltzmannGeneratorMove, load_run
 
         _, target, _ = load_run("runs/ala2")
         thermodynamic_state = states.ThermodynamicState(target.molecule.system, 300 * unit.kelvin)
