@@ -134,7 +134,7 @@ def train_run(
         out: The run folder; it must not hold a run unless ``resume``.
         resume: Continue the run in ``out`` from its checkpoint.
         quiet: No progress bar.
-        n_eval: Fresh samples for the summary's estimates.
+        n_eval: Fresh samples for the summary's estimates (and a molecule's Ramachandran plot).
 
     Returns:
         The summary (an empty dict on ranks other than 0).
@@ -155,7 +155,8 @@ def _train_ranked(
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists() and not resume:
         raise FileExistsError(
-            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+            f"{out} already holds a run; continue it (--resume, resume=True), or choose another "
+            "run folder"
         )
     if resume and not checkpoint.exists():
         raise FileNotFoundError(f"--resume: no checkpoint in {out}; start the run without --resume")
@@ -219,7 +220,7 @@ def _train_ranked(
         summary.update(evaluate(trainer.generator, n_eval))
         _exact_answers(target, summary)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        _run_plots(out, target, trainer.generator)
+        _run_plots(out, target, trainer.generator, n_eval)
         return summary
     finally:
         target.close()
@@ -238,15 +239,16 @@ def _exact_answers(target: Target, summary: dict) -> None:
     summary["kl_bound"] = summary["j_r"] + log_z
 
 
-def _run_plots(out: Path, target: Target, model: BoltzmannGenerator) -> None:
-    """The run's pictures: loss curves; Figure 1 of the note for 1D toys; Ramachandran maps."""
+def _run_plots(out: Path, target: Target, model: BoltzmannGenerator, n: int) -> None:
+    """The run's pictures: loss curves; Figure 1 of the note for 1D toys; Ramachandran maps of
+    n samples for molecules."""
     from openmm_nice.plots import plot_free_energy_map, plot_metrics, plot_note_figure
 
     plot_metrics(out / "metrics.csv", out / "loss.png")
     if target.energy.dim != 1 and not target.is_molecule:
         return
     rng = torch.Generator(device=model.device).manual_seed(1)
-    x, log_w = model.sample(100_000 if not target.is_molecule else 20_000, generator=rng)
+    x, log_w = model.sample(n if target.is_molecule else 100_000, generator=rng)
     x, log_w = x.double().cpu().numpy(), log_w.double().cpu().numpy()
     if not target.is_molecule:
         plot_note_figure(
