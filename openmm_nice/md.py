@@ -12,7 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from openmm_nice.config import Config
-from openmm_nice.errors import UserInputError
+from openmm_nice.errors import ConfigError, UserInputError
 from openmm_nice.io import atomic_write_text, read_frames, save_samples, write_trajectory
 
 __all__ = [
@@ -71,10 +71,13 @@ def molecular_system(config: Config):
     name = config.system if isinstance(config.system, str) else config.system.get("name")
     if name in TOY_SYSTEMS:
         raise UserInputError(
-            f"md needs a molecular system, but {name!r} is a toy target; use a config whose "
+            f"this needs a molecular system, but {name!r} is a toy target; use a config whose "
             "`system` is e.g. alanine_dipeptide_vacuum or {pdb: ..., forcefield: [...]}"
         )
-    return load_molecular_system(config.system)
+    try:
+        return load_molecular_system(config.system)
+    except ValueError as error:  # a PDB or force field that cannot make the System
+        raise ConfigError(f"system: {error}") from error
 
 
 def run_md(
@@ -121,7 +124,10 @@ def run_md(
     platform = platform or config.platform
     # validates the System (constraints, virtual sites, periodicity) and the platform with the
     # same messages as training
-    OpenMMEnergy(molecule.system, config.temperature, platform=platform).close()
+    try:
+        OpenMMEnergy(molecule.system, config.temperature, platform=platform).close()
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     integrator = openmm.LangevinMiddleIntegrator(
         config.temperature * unit.kelvin,
         md.friction_per_ps / unit.picosecond,

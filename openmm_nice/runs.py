@@ -90,7 +90,7 @@ def _frames(config: Config, target: Target) -> torch.Tensor | None:
 
 
 def evaluate(model: BoltzmannGenerator, n: int, seed: int = 12345) -> dict:
-    """ESS/N, log Z^ with its bootstrap error, and J_R with its standard error on n fresh
+    r"""ESS/N, log Z^ with its bootstrap error, and J_R with its standard error on n fresh
     latents: the figures of a run's summary.json.
 
     Arguments:
@@ -100,7 +100,7 @@ def evaluate(model: BoltzmannGenerator, n: int, seed: int = 12345) -> dict:
 
     Returns:
         ``{"n", "ess", "log_z", "log_z_error", "j_r", "j_r_error"}``; ``j_r`` is
-        :math:`E[-\\log w]` in nats, inf when a sample has zero weight.
+        :math:`E[-\log w]` in nats, inf when a sample has zero weight.
     """
     rng = torch.Generator(device=model.device).manual_seed(seed)
     _, log_w = model.sample(n, generator=rng)
