@@ -31,15 +31,11 @@ import numpy as np
 import torch
 
 from openmm_nice.ais import annealed_importance_sampling
-from openmm_nice.analysis import (
-    free_energy_map,
-    jensen_shannon_divergence,
-    ramachandran,
-    region_free_energy,
-)
-from openmm_nice.cli import load_run
+from openmm_nice.free_energy import free_energy_map, jensen_shannon_divergence
 from openmm_nice.io import load_checkpoint
-from openmm_nice.reweighting import effective_sample_size
+from openmm_nice.observables import ramachandran
+from openmm_nice.reweighting import effective_sample_size, region_free_energy
+from openmm_nice.runs import load_run
 
 DEFAULT_REFERENCE = Path(__file__).parent / "reference" / "alanine_dipeptide_vacuum_300K.npz"
 C7AX = (0.0, 2.2)  # the C7ax / alpha_L region of phi, radians

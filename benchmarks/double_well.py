@@ -88,22 +88,22 @@ def run_case(
     target = build_target(config)
     torch.manual_seed(seed)
     trainer = build_trainer(config, target)
-    generator = trainer.generator
+    model = trainer.generator
     start = time.perf_counter()
     if load is not None:
-        generator.load_state_dict(torch.load(load / f"{_slug(name)}.pt", weights_only=True))
+        model.load_state_dict(torch.load(load / f"{_slug(name)}.pt", weights_only=True))
     else:
         trainer.run()
     wall = time.perf_counter() - start
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
-        torch.save(generator.state_dict(), save / f"{_slug(name)}.pt")
+        torch.save(model.state_dict(), save / f"{_slug(name)}.pt")
     rng = torch.Generator().manual_seed(seed + 100)
-    _, model_log_w = generator.sample(n_samples, generator=rng)
+    _, model_log_w = model.sample(n_samples, generator=rng)
     model_log_w = model_log_w.double().numpy()
     ais_steps = config.sampling.ais_steps
     start = time.perf_counter()
-    samples = sample_as_configured(generator, n_samples, config.sampling, generator_rng=rng)
+    samples = sample_as_configured(model, n_samples, config.sampling, generator_rng=rng)
     sampling_s = time.perf_counter() - start
     x, log_w = samples.x.numpy(), samples.log_w.numpy()
     log_z = target.energy.log_partition_function()
@@ -124,8 +124,8 @@ def run_case(
             {
                 "coordinate": index,
                 "exact": target.energy.probability_below(index, barrier),
-                "direct": probability(below)[0],
-                "reweighted": probability(below, log_w)[0],
+                "direct": probability(below, n_bootstrap=0).value,
+                "reweighted": probability(below, log_w, n_bootstrap=0).value,
             }
         )
     return row

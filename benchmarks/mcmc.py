@@ -33,8 +33,8 @@ import sys
 import numpy as np
 from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
 
-from openmm_nice.analysis import ramachandran
 from openmm_nice.moves import run_chain
+from openmm_nice.observables import ramachandran
 from openmm_nice.systems import import_quietly
 
 statistical_inefficiency = import_quietly("pymbar.timeseries").statistical_inefficiency

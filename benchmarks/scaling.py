@@ -42,7 +42,7 @@ def _train(config: str, out: Path, steps: int, processes: int, device: str) -> d
 
 
 def _sampling_rate(run: Path, n: int) -> float:
-    from openmm_nice.cli import load_run
+    from openmm_nice.runs import load_run
 
     _, target, generator = load_run(run)
     try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from openmm_nice.ais import annealed_importance_sampling
 from openmm_nice.conditional import ConditionalGaussian
+from openmm_nice.config import Config, ConfigError, config_from_dict, load_config
 from openmm_nice.coordinates import InternalCoordinates, MolecularTransform, build_zmatrix
 from openmm_nice.energies import (
     DoubleWell1D,
@@ -12,15 +14,35 @@ from openmm_nice.energies import (
     MuellerBrown,
     regularize_energy,
 )
+from openmm_nice.errors import UserInputError
+from openmm_nice.free_energy import (
+    FreeEnergyMap,
+    FreeEnergyProfile,
+    free_energy_map,
+    free_energy_profile,
+    jensen_shannon_divergence,
+)
 from openmm_nice.generator import BoltzmannGenerator
+from openmm_nice.observables import compute_observable, ramachandran
 from openmm_nice.openmm_energy import OpenMMEnergy
 from openmm_nice.reweighting import (
+    Estimate,
+    bootstrap_error,
     effective_sample_size,
     expectation,
-    free_energy_profile,
     log_partition_function,
+    probability,
+    region_free_energy,
 )
-from openmm_nice.systems import MolecularSystem, alanine_dipeptide_vacuum, load_molecular_system
+from openmm_nice.runs import Run, Samples, load_run, sample_run, sweep_latent_dims, train_run
+from openmm_nice.state_reweighting import reweight_frames
+from openmm_nice.systems import (
+    MolecularSystem,
+    alanine_dipeptide_vacuum,
+    from_pdb,
+    from_xml,
+    load_molecular_system,
+)
 from openmm_nice.training import Trainer
 from openmm_nice.transforms import AdditiveCoupling, LULinear, nice_flow
 
@@ -29,9 +51,14 @@ __all__ = [
     "BoltzmannGenerator",
     "BoltzmannGeneratorMove",
     "ConditionalGaussian",
+    "Config",
+    "ConfigError",
     "DoubleWell1D",
     "DoubleWell2D",
     "Energy",
+    "Estimate",
+    "FreeEnergyMap",
+    "FreeEnergyProfile",
     "InternalCoordinates",
     "LULinear",
     "ManyWell",
@@ -39,16 +66,36 @@ __all__ = [
     "MolecularTransform",
     "MuellerBrown",
     "OpenMMEnergy",
+    "Run",
+    "Samples",
     "Trainer",
+    "UserInputError",
     "alanine_dipeptide_vacuum",
+    "annealed_importance_sampling",
+    "bootstrap_error",
     "build_zmatrix",
+    "compute_observable",
+    "config_from_dict",
     "effective_sample_size",
     "expectation",
+    "free_energy_map",
     "free_energy_profile",
+    "from_pdb",
+    "from_xml",
+    "jensen_shannon_divergence",
+    "load_config",
     "load_molecular_system",
+    "load_run",
     "log_partition_function",
     "nice_flow",
+    "probability",
+    "ramachandran",
+    "region_free_energy",
     "regularize_energy",
+    "reweight_frames",
+    "sample_run",
+    "sweep_latent_dims",
+    "train_run",
 ]
 __version__ = "0.1.0"
 

@@ -4,224 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import shlex
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from openmm_nice.config import load_config
+from openmm_nice.errors import UserInputError
+from openmm_nice.runs import sample_run, sweep_latent_dims, train_run
 
-from openmm_nice.ais import sample_as_configured
-from openmm_nice.config import Config, ConfigError, config_from_dict, load_config
-from openmm_nice.distributed import Ranks, init_distributed, shutdown_distributed
-from openmm_nice.io import atomic_write_text, load_checkpoint, save_samples, write_trajectory
-from openmm_nice.reporters import (
-    CheckpointReporter,
-    MetricsReporter,
-    ProgressReporter,
-    SnapshotReporter,
-)
-from openmm_nice.reweighting import bootstrap_error, effective_sample_size, log_partition_function
-from openmm_nice.targets import Target, build_generator, build_target, build_trainer, load_frames
-
-__all__ = ["main", "train_run", "load_run", "evaluate"]
-
-CHECKPOINT_FORMAT = 1
-
-
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {name!r} was asked for but torch sees no CUDA GPU; use --device cpu"
-        )
-    return device
-
-
-def evaluate(generator, n: int, seed: int = 12345) -> dict:
-    """ESS/N, log Z^ with its bootstrap error, and J_R with its standard error on n fresh latents."""
-    rng = torch.Generator(device=generator.device).manual_seed(seed)
-    _, log_w = generator.sample(n, generator=rng)
-    log_w = log_w.double().cpu().numpy()
-    neg = -log_w
-    finite = np.isfinite(neg)
-    j_r = float(neg.mean()) if finite.all() else math.inf
-    return {
-        "n": n,
-        "ess": effective_sample_size(log_w) / n,
-        "log_z": log_partition_function(log_w),
-        "log_z_error": bootstrap_error(log_partition_function, log_w, n_bootstrap=100),
-        "j_r": j_r,
-        "j_r_error": float(neg.std(ddof=1) / math.sqrt(n)) if finite.all() else math.nan,
-    }
-
-
-def train_run(
-    config: Config, out: Path, resume: bool = False, quiet: bool = False, n_eval: int = 20000
-) -> dict:
-    """Train ``config`` into the run folder ``out``; return its summary.
-
-    Under torchrun every rank trains on ``batch_size / world_size`` latents of its own seed,
-    DistributedDataParallel averages the gradients, and rank 0 alone writes files.
-    """
-    ranks = init_distributed(config.device)
-    try:
-        summary = _train_ranked(config, Path(out), resume, quiet, n_eval, ranks)
-        if ranks.distributed:
-            # rank 0 evaluates and writes while the others wait: tearing the process group down
-            # under a rank that still holds it aborts that rank
-            torch.distributed.barrier()
-        return summary
-    finally:
-        shutdown_distributed()
-
-
-def _train_ranked(
-    config: Config, out: Path, resume: bool, quiet: bool, n_eval: int, ranks: Ranks
-) -> dict:
-    checkpoint = out / "checkpoint.pt"
-    if checkpoint.exists() and not resume:
-        raise FileExistsError(
-            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
-        )
-    if resume and not checkpoint.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint in {out}; start the run without --resume")
-    if config.training.batch_size % ranks.world_size:
-        raise ValueError(
-            f"training.batch_size ({config.training.batch_size}) must be divisible by the number "
-            f"of processes ({ranks.world_size})"
-        )
-    local = config_from_dict(config.to_dict())
-    local.training.batch_size = config.training.batch_size // ranks.world_size
-    if ranks.distributed and torch.device(config.device).type == "cuda":
-        local.device = f"cuda:{ranks.local_rank}"
-    torch.manual_seed(config.seed)  # the same initial model on every rank
-    target = build_target(local)
-    try:
-        frames = load_frames(config.training.data, target) if config.training.data else None
-        state = load_checkpoint(checkpoint) if resume else None
-        start = int(state["step"]) if state else 0
-        reporters = []
-        if ranks.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            config.save(out / "config.yaml")
-            reporters = [
-                MetricsReporter(
-                    out / "metrics.csv",
-                    config.training.report_interval,
-                    resume_step=start if resume else None,
-                ),
-                CheckpointReporter(
-                    checkpoint, config.training.checkpoint_interval, extra=_checkpoint_extra(config)
-                ),
-                ProgressReporter(config.training.steps, 10, initial=start, disable=quiet),
-            ]
-            if config.training.snapshot_interval:
-                reporters.append(
-                    SnapshotReporter(
-                        out / "snapshots",
-                        config.training.snapshot_interval,
-                        extra=_checkpoint_extra(config),
-                    )
-                )
-        trainer = build_trainer(
-            local, target, frames, reporters, seed=config.seed + 1000 * ranks.rank
-        )
-        if state is not None:
-            trainer.load_state_dict(state)
-            if ranks.rank > 0:  # the checkpoint holds rank 0's random state; others reseed
-                trainer.rng.manual_seed(config.seed + 1000 * ranks.rank + trainer.step)
-        trainer.run()
-        if not ranks.is_main:
-            return {}
-        if trainer.step == 0 or not checkpoint.exists():
-            reporters[1].report(trainer, {})
-        summary = {
-            "steps": trainer.step,
-            "training_time_s": trainer.elapsed,
-            "energy_evaluations": trainer.generator.energy.evaluation_count,
-            "system": target.name,
-            "processes": ranks.world_size,
-        }
-        summary.update(evaluate(trainer.generator, n_eval))
-        _exact_answers(target, summary)
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        _run_plots(out, target, trainer.generator)
-        return summary
-    finally:
-        target.close()
-
-
-def _checkpoint_extra(config: Config) -> dict:
-    return {"format": CHECKPOINT_FORMAT, "config": config.to_dict()}
-
-
-def _exact_answers(target: Target, summary: dict) -> None:
-    try:
-        log_z = target.energy.log_partition_function()
-    except NotImplementedError:
-        return
-    summary["log_z_exact"] = log_z
-    summary["kl_bound"] = summary["j_r"] + log_z
-
-
-def _run_plots(out: Path, target: Target, generator) -> None:
-    """The run's pictures: loss curves; Figure 1 of the note for 1D toys; Ramachandran maps."""
-    from openmm_nice.plots import plot_free_energy_map, plot_metrics, plot_note_figure
-
-    plot_metrics(out / "metrics.csv", out / "loss.png")
-    if target.energy.dim != 1 and not target.is_molecule:
-        return
-    rng = torch.Generator(device=generator.device).manual_seed(1)
-    x, log_w = generator.sample(100_000 if not target.is_molecule else 20_000, generator=rng)
-    x, log_w = x.double().cpu().numpy(), log_w.double().cpu().numpy()
-    if not target.is_molecule:
-        plot_note_figure(
-            target.energy.potential,
-            x[:, 0],
-            log_w,
-            target.energy.log_partition_function(),
-            out / "figure1.png",
-        )
-        return
-    from openmm_nice.analysis import free_energy_map, ramachandran
-
-    try:
-        phi, psi = ramachandran(x, target.mdtraj_topology())
-    except ValueError:
-        return  # no backbone: nothing to map
-    maps = {}
-    for label, weights in (("direct", None), ("importance-sampled", log_w)):
-        fmap = free_energy_map(phi, psi, weights)
-        maps[label] = (fmap.edges, fmap.edges, fmap.free_energy)
-    plot_free_energy_map(maps, out / "ramachandran.png")
-
-
-def load_run(run: Path, device: str | None = None):
-    """Rebuild (config, target, generator) of a trained run folder from its checkpoint."""
-    state = load_checkpoint(Path(run) / "checkpoint.pt")
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{run}/checkpoint.pt has format {state.get('format')}, expected {CHECKPOINT_FORMAT}"
-        )
-    config = config_from_dict(state["config"])
-    if device is not None:
-        config.device = device
-    _device(config.device)
-    target = build_target(config)
-    generator = build_generator(config, target)
-    generator.load_state_dict(state["model"])
-    generator.eval()
-    return config, target, generator
+__all__ = ["main", "build_parser"]
 
 
 def _cmd_train(args) -> int:
     out = Path(args.out)
     if args.resume:
+        if args.set:
+            raise UserInputError(
+                "--set changes the config of a new run; a resumed run keeps its own "
+                f"({out / 'config.yaml'})"
+            )
         config = load_config(out / "config.yaml")
     else:
-        config = load_config(args.config)
+        config = load_config(args.config, args.set)
     if args.steps is not None and args.resume:
         config.training.steps = args.steps  # the schedule already under way stays as it is
     elif args.steps is not None:
@@ -230,7 +35,6 @@ def _cmd_train(args) -> int:
         config.seed = args.seed
     if args.device is not None:
         config.device = args.device
-    _device(config.device)
     summary = train_run(config, out, resume=args.resume, quiet=args.quiet)
     if summary and not args.quiet:
         print(json.dumps(summary, indent=2))
@@ -238,108 +42,169 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sample(args) -> int:
-    config, target, generator = load_run(Path(args.run), args.device)
-    try:
-        rng = torch.Generator(device=generator.device).manual_seed(args.seed)
-        result = sample_as_configured(
-            generator, args.n, config.sampling, args.ais_steps, args.batch_size, rng, not args.quiet
-        )
-        x, log_w, u = result.x, result.log_w, result.u
-        extra, report = {}, {}
-        ais_steps = len(result.step_sizes)
-        if ais_steps:
-            extra = {"ais_steps": np.int64(ais_steps)}
-            report = {"ais_steps": ais_steps, "ais_acceptance": float(result.acceptance.mean())}
-        x = x.double().cpu().numpy()
-        log_w = log_w.double().cpu().numpy()
-        u = u.double().cpu().numpy()
-        save_samples(args.out, x, log_w, u, **extra)
-        if args.traj:
-            if not target.is_molecule:
-                raise ValueError(
-                    f"--traj needs a molecular system; {target.name!r} is a toy target"
-                )
-            write_trajectory(args.traj, x, target.mdtraj_topology())
-        ess = effective_sample_size(log_w) / len(log_w)
-        if not args.quiet:
-            print(
-                json.dumps(
-                    {
-                        "n": args.n,
-                        "ess": ess,
-                        "log_z": log_partition_function(log_w),
-                        **report,
-                        "out": args.out,
-                    }
-                )
-            )
-    finally:
-        target.close()
+    samples = sample_run(
+        args.run,
+        args.n,
+        out=args.out,
+        traj=args.traj,
+        ais_steps=args.ais_steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        report = {"n": args.n, "ess": samples.ess, "log_z": samples.log_z}
+        if samples.ais_steps:
+            report["ais_steps"] = samples.ais_steps
+            report["ais_acceptance"] = float(samples.ais_acceptance.mean())
+        print(json.dumps({**report, "out": args.out}))
     return 0
+
+
+def _latent_dims(text: str) -> list[int]:
+    try:
+        dims = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        dims = []
+    if not dims:
+        raise UserInputError(
+            f"--latent-dims {text!r}: give a comma-separated list of integers such as 1,2,4"
+        )
+    return dims
 
 
 def _cmd_sweep(args) -> int:
-    base = load_config(args.config)
-    dims = [int(v) for v in args.latent_dims.split(",") if v.strip()]
-    if not dims:
-        raise ValueError("--latent-dims needs a comma-separated list such as 1,2,4")
-    out = Path(args.out)
-    rows = []
-    for dim in dims:
-        config = config_from_dict(base.to_dict())
-        config.model.latent_dim = dim
-        if args.steps is not None:
-            config.set_steps(args.steps)
-        run = out / f"latent_dim_{dim}"
-        summary = train_run(
-            config,
-            run,
-            resume=(run / "checkpoint.pt").exists(),
-            quiet=args.quiet,
-            n_eval=args.n_eval,
-        )
-        rows.append({"latent_dim": dim, **summary})
+    def report(row: dict) -> None:
         if not args.quiet:
             print(
-                f"D = {dim}: J_R = {summary['j_r']:.4f} +- {summary['j_r_error']:.4f}  ESS/N = {summary['ess']:.3f}"
+                f"D = {row['latent_dim']}: J_R = {row['j_r']:.4f} +- {row['j_r_error']:.4f}  "
+                f"ESS/N = {row['ess']:.3f}"
             )
-    finite = [r for r in rows if math.isfinite(r["j_r"])]
-    if not finite:
-        raise RuntimeError(
-            "every latent dimension gave an infinite J_R; train longer or check the energy"
-        )
-    best = min(finite, key=lambda r: r["j_r"])
-    keys = [
-        "latent_dim",
-        "j_r",
-        "j_r_error",
-        "ess",
-        "log_z",
-        "log_z_error",
-        "kl_bound",
-        "training_time_s",
-    ]
-    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
-    atomic_write_text(out / "sweep.csv", "\n".join(lines) + "\n")
-    result = {"chosen_latent_dim": best["latent_dim"], "results": rows}
-    atomic_write_text(out / "sweep.json", json.dumps(result, indent=2) + "\n")
+
+    result = sweep_latent_dims(
+        load_config(args.config, args.set),
+        _latent_dims(args.latent_dims),
+        args.out,
+        steps=args.steps,
+        n_eval=args.n_eval,
+        quiet=args.quiet,
+        on_result=report,
+    )
     print(f"{'D':>4} {'J_R (nats)':>12} {'error':>8} {'ESS/N':>7}")
-    for r in rows:
+    for r in result["results"]:
         print(f"{r['latent_dim']:>4} {r['j_r']:>12.4f} {r['j_r_error']:>8.4f} {r['ess']:>7.3f}")
-    print(f"chosen latent_dim: {best['latent_dim']} (smallest J_R)")
+    print(f"chosen latent_dim: {result['chosen_latent_dim']} (smallest J_R)")
     return 0
 
 
-def _cmd_reweight(args) -> int:
-    from openmm_nice.analysis import reweight_command
+def _check_reweight_mode(args) -> None:
+    """Exactly one of a sample file or --traj, and only the options that mode uses."""
+    if (args.samples is None) == (not args.traj):
+        raise UserInputError(
+            "give either a sample file (`reweight SAMPLES.npz --run RUN`) or an MD trajectory "
+            "(`reweight --traj MD.dcd --config CONFIG --temperature T`), not "
+            + ("both" if args.samples else "neither")
+        )
+    if args.traj:
+        if not args.config:
+            raise UserInputError(
+                "--traj needs --config, the config of the state the trajectory was run in"
+            )
+        if args.temperature is None and args.target_config is None:
+            raise UserInputError(
+                "--traj needs a target state: --temperature T_NEW (same System) and/or "
+                "--target-config OTHER.yaml"
+            )
+        if args.run is not None:
+            raise UserInputError("--run is for sample files; with --traj give --config instead")
+    else:
+        if args.temperature is not None or args.target_config is not None:
+            raise UserInputError(
+                "--temperature and --target-config reweight an MD trajectory: give it with "
+                "--traj FILE --config CONFIG instead of a sample file"
+            )
+        if len(args.config) > 1:
+            raise UserInputError("a sample file takes one --config (or its --run)")
 
-    return reweight_command(args)
+
+def _coordinates(text: str) -> list[int] | None:
+    if text == "all":
+        return None
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise UserInputError(
+            f"--coordinates {text!r}: give 'all' or comma-separated indices such as 0,2"
+        ) from None
+
+
+def _cmd_reweight(args) -> int:
+    from openmm_nice.reweight import reweight_samples, reweight_trajectories
+
+    _check_reweight_mode(args)
+    configs = [load_config(path, args.set) for path in args.config]
+    statistics = {"n_bootstrap": args.n_bootstrap, "observables": args.observable}
+    if args.traj:
+        reweight_trajectories(
+            args.traj,
+            configs,
+            args.out,
+            temperature=args.temperature,
+            target_config=load_config(args.target_config, args.set) if args.target_config else None,
+            block_size=args.block_size,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            **statistics,
+        )
+    else:
+        reweight_samples(
+            args.samples,
+            args.out,
+            run=args.run,
+            config=configs[0] if configs else None,
+            coordinates=_coordinates(args.coordinates),
+            bins=args.bins,
+            block_size=args.block_size or 1,
+            **statistics,
+        )
+    print((Path(args.out) / "summary.json").read_text(), end="")
+    return 0
 
 
 def _cmd_md(args) -> int:
-    from openmm_nice.md import md_command
+    from openmm_nice.md import run_md_to_file
 
-    return md_command(args)
+    config = load_config(args.config, args.set)
+    if args.seed is not None:
+        config.seed = args.seed
+    if args.temperature is not None:
+        if not args.temperature > 0:
+            raise UserInputError(f"--temperature must be positive (kelvin), got {args.temperature}")
+        config.temperature = float(args.temperature)
+    command = ["openmm-nice", "md", str(args.config), "--out", str(args.out)]
+    for override in args.set:
+        command += ["--set", override]
+    if args.steps is not None:
+        command += ["--steps", str(args.steps)]
+    if args.seed is not None:
+        command += ["--seed", str(args.seed)]
+    if args.temperature is not None:
+        command += ["--temperature", f"{args.temperature:g}"]
+    if args.start is not None:
+        command += ["--start", str(args.start), "--start-frame", str(args.start_frame)]
+    info = run_md_to_file(
+        config,
+        args.out,
+        steps=args.steps,
+        start=args.start,
+        start_frame=args.start_frame,
+        quiet=args.quiet,
+        command=shlex.join(command),
+    )
+    if not args.quiet:
+        print(json.dumps({k: v for k, v in info.items() if k != "config"}))
+    return 0
 
 
 def _cmd_mcmc(args) -> int:
@@ -372,6 +237,18 @@ def _cmd_mcmc(args) -> int:
     return 0
 
 
+def _add_set(p: argparse.ArgumentParser, configs: str = "the config") -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"override a key of {configs} before it is validated, e.g. training.steps=10 or "
+        "model.hidden=[32,32] (the value is read as YAML; relative paths against the config "
+        "file's folder); repeatable",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openmm-nice", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -391,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="override seed")
     p.add_argument("--device", help="override device (cpu, cuda, cuda:1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    _add_set(p, "CONFIG (not with --resume)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="draw samples with importance weights from a trained run")
@@ -422,14 +300,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="override training.steps")
     p.add_argument("--n-eval", type=int, default=20000, help="fresh latents for J_R and its error")
     p.add_argument("--quiet", action="store_true")
+    _add_set(p)
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser(
-        "reweight", help="weighted observables and free-energy profiles from samples"
+        "reweight",
+        help="weighted observables and free-energy profiles from samples",
+        description="Weighted observables and free-energy maps, either of a sample file (direct "
+        "and importance-sampled) or of MD trajectories reweighted from the states they were run "
+        "in (--config) to another temperature (--temperature) or System (--target-config): by "
+        "EXP from one state, by MBAR from several pooled ones.",
     )
-    from openmm_nice.analysis import add_reweight_arguments
-
-    add_reweight_arguments(p)
+    p.add_argument(
+        "samples",
+        nargs="?",
+        help="an npz from `openmm-nice sample` (x, log_w, u); or give --traj instead",
+    )
+    p.add_argument(
+        "--traj",
+        action="append",
+        default=[],
+        help="an MD trajectory to reweight (.npz with x in nm, or any mdtraj format such as "
+        ".dcd); repeatable, each with its own --config (several states, pooled by MBAR) or all "
+        "with one (one state)",
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="the config of the state the frames come from (system, temperature); needed with "
+        "--traj, once per --traj or once for all; for a sample file it names the system "
+        "instead of --run",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        help="with --traj: the target temperature in K (default: that of --target-config)",
+    )
+    p.add_argument(
+        "--target-config",
+        help="with --traj: a config whose system (at its temperature, unless --temperature) is "
+        "the target state; it must have the same atoms in the same order",
+    )
+    p.add_argument("--out", required=True, help="folder for CSV, PNG and summary.json")
+    p.add_argument("--run", help="the run folder of a sample file, for molecules and exact answers")
+    p.add_argument(
+        "--coordinates", default="all", help="toy targets: comma-separated indices to profile"
+    )
+    p.add_argument("--bins", type=int, default=60, help="toy targets: bins of each profile")
+    p.add_argument(
+        "--observable",
+        action="append",
+        default=[],
+        help="molecules: dihedral:i,j,k,l or angle:i,j,k (radians) or distance:i,j (nm), "
+        "0-based atom indices; its mean with an error; repeatable",
+    )
+    p.add_argument("--n-bootstrap", type=int, default=200, help="resamples for error bars")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        help="frames per bootstrap block (correlated frames need blocks longer than their "
+        "correlation time); default 1 for a sample file, a twentieth of the shortest "
+        "trajectory for --traj",
+    )
+    p.add_argument("--stride", type=int, default=1, help="with --traj: use every k-th frame")
+    p.add_argument(
+        "--batch-size", type=int, default=8192, help="with --traj: frames per energy evaluation"
+    )
+    _add_set(p, "every --config and --target-config")
     p.set_defaults(func=_cmd_reweight)
 
     p = sub.add_parser("md", help="plain OpenMM Langevin MD of a config's system")
@@ -447,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--start-frame", type=int, default=-1, help="which frame of --start (default: the last)"
     )
     p.add_argument("--quiet", action="store_true")
+    _add_set(p)
     p.set_defaults(func=_cmd_md)
 
     p = sub.add_parser(
@@ -499,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         code = args.func(args)
-    except (ConfigError, ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+    except (UserInputError, FileNotFoundError, FileExistsError) as error:
         print(f"openmm-nice {args.command}: error: {error}", file=sys.stderr)
         return 2
     if not getattr(args, "quiet", False):

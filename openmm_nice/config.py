@@ -1,16 +1,25 @@
-"""Validated YAML configs: every key is known and typed, and the resolved config is saved."""
+"""Validated YAML configs: strict pydantic models, unknown keys refused, overrides, saved resolved."""
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from openmm_nice.errors import ConfigError
 
 __all__ = [
     "Config",
@@ -18,30 +27,79 @@ __all__ = [
     "TrainingConfig",
     "MDConfig",
     "SamplingConfig",
+    "ToySystem",
+    "PdbSystem",
+    "XmlSystem",
     "ConfigError",
+    "apply_overrides",
     "load_config",
     "config_from_dict",
 ]
 
 
-class ConfigError(ValueError):
-    """A config key that does not exist, or a value of the wrong type or range."""
+def _check(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
-@dataclass
-class ModelConfig:
+def _resolve(path: str, info: ValidationInfo) -> str:
+    """A relative path against the config file's folder (the validation context's ``base``)."""
+    base = (info.context or {}).get("base")
+    if base is None or os.path.isabs(path):
+        return path
+    return str((Path(base) / path).resolve())
+
+
+class _Section(BaseModel):
+    """A part of a config: every key known and strictly typed (no conversion of strings)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+
+class ModelConfig(_Section):
+    """``model:``, the flow and the conditional Gaussian."""
+
     latent_dim: int | None = None  # D; None means D = d (no redundant latents)
     layers: int = 8  # coupling layers in F
-    hidden: list[int] = field(default_factory=lambda: [64, 64])
-    conditional_hidden: list[int] = field(default_factory=lambda: [64, 64])
+    hidden: list[int] = Field(default_factory=lambda: [64, 64])
+    conditional_hidden: list[int] = Field(default_factory=lambda: [64, 64])
     scale: float = 1.0  # initial diagonal of S
     torsion_floor: float = 0.001  # uniform share of each fitted torsion density (molecules)
     # width in degrees smoothing the fitted torsion densities, or "auto" (cross-validated)
     torsion_smoothing: float | str = 10.0
 
+    @model_validator(mode="after")
+    def _ranges(self) -> ModelConfig:
+        _check(
+            [
+                (
+                    self.latent_dim is None or self.latent_dim >= 1,
+                    f"model.latent_dim must be >= 1, got {self.latent_dim}",
+                ),
+                (self.layers >= 1, f"model.layers must be >= 1, got {self.layers}"),
+                (self.scale > 0, f"model.scale must be positive, got {self.scale}"),
+                (
+                    0 < self.torsion_floor <= 1,
+                    f"model.torsion_floor must be in (0, 1], got {self.torsion_floor}",
+                ),
+                (
+                    self.torsion_smoothing == "auto"
+                    or (not isinstance(self.torsion_smoothing, str) and self.torsion_smoothing > 0),
+                    "model.torsion_smoothing must be a positive width in degrees or 'auto', "
+                    f"got {self.torsion_smoothing!r}",
+                ),
+            ]
+        )
+        return self
 
-@dataclass
-class TrainingConfig:
+
+class TrainingConfig(_Section):
+    """``training:``, the losses, their schedule and the optimiser."""
+
     steps: int = 4000
     batch_size: int = 512
     learning_rate: float = 1e-3
@@ -53,8 +111,9 @@ class TrainingConfig:
     beta_start: float = 0.1  # annealed inverse temperature, relative to the target
     anneal_start: int = 0  # steps held at beta_start before the anneal
     anneal_steps: int = 2000  # steps of the geometric anneal from beta_start to 1
-    data: str | list[str] | None = None  # MD frames for the ML term (npz with `x` or
-    # trajectories; a list of files is pooled)
+    # MD frames for the ML term (npz with `x` or trajectories; a list of files is pooled);
+    # relative paths are resolved against the config file's folder
+    data: str | list[str] | None = None
     ml_batch_size: int = 256
     walkers: int = 0  # MCMC walkers whose likelihood is trained (0: none); <= batch_size
     walker_weight: float = 1.0  # weight of the walkers' negative log-likelihood
@@ -69,7 +128,7 @@ class TrainingConfig:
     # molecules: steps before which the coordinate map (torsion densities and cuts, shifts and
     # scales) is refitted to refit_samples of the model's own weighted samples, followed by
     # refit_steps maximum-likelihood steps on them
-    map_refits: list[int] = field(default_factory=list)
+    map_refits: list[int] = Field(default_factory=list)
     refit_samples: int = 100_000
     refit_steps: int = 500
     energy_cut: float = 1000.0  # the regularised training energy turns logarithmic here (kT)
@@ -78,41 +137,260 @@ class TrainingConfig:
     checkpoint_interval: int = 500
     snapshot_interval: int = 0  # keep the model every this many steps in RUN/snapshots (0: no)
 
+    @field_validator("data")
+    @classmethod
+    def _resolve_data(cls, data: str | list[str] | None, info: ValidationInfo):
+        if isinstance(data, list):
+            return [_resolve(item, info) for item in data]
+        return None if data is None else _resolve(data, info)
 
-@dataclass
-class SamplingConfig:
+    @model_validator(mode="after")
+    def _ranges(self) -> TrainingConfig:
+        t = self
+        _check(
+            [
+                (t.steps >= 0, f"training.steps must be >= 0, got {t.steps}"),
+                (t.batch_size >= 2, f"training.batch_size must be >= 2, got {t.batch_size}"),
+                (
+                    t.learning_rate > 0,
+                    f"training.learning_rate must be positive, got {t.learning_rate}",
+                ),
+                (
+                    t.lr_schedule in ("cosine", "constant"),
+                    f"training.lr_schedule must be cosine or constant, got {t.lr_schedule!r}",
+                ),
+                (
+                    0 < t.beta_start <= 1,
+                    f"training.beta_start must be in (0, 1], got {t.beta_start}",
+                ),
+                (
+                    t.anneal_steps >= 0,
+                    f"training.anneal_steps must be >= 0, got {t.anneal_steps}",
+                ),
+                (
+                    t.anneal_start >= 0,
+                    f"training.anneal_start must be >= 0, got {t.anneal_start}",
+                ),
+                (
+                    min(t.buffer_size, t.buffer_weight) >= 0
+                    and (t.buffer_weight == 0 or t.buffer_size > 0),
+                    "training.buffer_size and buffer_weight must be >= 0, and buffer_weight > 0 "
+                    f"needs buffer_size > 0 (got {t.buffer_size} and {t.buffer_weight})",
+                ),
+                (
+                    min(t.buffer_batch_size, t.buffer_interval, t.buffer_draws, t.refit_samples)
+                    >= 1,
+                    "training.buffer_batch_size, buffer_interval, buffer_draws and refit_samples "
+                    "must be >= 1",
+                ),
+                (t.refit_steps >= 0, f"training.refit_steps must be >= 0, got {t.refit_steps}"),
+                (
+                    all(k >= 0 for k in t.map_refits),
+                    f"training.map_refits must list steps >= 0, got {t.map_refits}",
+                ),
+                (
+                    min(t.kl_weight, t.ml_weight, t.reweighted_fkl_weight, t.ml_weight_final or 0)
+                    >= 0,
+                    "training loss weights must be >= 0",
+                ),
+                (
+                    0 <= t.walkers <= t.batch_size,
+                    "training.walkers must be between 0 and training.batch_size "
+                    f"({t.batch_size}), got {t.walkers}",
+                ),
+                (
+                    t.walker_steps >= 0,
+                    f"training.walker_steps must be >= 0, got {t.walker_steps}",
+                ),
+                (
+                    t.walker_weight >= 0,
+                    f"training.walker_weight must be >= 0, got {t.walker_weight}",
+                ),
+                (
+                    max(t.ml_weight, t.ml_weight_final or 0) == 0 or t.data is not None,
+                    "training.ml_weight > 0 (or ml_weight_final > 0) needs training.data "
+                    "(MD frames)",
+                ),
+                (
+                    t.report_interval >= 1
+                    and t.checkpoint_interval >= 1
+                    and t.snapshot_interval >= 0,
+                    "report and checkpoint intervals must be >= 1 (snapshot_interval >= 0)",
+                ),
+            ]
+        )
+        return self
+
+
+class SamplingConfig(_Section):
+    """``sampling:``, what `openmm-nice sample` draws."""
+
     # levels of annealed importance sampling in latent space after each model draw (one MALA
     # move each; 0: the model's own one-shot importance weights), see openmm_nice.ais
     ais_steps: int = 0
     ais_batch_size: int = 4096  # chains run together by `sample`
 
+    @model_validator(mode="after")
+    def _ranges(self) -> SamplingConfig:
+        _check(
+            [
+                (self.ais_steps >= 0, f"sampling.ais_steps must be >= 0, got {self.ais_steps}"),
+                (
+                    self.ais_batch_size >= 1,
+                    f"sampling.ais_batch_size must be >= 1, got {self.ais_batch_size}",
+                ),
+            ]
+        )
+        return self
 
-@dataclass
-class MDConfig:
+
+class MDConfig(_Section):
+    """``md:``, plain Langevin MD of the system (`openmm-nice md`, `mcmc`)."""
+
     steps: int = 1_000_000
     timestep_fs: float = 1.0
     friction_per_ps: float = 1.0
     report_interval: int = 1000  # steps between saved frames
     equilibration_steps: int = 10_000
 
+    @model_validator(mode="after")
+    def _ranges(self) -> MDConfig:
+        _check(
+            [
+                (self.steps >= 0, f"md.steps must be >= 0, got {self.steps}"),
+                (
+                    self.timestep_fs > 0 and self.friction_per_ps > 0,
+                    "md.timestep_fs and md.friction_per_ps must be positive, got "
+                    f"{self.timestep_fs} and {self.friction_per_ps}",
+                ),
+                (
+                    self.report_interval >= 1 and self.equilibration_steps >= 0,
+                    "md.report_interval must be >= 1 and md.equilibration_steps >= 0",
+                ),
+            ]
+        )
+        return self
 
-@dataclass
-class Config:
-    system: Any = "double_well_1d"  # a built-in name, or a mapping (pdb + forcefield, xml + pdb)
+
+class ToySystem(_Section):
+    """``system: {name: TOY, OPTION: VALUE, ...}``: a toy energy with the options it takes."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str
+
+
+class PdbSystem(_Section):
+    """``system: {pdb: FILE, forcefield: [FILES]}``: a PDB parameterised by OpenMM force fields."""
+
+    pdb: str
+    forcefield: str | list[str] = Field(default_factory=lambda: ["amber14-all.xml"])
+    name: str | None = None
+
+
+class XmlSystem(_Section):
+    """``system: {xml: FILE, pdb: FILE}``: a serialized OpenMM System with its PDB."""
+
+    xml: str
+    pdb: str
+    name: str | None = None
+
+
+_SYSTEM_FORMS = (
+    "a built-in name ({names}), {{name: TOY, OPTION: VALUE, ...}}, "
+    "{{pdb: FILE, forcefield: [FILES]}} or {{xml: FILE, pdb: FILE}}"
+)
+
+
+def _built_in_systems() -> tuple[dict, dict]:
+    """The toy energies and the built-in molecules a config may name."""
+    from openmm_nice.systems import _BUILT_IN
+    from openmm_nice.targets import TOY_SYSTEMS
+
+    return TOY_SYSTEMS, _BUILT_IN
+
+
+def _system(spec: str | dict, info: ValidationInfo) -> str | dict:
+    """A system spec checked and normalised, its paths resolved against the config's folder."""
+    toys, molecules = _built_in_systems()
+    forms = _SYSTEM_FORMS.format(names=", ".join([*toys, *molecules]))
+    if isinstance(spec, str):
+        if spec not in toys and spec not in molecules:
+            raise ConfigError(f"system: unknown system {spec!r}; give {forms}")
+        return spec
+    model = XmlSystem if "xml" in spec else PdbSystem if "pdb" in spec else ToySystem
+    if model is ToySystem and spec.get("name") not in toys:
+        raise ConfigError(f"system: {spec!r} is not a system; give {forms}")
+    try:
+        checked = model.model_validate(spec, context=info.context)
+    except ValidationError as error:
+        raise ConfigError(_message(error, "system", model)) from None
+    data = checked.model_dump(exclude_none=True)
+    if model is ToySystem:
+        options = set(data) - {"name"}
+        accepted = set(inspect.signature(toys[checked.name]).parameters)
+        if options - accepted:
+            raise ConfigError(
+                f"system: {checked.name} has no option(s) {', '.join(sorted(options - accepted))}; "
+                f"its options are: {', '.join(sorted(accepted)) or 'none'}"
+            )
+        return data
+    for key in ("pdb", "xml"):
+        if key in data:
+            data[key] = _resolve(data[key], info)
+    return data
+
+
+class Config(_Section):
+    """A whole config: the system and its temperature, where to compute, and the sections.
+
+    Build it with :func:`load_config` (a YAML file) or :func:`config_from_dict`; every key is
+    known and strictly typed, and a bad one raises :class:`~openmm_nice.errors.ConfigError`
+    naming it.
+    """
+
+    # a built-in name, or a mapping: {name: toy, options...}, {pdb, forcefield}, {xml, pdb}
+    system: str | dict[str, Any] = "double_well_1d"
     temperature: float = 300.0  # K
     platform: str = "Reference"
-    platform_properties: dict = field(default_factory=dict)
+    platform_properties: dict[str, Any] = Field(default_factory=dict)
     n_workers: int = 1
     device: str = "cpu"
     dtype: str = "float32"  # of the model; float64 for the strictest density arithmetic
     seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    md: MDConfig = field(default_factory=MDConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    md: MDConfig = Field(default_factory=MDConfig)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """An empty YAML section (``training:`` with nothing under it) is its defaults."""
+        if isinstance(data, dict):
+            return {k: {} if v is None and k in _SECTIONS else v for k, v in data.items()}
+        return data
+
+    @field_validator("system")
+    @classmethod
+    def _check_system(cls, spec: str | dict, info: ValidationInfo) -> str | dict:
+        return _system(spec, info)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Config:
+        _check(
+            [
+                (
+                    self.temperature > 0,
+                    f"temperature must be positive (kelvin), got {self.temperature}",
+                ),
+                (
+                    self.dtype in ("float32", "float64"),
+                    f"dtype must be float32 or float64, got {self.dtype!r}",
+                ),
+                (self.n_workers >= 1, f"n_workers must be >= 1, got {self.n_workers}"),
+            ]
+        )
+        return self
 
     def set_steps(self, steps: int) -> None:
         """Change the number of training steps; fewer steps shrink the schedule (the anneal's
@@ -128,180 +406,159 @@ class Config:
         t.map_refits = sorted({int(k * factor) for k in t.map_refits})
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config (every key, paths absolute) as YAML, atomically."""
         from openmm_nice.io import atomic_write_text
 
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _check_type(value: Any, annotation: Any, where: str) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            try:
-                return _check_type(value, arg, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} is not of type {annotation}")
-    if annotation is Any:
-        return value
-    if annotation is type(None):
-        if value is not None:
-            raise ConfigError(f"{where}: expected null, got {value!r}")
-        return None
-    if origin is list:
-        (item,) = typing.get_args(annotation)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if annotation is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, where)
-    raise ConfigError(f"{where}: unsupported type {annotation}")
+_SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "training": TrainingConfig,
+    "sampling": SamplingConfig,
+    "md": MDConfig,
+}
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "none_required": "null",
+}
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"valid keys{' in ' + where if where else ''} are: {', '.join(names)}"
+def _where(loc: tuple, model: type[BaseModel] | None) -> str:
+    """``("model", "hidden", 1)`` -> ``"model.hidden[1]"``; union branches pydantic appends to
+    a location (``"float"``, ``"list[str]"``) are dropped."""
+    where = ""
+    for item in loc:
+        if isinstance(item, int):
+            where += f"[{item}]"
+        elif model is not None and item in model.model_fields:
+            where += f".{item}" if where else item
+            model = _SECTIONS.get(item) if model is Config else None
+    return where
+
+
+def _message(error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    """A ConfigError's message for pydantic's errors: each names the key and what it expected."""
+    model = model or Config
+
+    def join(*parts: str) -> str:
+        return ".".join(p for p in parts if p)
+
+    texts, expected = [], {}
+    for e in error.errors():
+        where = join(prefix, _where(e["loc"], model))
+        if e["type"] == "value_error":
+            texts.append(str(e["ctx"]["error"]))
+        elif e["type"] == "extra_forbidden":
+            section = join(prefix, _where(e["loc"][:-1], model))
+            owner = _SECTIONS.get(e["loc"][0], model) if len(e["loc"]) > 1 else model
+            texts.append(
+                f"unknown config key(s) {join(section, str(e['loc'][-1]))}; valid keys"
+                f"{' in ' + section if section else ''} are: {', '.join(owner.model_fields)}"
+            )
+        else:
+            kinds, _ = expected.setdefault(where, ([], e["input"]))
+            kinds.append(_EXPECTED.get(e["type"], e["msg"]))
+    for where, (kinds, got) in expected.items():
+        texts.append(f"{where}: expected {' or '.join(kinds)}, got {got!r}")
+    return "; ".join(texts)
+
+
+def config_from_dict(data: dict | None, base: str | os.PathLike | None = None) -> Config:
+    """Build and validate a :class:`Config`; unknown keys and wrong types raise ConfigError.
+
+    Arguments:
+        data: The config's keys (as YAML gives them); None for every default.
+        base: The folder relative paths (``training.data``, ``system.pdb``, ``system.xml``)
+            are resolved against; None leaves them as they are (relative to the working
+            directory).
+
+    Example:
+        >>> config_from_dict({"system": "double_well_1d", "model": {"latent_dim": 2}}).model.layers
+        8
+    """
+    try:
+        return Config.model_validate(
+            data or {}, context={"base": None if base is None else str(base)}
         )
-    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    except ValidationError as error:
+        raise ConfigError(_message(error)) from None
 
 
-def _validate_ranges(config: Config) -> None:
-    m, t = config.model, config.training
-    checks = [
-        (
-            config.temperature > 0,
-            f"temperature must be positive (kelvin), got {config.temperature}",
-        ),
-        (
-            config.dtype in ("float32", "float64"),
-            f"dtype must be float32 or float64, got {config.dtype!r}",
-        ),
-        (config.n_workers >= 1, f"n_workers must be >= 1, got {config.n_workers}"),
-        (
-            m.latent_dim is None or m.latent_dim >= 1,
-            f"model.latent_dim must be >= 1, got {m.latent_dim}",
-        ),
-        (m.layers >= 1, f"model.layers must be >= 1, got {m.layers}"),
-        (m.scale > 0, f"model.scale must be positive, got {m.scale}"),
-        (
-            0 < m.torsion_floor <= 1,
-            f"model.torsion_floor must be in (0, 1], got {m.torsion_floor}",
-        ),
-        (
-            m.torsion_smoothing == "auto"
-            or (not isinstance(m.torsion_smoothing, str) and m.torsion_smoothing > 0),
-            "model.torsion_smoothing must be a positive width in degrees or 'auto', "
-            f"got {m.torsion_smoothing!r}",
-        ),
-        (t.steps >= 0, f"training.steps must be >= 0, got {t.steps}"),
-        (t.batch_size >= 2, f"training.batch_size must be >= 2, got {t.batch_size}"),
-        (t.learning_rate > 0, f"training.learning_rate must be positive, got {t.learning_rate}"),
-        (
-            t.lr_schedule in ("cosine", "constant"),
-            f"training.lr_schedule must be cosine or constant, got {t.lr_schedule!r}",
-        ),
-        (0 < t.beta_start <= 1, f"training.beta_start must be in (0, 1], got {t.beta_start}"),
-        (t.anneal_steps >= 0, f"training.anneal_steps must be >= 0, got {t.anneal_steps}"),
-        (t.anneal_start >= 0, f"training.anneal_start must be >= 0, got {t.anneal_start}"),
-        (
-            min(t.buffer_size, t.buffer_weight) >= 0
-            and (t.buffer_weight == 0 or t.buffer_size > 0),
-            "training.buffer_size and buffer_weight must be >= 0, and buffer_weight > 0 needs "
-            f"buffer_size > 0 (got {t.buffer_size} and {t.buffer_weight})",
-        ),
-        (
-            min(t.buffer_batch_size, t.buffer_interval, t.buffer_draws, t.refit_samples) >= 1,
-            "training.buffer_batch_size, buffer_interval, buffer_draws and refit_samples "
-            "must be >= 1",
-        ),
-        (t.refit_steps >= 0, f"training.refit_steps must be >= 0, got {t.refit_steps}"),
-        (
-            all(k >= 0 for k in t.map_refits),
-            f"training.map_refits must list steps >= 0, got {t.map_refits}",
-        ),
-        (
-            min(t.kl_weight, t.ml_weight, t.reweighted_fkl_weight, t.ml_weight_final or 0) >= 0,
-            "training loss weights must be >= 0",
-        ),
-        (
-            0 <= t.walkers <= t.batch_size,
-            f"training.walkers must be between 0 and training.batch_size ({t.batch_size}), "
-            f"got {t.walkers}",
-        ),
-        (t.walker_steps >= 0, f"training.walker_steps must be >= 0, got {t.walker_steps}"),
-        (t.walker_weight >= 0, f"training.walker_weight must be >= 0, got {t.walker_weight}"),
-        (
-            max(t.ml_weight, t.ml_weight_final or 0) == 0 or t.data is not None,
-            "training.ml_weight > 0 (or ml_weight_final > 0) needs training.data (MD frames)",
-        ),
-        (
-            config.sampling.ais_steps >= 0,
-            f"sampling.ais_steps must be >= 0, got {config.sampling.ais_steps}",
-        ),
-        (
-            config.sampling.ais_batch_size >= 1,
-            f"sampling.ais_batch_size must be >= 1, got {config.sampling.ais_batch_size}",
-        ),
-        (
-            t.report_interval >= 1 and t.checkpoint_interval >= 1 and t.snapshot_interval >= 0,
-            "report and checkpoint intervals must be >= 1 (snapshot_interval >= 0)",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+def apply_overrides(data: dict | None, overrides: Sequence[str]) -> dict:
+    """A config's keys with ``section.key=value`` overrides applied (before validation).
+
+    Each value is read as YAML (``10``, ``1e-3``, ``null``, ``[64, 64]``, ``{pdb: mol.pdb}``).
+    A key a config does not have is a ConfigError naming the valid ones; a key of ``system``
+    or ``platform_properties`` sets that key of the mapping.
+
+    Example:
+        >>> apply_overrides({"training": {"steps": 4000}}, ["training.steps=10", "seed=3"])
+        {'training': {'steps': 10}, 'seed': 3}
+    """
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        path = key.strip().split(".")
+        if not sep or not all(path):
+            raise ConfigError(
+                f"--set {override!r}: write section.key=value, e.g. training.steps=10"
+            )
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {override!r}: the value is not YAML ({error})") from None
+        head, rest = path[0], path[1:]
+        if head not in Config.model_fields:
+            raise ConfigError(
+                f"--set {override!r}: unknown config key {head!r}; valid keys are: "
+                f"{', '.join(Config.model_fields)}"
+            )
+        if not rest:
+            data[head] = value
+            continue
+        if len(rest) > 1:
+            raise ConfigError(f"--set {override!r}: {key} is too deep; keys are section.key")
+        if head in _SECTIONS:
+            if rest[0] not in _SECTIONS[head].model_fields:
+                raise ConfigError(
+                    f"--set {override!r}: unknown config key {key}; valid keys in {head} are: "
+                    f"{', '.join(_SECTIONS[head].model_fields)}"
+                )
+        elif head in ("system", "platform_properties"):
+            if not isinstance(data.get(head, {}), dict):
+                raise ConfigError(
+                    f"--set {override!r}: {head} is {data[head]!r}, not a mapping; set the whole "
+                    f"of it, e.g. --set '{head}={{pdb: mol.pdb, forcefield: [amber14-all.xml]}}'"
+                )
+        else:
+            raise ConfigError(f"--set {override!r}: {head} is a value, not a section")
+        section = data.get(head)
+        data[head] = {**(section or {}), rest[0]: value}
+    return data
 
 
-def config_from_dict(data: dict | None) -> Config:
-    """Build and validate a :class:`Config`; unknown keys and wrong types raise ConfigError."""
-    config = _build(Config, data, "")
-    _validate_ranges(config)
-    return config
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config file, apply ``overrides`` (see :func:`apply_overrides`), validate.
 
-
-def load_config(path: str | os.PathLike) -> Config:
-    """Read a YAML config file; relative data paths are resolved against the file's folder."""
+    Relative paths (``training.data``, ``system.pdb``, ``system.xml``), in the file or in an
+    override, are resolved against the file's folder.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     with open(path) as handle:
-        data = yaml.safe_load(handle)
-    config = config_from_dict(data)
-    base = path.resolve().parent
-    data = config.training.data
-    if isinstance(data, list):
-        config.training.data = [str((base / item).resolve()) for item in data]
-    elif data is not None:
-        config.training.data = str((base / data).resolve())
-    if isinstance(config.system, dict):
-        for key in ("pdb", "xml"):
-            if key in config.system and not os.path.isabs(config.system[key]):
-                config.system[key] = str((base / config.system[key]).resolve())
-    return config
+        try:
+            data = yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config is a mapping of keys, got {type(data).__name__}")
+    return config_from_dict(apply_overrides(data, overrides), base=path.resolve().parent)

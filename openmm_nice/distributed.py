@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Ranks", "init_distributed", "shutdown_distributed"]
+__all__ = ["Ranks", "process_group"]
 
 
 @dataclass(frozen=True)
@@ -30,26 +32,36 @@ class Ranks:
         return self.world_size > 1
 
 
-def init_distributed(device: str, timeout_s: float = 300.0) -> Ranks:
-    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), if any.
+@contextmanager
+def process_group(device: str, timeout_s: float = 300.0) -> Iterator[Ranks]:
+    """Where this process stands in a torch process group, for the length of a block.
 
-    gloo on CPU and NCCL on CUDA; under torchrun with CUDA each rank takes the GPU of its
-    local rank. Outside torchrun this does nothing and returns a single-process :class:`Ranks`.
+    A group that already exists (the caller's) is used and left as it is. Otherwise, under
+    torchrun (WORLD_SIZE, RANK, LOCAL_RANK), a group is created (gloo on CPU, NCCL on CUDA, where
+    each rank takes the GPU of its local rank) and destroyed on leaving the block. Outside
+    torchrun this does nothing and yields a single-process :class:`Ranks`.
+
+    Example:
+        >>> with process_group("cpu") as ranks:  # no torchrun here
+        ...     ranks.world_size
+        1
     """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        yield Ranks(dist.get_rank(), dist.get_world_size(), local_rank)
+        return
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return Ranks()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        yield Ranks()
+        return
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s)
-        )
-    return Ranks(rank, world_size, local_rank)
-
-
-def shutdown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    dist.init_process_group(
+        backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s)
+    )
+    try:
+        yield Ranks(int(os.environ["RANK"]), world_size, local_rank)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Atomic file writing: checkpoints, sample files and text outputs are never left half-written."""
+"""Files: sample files, frames and trajectories, checkpoints; every write is atomic."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from openmm_nice.errors import UserInputError
+
 __all__ = [
+    "load_samples",
     "read_frames",
     "atomic_write",
     "atomic_write_text",
@@ -73,7 +76,7 @@ def save_samples(path: str | os.PathLike, x, log_w, u, **extra) -> None:
     }
     n = arrays["x"].shape[0]
     if arrays["x"].ndim != 2 or arrays["log_w"].shape != (n,) or arrays["u"].shape != (n,):
-        raise ValueError(
+        raise UserInputError(
             f"samples need x (N, d), log_w (N,), u (N,); got {arrays['x'].shape}, "
             f"{arrays['log_w'].shape}, {arrays['u'].shape}"
         )
@@ -81,26 +84,84 @@ def save_samples(path: str | os.PathLike, x, log_w, u, **extra) -> None:
     atomic_write(path, lambda h: np.savez(h, **arrays))
 
 
-def read_frames(path: str | os.PathLike, topology=None, what: str = "frames") -> np.ndarray:
-    """Frames (F, 3N) float64 from an npz with ``x`` (a sample or MD file of this package) or
-    from any mdtraj-readable trajectory (read with the mdtraj ``topology``; a PDB or HDF5 file
-    brings its own). ``what`` names the file's role in error messages."""
+def load_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, log_w, u) of a sample file (:func:`save_samples`), checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"sample file {path} does not exist; make it with `openmm-nice sample`"
+        )
+    with np.load(path) as data:
+        missing = [k for k in ("x", "log_w", "u") if k not in data]
+        if missing:
+            raise UserInputError(
+                f"{path} lacks {', '.join(missing)}; it is not a sample file of `openmm-nice "
+                "sample` (an MD trajectory is reweighted with --traj FILE --config CONFIG)"
+            )
+        x, log_w, u = data["x"], data["log_w"], data["u"]
+    if x.ndim != 2 or log_w.shape != (len(x),) or u.shape != (len(x),):
+        raise UserInputError(
+            f"{path}: x {x.shape}, log_w {log_w.shape}, u {u.shape} do not have the shapes "
+            "(N, d), (N,), (N,) of a sample file"
+        )
+    return x, log_w, u
+
+
+def read_frames(
+    path: str | os.PathLike, topology=None, what: str = "frames", stride: int = 1
+) -> np.ndarray:
+    """Frames (F, 3N) in nm, float64, of an npz with ``x`` (a sample or MD file of this
+    package) or of any trajectory mdtraj reads (.dcd, .xtc, .trr, .nc, .h5, .pdb).
+
+    Arguments:
+        path: The file.
+        topology: The mdtraj Topology of the system the frames are of: trajectories are read
+            with it, and the frames of either kind must have its atoms. None for frames of a
+            toy target (an npz only).
+        what: The file's role, for error messages (e.g. "training data").
+        stride: Keep every ``stride``-th frame.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
+    if stride < 1:
+        raise UserInputError(f"stride must be at least 1, got {stride}")
+    n_atoms = None if topology is None else topology.n_atoms
     if path.suffix.lower() == ".npz":
         with np.load(path) as data:
             if "x" not in data:
-                raise ValueError(f"{what} {path} has no array 'x' of frames")
-            return np.asarray(data["x"], dtype=np.float64)
-    if topology is None:
-        raise ValueError(
+                raise UserInputError(f"{what} {path} has no array 'x' of frames")
+            x = np.asarray(data["x"][::stride], dtype=np.float64)
+        if n_atoms is not None and (x.ndim != 2 or x.shape[1] != 3 * n_atoms):
+            raise UserInputError(
+                f"frames in {what} {path} have shape {x.shape}, but the system has {n_atoms} "
+                f"atoms, so frames of shape (F, {3 * n_atoms}); give the system the frames are of"
+            )
+    elif topology is None:
+        raise UserInputError(
             f"{what} {path} is a trajectory, which needs a molecular system; give an npz with x"
         )
-    import mdtraj
+    else:
+        import mdtraj
 
-    traj = mdtraj.load(str(path), top=topology)
-    return traj.xyz.astype(np.float64).reshape(traj.n_frames, -1)
+        try:
+            traj = mdtraj.load(str(path), top=topology, stride=stride)
+        except OSError as error:
+            raise UserInputError(f"mdtraj cannot read {what} {path}: {error}") from None
+        except ValueError as error:
+            raise UserInputError(
+                f"{what} {path} does not match the system's {n_atoms} atoms ({error}); give the "
+                "system the trajectory is of"
+            ) from None
+        if traj.n_atoms != n_atoms:
+            raise UserInputError(
+                f"{what} {path} has {traj.n_atoms} atoms but the system has {n_atoms}; give the "
+                "system the trajectory is of"
+            )
+        x = traj.xyz.astype(np.float64).reshape(traj.n_frames, -1)
+    if len(x) == 0:
+        raise UserInputError(f"{what} {path} holds no frames")
+    return x
 
 
 def write_trajectory(path: str | os.PathLike, x, topology, time=None) -> None:

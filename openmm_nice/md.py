@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from openmm_nice.config import Config, load_config
+from openmm_nice.config import Config
+from openmm_nice.errors import ConfigError, UserInputError
 from openmm_nice.io import atomic_write_text, read_frames, save_samples, write_trajectory
 
 __all__ = [
@@ -22,7 +21,7 @@ __all__ = [
     "run_md",
     "write_md",
     "load_start_frame",
-    "md_command",
+    "run_md_to_file",
     "TRAJECTORY_SUFFIXES",
 ]
 
@@ -71,11 +70,14 @@ def molecular_system(config: Config):
 
     name = config.system if isinstance(config.system, str) else config.system.get("name")
     if name in TOY_SYSTEMS:
-        raise ValueError(
-            f"md needs a molecular system, but {name!r} is a toy target; use a config whose "
+        raise UserInputError(
+            f"this needs a molecular system, but {name!r} is a toy target; use a config whose "
             "`system` is e.g. alanine_dipeptide_vacuum or {pdb: ..., forcefield: [...]}"
         )
-    return load_molecular_system(config.system)
+    try:
+        return load_molecular_system(config.system)
+    except ValueError as error:  # a PDB or force field that cannot make the System
+        raise ConfigError(f"system: {error}") from error
 
 
 def run_md(
@@ -114,7 +116,7 @@ def run_md(
     md = config.md
     n_steps = md.steps if n_steps is None else int(n_steps)
     if n_steps < md.report_interval:
-        raise ValueError(
+        raise UserInputError(
             f"md needs at least one frame: steps ({n_steps}) must be at least "
             f"md.report_interval ({md.report_interval}); raise --steps or lower md.report_interval"
         )
@@ -122,7 +124,10 @@ def run_md(
     platform = platform or config.platform
     # validates the System (constraints, virtual sites, periodicity) and the platform with the
     # same messages as training
-    OpenMMEnergy(molecule.system, config.temperature, platform=platform).close()
+    try:
+        OpenMMEnergy(molecule.system, config.temperature, platform=platform).close()
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     integrator = openmm.LangevinMiddleIntegrator(
         config.temperature * unit.kelvin,
         md.friction_per_ps / unit.picosecond,
@@ -139,12 +144,12 @@ def run_md(
     if start is not None:
         start = np.asarray(start, dtype=np.float64)
         if start.size != 3 * molecule.n_atoms:
-            raise ValueError(
+            raise UserInputError(
                 f"the start structure has {start.size // 3} atoms' positions, the system has "
                 f"{molecule.n_atoms}; give a frame of this system"
             )
         if not np.all(np.isfinite(start)):
-            raise ValueError("the start structure has NaN or infinite coordinates")
+            raise UserInputError("the start structure has NaN or infinite coordinates")
         positions = start.reshape(-1, 3) * unit.nanometer
     context.setPositions(positions)
     openmm.LocalEnergyMinimizer.minimize(context)
@@ -173,7 +178,7 @@ def load_start_frame(path: str | Path, frame: int, topology) -> np.ndarray:
     the system's ``topology``)."""
     x = read_frames(path, topology, what="--start")
     if not -len(x) <= frame < len(x):
-        raise ValueError(f"--start-frame {frame} is out of range: {path} has {len(x)} frames")
+        raise UserInputError(f"--start-frame {frame} is out of range: {path} has {len(x)} frames")
     return x[frame]
 
 
@@ -181,12 +186,12 @@ def _check_output(path: Path) -> None:
     """Refuse an output format before hours of MD, not after."""
     suffix = path.suffix.lower()
     if suffix not in TRAJECTORY_SUFFIXES:
-        raise ValueError(
+        raise UserInputError(
             f"--out {str(path)!r}: unknown format {suffix!r}; use one of "
             f"{', '.join(TRAJECTORY_SUFFIXES)} (.npz is the sample-file format with x, log_w, u)"
         )
     if suffix == ".h5" and importlib.util.find_spec("tables") is None:
-        raise ValueError(
+        raise UserInputError(
             f"--out {str(path)!r}: mdtraj writes .h5 through PyTables, which is not installed; "
             "`pip install tables`, or write .dcd or .npz"
         )
@@ -206,45 +211,48 @@ def write_md(path: str | Path, result: MDResult, topology) -> None:
     write_trajectory(path, result.frames, topology, time=result.time_ps)
 
 
-def md_command(args: argparse.Namespace) -> int:
-    """`openmm-nice md CONFIG --out FILE [--steps N] [--seed S] [--temperature K]
-    [--start FILE [--start-frame I]] [--quiet]`.
+def run_md_to_file(
+    config: Config,
+    out: str | Path,
+    steps: int | None = None,
+    start: str | Path | None = None,
+    start_frame: int = -1,
+    quiet: bool = False,
+    command: str | None = None,
+) -> dict:
+    """Run MD of a config's system (:func:`run_md`) and write its frames and a record of it.
 
-    ``--temperature`` runs the thermostat at another temperature than the config's (hot MD that
-    crosses barriers, as extra training data); the file's ``u`` is E/kT at that temperature.
-    ``--start`` begins from a frame of another file instead of the system's own structure
-    (MD seeded in a basin that plain MD rarely enters).
+    ``out`` gets the frames (:func:`write_md`), and ``out`` + ``.json`` the record: the
+    ``command`` that made it, steps, time step, frames, temperature, seed, start, platform, wall
+    time, speed and the whole config.
+
+    Arguments:
+        config: The config; its ``temperature`` is the thermostat's, and the file's ``u`` is E/kT
+            at it (hot MD that crosses barriers, as extra training data, is a config at a
+            higher temperature).
+        out: The file to write, of a format in :data:`TRAJECTORY_SUFFIXES`; refused before
+            the MD runs if it is not.
+        steps: Production steps instead of ``md.steps``.
+        start: Begin from a frame of this file instead of the system's own structure (MD
+            seeded in a basin that plain MD rarely enters); see :func:`load_start_frame`.
+        start_frame: Which frame of ``start`` (negative counts from the end).
+        quiet: No progress bar.
+        command: The command line that asked for this run, recorded in the record.
+
+    Returns:
+        The record, as written.
     """
     import mdtraj
 
-    out = Path(args.out)
+    out = Path(out)
     _check_output(out)
-    config = load_config(args.config)
-    if args.seed is not None:
-        config.seed = args.seed
-    if args.temperature is not None:
-        if not args.temperature > 0:
-            raise ValueError(f"--temperature must be positive (kelvin), got {args.temperature}")
-        config.temperature = float(args.temperature)
     topology = mdtraj.Topology.from_openmm(molecular_system(config).topology)
-    start = None
-    if args.start is not None:
-        start = load_start_frame(args.start, args.start_frame, topology)
-    result = run_md(config, args.steps, args.quiet, start=start)
+    frame = None if start is None else load_start_frame(start, start_frame, topology)
+    result = run_md(config, steps, quiet, start=frame)
     write_md(out, result, topology)
-    command = ["openmm-nice", "md", str(args.config), "--out", str(args.out)]
-    if args.steps is not None:
-        command += ["--steps", str(args.steps)]
-    if args.seed is not None:
-        command += ["--seed", str(args.seed)]
-    if args.temperature is not None:
-        command += ["--temperature", f"{args.temperature:g}"]
-    if args.start is not None:
-        command += ["--start", str(args.start), "--start-frame", str(args.start_frame)]
-    n_steps = args.steps if args.steps is not None else config.md.steps
     info = {
-        "command": shlex.join(command),
-        "steps": n_steps,
+        "command": command,
+        "steps": config.md.steps if steps is None else int(steps),
         "timestep_fs": config.md.timestep_fs,
         "report_interval": config.md.report_interval,
         "equilibration_steps": config.md.equilibration_steps,
@@ -253,13 +261,11 @@ def md_command(args: argparse.Namespace) -> int:
         "frames": len(result.frames),
         "temperature_K": config.temperature,
         "seed": config.seed,
-        "start": None if args.start is None else f"{args.start}[{args.start_frame}]",
+        "start": None if start is None else f"{start}[{start_frame}]",
         "platform": result.platform,
         "wall_time_s": result.wall_time_s,
         "ns_per_day": result.ns_per_day,
         "config": config.to_dict(),
     }
     atomic_write_text(out.with_name(out.name + ".json"), json.dumps(info, indent=2) + "\n")
-    if not args.quiet:
-        print(json.dumps({k: v for k, v in info.items() if k != "config"}))
-    return 0
+    return info

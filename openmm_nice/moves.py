@@ -40,9 +40,11 @@ import torch
 from openmm import unit
 from torch import Tensor
 
+from openmm_nice.errors import UserInputError
 from openmm_nice.generator import BoltzmannGenerator
 from openmm_nice.io import save_samples, write_trajectory
 from openmm_nice.openmm_energy import OpenMMEnergy
+from openmm_nice.runs import load_run
 from openmm_nice.systems import import_quietly
 
 __all__ = [
@@ -208,8 +210,7 @@ class BoltzmannGeneratorMove(mcmc.MCMCMove):
 
         from openmm import unit
         from openmmtools import mcmc, states
-        from openmm_nice import BoltzmannGeneratorMove
-        from openmm_nice.cli import load_run
+        from openmm_nice import BoltzmannGeneratorMove, load_run
 
         _, target, _ = load_run("runs/ala2")
         thermodynamic_state = states.ThermodynamicState(target.molecule.system, 300 * unit.kelvin)
@@ -299,10 +300,10 @@ class BoltzmannGeneratorMove(mcmc.MCMCMove):
                 energies (None: openmmtools' global cache).
         """
         if not self._reference.is_state_compatible(thermodynamic_state):
-            raise ValueError(
+            raise UserInputError(
                 "the thermodynamic state's System is not the one the generator was trained on "
                 "(openmmtools' is_state_compatible says no); build the ThermodynamicState from "
-                "the run's System, e.g. openmm_nice.cli.load_run(RUN)[1].molecule.system"
+                "the run's System, e.g. openmm_nice.load_run(RUN)[1].molecule.system"
             )
         context, _ = self._get_context_cache(context_cache).get_context(thermodynamic_state)
         n_atoms = sampler_state.n_particles
@@ -338,7 +339,7 @@ class BoltzmannGeneratorMove(mcmc.MCMCMove):
 
     def __getstate__(self) -> dict[str, Any]:
         if self.run is None:
-            raise ValueError(
+            raise UserInputError(
                 "a BoltzmannGeneratorMove built from a generator object cannot be serialised; "
                 "build it from the run folder, BoltzmannGeneratorMove(RUN), to store it (e.g. "
                 "in a multistate sampler's storage file)"
@@ -355,7 +356,7 @@ class BoltzmannGeneratorMove(mcmc.MCMCMove):
         run = Path(serialization["run"])
         checksum = _sha256(run / "checkpoint.pt")
         if checksum != serialization["checkpoint_sha256"]:
-            raise ValueError(
+            raise UserInputError(
                 f"the checkpoint of {run} changed since this move was stored (SHA-256 "
                 f"{checksum[:12]}..., stored {serialization['checkpoint_sha256'][:12]}...); the "
                 "stored chain was sampled with another model: restore that run folder"
@@ -379,11 +380,9 @@ class BoltzmannGeneratorMove(mcmc.MCMCMove):
 
 
 def _load_generator(run: Path) -> BoltzmannGenerator:
-    from openmm_nice.cli import load_run
-
     _, target, generator = load_run(run, device="cpu")
     if not target.is_molecule:
-        raise ValueError(
+        raise UserInputError(
             f"{run} was trained on the toy target {target.name!r}, not an OpenMM system; for "
             "toy energies use openmm_nice.moves.independence_metropolis"
         )
@@ -404,7 +403,7 @@ class SeededLangevinDynamicsMove(mcmc.LangevinDynamicsMove):
 
     def __init__(self, seed: int = 1, **kwargs):
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 < seed < 2**31:
-            raise ValueError(f"seed must be an int from 1 to 2**31 - 1, got {seed!r}")
+            raise UserInputError(f"seed must be an int from 1 to 2**31 - 1, got {seed!r}")
         super().__init__(**kwargs)
         self.seed = seed
 
@@ -492,18 +491,16 @@ def run_chain(
     """
     from tqdm.auto import tqdm
 
-    from openmm_nice.cli import load_run
-
     if n_iterations < 1:
-        raise ValueError(f"the number of iterations must be positive, got {n_iterations}")
+        raise UserInputError(f"the number of iterations must be positive, got {n_iterations}")
     if langevin_steps < 0 or n_proposals < 0 or langevin_steps + n_proposals == 0:
-        raise ValueError(
+        raise UserInputError(
             f"an iteration needs Langevin steps or proposals (>= 0, not both 0), got "
             f"langevin_steps={langevin_steps}, n_proposals={n_proposals}"
         )
     config, target, generator = load_run(Path(run), device="cpu")
     if not target.is_molecule:
-        raise ValueError(
+        raise UserInputError(
             f"{run} was trained on the toy target {target.name!r}; mcmc needs a molecule"
         )
     temperature = config.temperature if temperature is None else float(temperature)
@@ -511,7 +508,7 @@ def run_chain(
     if collision_rate_per_ps is None:
         collision_rate_per_ps = config.md.friction_per_ps
     if not (temperature > 0 and timestep_fs > 0 and collision_rate_per_ps > 0):
-        raise ValueError(
+        raise UserInputError(
             f"temperature, time step and collision rate must be positive, got {temperature} K, "
             f"{timestep_fs} fs, {collision_rate_per_ps} /ps"
         )
@@ -575,11 +572,11 @@ def write_chain(path: str | Path, result: ChainResult) -> Path:
     ``n_proposals``, ``timestep_fs``. Returns the npz's path."""
     import mdtraj
 
-    from openmm_nice.analysis import ramachandran
+    from openmm_nice.observables import ramachandran
 
     path = Path(path)
     if path.suffix.lower() == ".npz":
-        raise ValueError(
+        raise UserInputError(
             f"--out {str(path)!r} is the trajectory (e.g. .dcd); the energies and angles go "
             "beside it in an .npz of the same name"
         )

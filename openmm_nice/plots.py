@@ -7,14 +7,12 @@ import io
 import os
 from collections.abc import Callable
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from openmm_nice.io import atomic_write  # noqa: E402
-from openmm_nice.reweighting import FreeEnergyProfile, free_energy_profile  # noqa: E402
+from openmm_nice.free_energy import FreeEnergyProfile, free_energy_profile
+from openmm_nice.io import atomic_write
 
 __all__ = [
     "save_figure",
@@ -25,11 +23,17 @@ __all__ = [
 ]
 
 
-def save_figure(fig, path: str | os.PathLike) -> None:
-    """Save a matplotlib figure as PNG atomically and close it."""
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A figure drawn by Agg on a canvas of its own: pyplot's global backend stays the user's."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure as PNG atomically."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
     atomic_write(path, lambda h: h.write(buffer.getvalue()))
 
 
@@ -40,7 +44,8 @@ def plot_metrics(metrics_csv: str | os.PathLike, path: str | os.PathLike) -> Non
     if not rows:
         return
     step = np.array([float(r["step"]) for r in rows])
-    fig, (ax_loss, ax_ess) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = _figure((10, 3.5))
+    ax_loss, ax_ess = fig.subplots(1, 2)
     for key, label in (
         ("loss", "loss"),
         ("reverse_kl_nats", "J_R (nats)"),
@@ -74,7 +79,8 @@ def plot_note_figure(
     (b) importance-sampled.
     """
     grid = np.linspace(*range, 400)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    fig = _figure((10, 3.8))
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, weights, title in (
         (axes[0], None, "(a) direct sampling"),
         (axes[1], log_w, "(b) importance sampling"),
@@ -85,7 +91,7 @@ def plot_note_figure(
         ax.errorbar(
             profile.centers,
             profile.free_energy + shift,
-            yerr=profile.error,
+            yerr=_bars(profile.error),
             color="red",
             fmt=".",
             ms=3,
@@ -96,6 +102,11 @@ def plot_note_figure(
     axes[0].set_ylabel("U(x)")
     axes[0].legend()
     save_figure(fig, path)
+
+
+def _bars(error: np.ndarray) -> np.ndarray:
+    """Error bars to draw: none (NaN) where the error is not finite."""
+    return np.where(np.isfinite(error), error, np.nan)
 
 
 def _profile_offset(profile: FreeEnergyProfile, potential, log_z: float) -> float:
@@ -113,10 +124,17 @@ def plot_profiles(
     profiles: dict[str, FreeEnergyProfile], path: str | os.PathLike, xlabel: str = "s", exact=None
 ) -> None:
     """Free-energy profiles F(s) (kT) with error bars; ``exact`` is an optional (s, F) pair."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _figure((6, 4))
+    ax = fig.subplots()
     for i, (label, p) in enumerate(profiles.items()):
         ax.errorbar(
-            p.centers, p.free_energy, yerr=p.error, fmt=".-", ms=3, color=f"C{i}", label=label
+            p.centers,
+            p.free_energy,
+            yerr=_bars(p.error),
+            fmt=".-",
+            ms=3,
+            color=f"C{i}",
+            label=label,
         )
     if exact is not None:
         ax.plot(*exact, color="black", label="exact")
@@ -134,7 +152,8 @@ def plot_free_energy_map(
     vmax: float = 10.0,
 ) -> None:
     """Two-dimensional free-energy maps side by side, each (x edges, y edges, F (nx, ny) in kT)."""
-    fig, axes = plt.subplots(1, len(maps), figsize=(5 * len(maps), 4.2), squeeze=False)
+    fig = _figure((5 * len(maps), 4.2))
+    axes = fig.subplots(1, len(maps), squeeze=False)
     for ax, (title, (xe, ye, f)) in zip(axes[0], maps.items()):
         mesh = ax.pcolormesh(
             xe, ye, np.where(np.isfinite(f), f, np.nan).T, cmap="viridis", vmin=0, vmax=vmax

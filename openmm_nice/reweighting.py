@@ -1,26 +1,43 @@
-"""Importance-sampling estimates: ESS, log Z, expectations and free-energy profiles."""
+r"""Importance-sampling estimators: ESS, log Z, means, populations, with one error policy.
+
+Every estimate takes log-weights (None for direct, unweighted samples) and gets its error the
+same way: the spread of its values on (block) bootstrap resamples of the samples, see
+:func:`bootstrap` and :func:`bootstrap_spread`. Blocks of consecutive samples
+(``block_size`` > 1) are for correlated frames such as MD; independent samples of a generator
+take ``block_size`` 1.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from openmm_nice.errors import UserInputError
+
 __all__ = [
+    "Estimate",
     "effective_sample_size",
     "log_partition_function",
+    "normalized_weights",
+    "sample_weights",
     "bootstrap",
+    "bootstrap_spread",
     "bootstrap_error",
     "expectation",
     "probability",
-    "free_energy_profile",
-    "FreeEnergyProfile",
-    "normalized_weights",
+    "region_free_energy",
 ]
+
+
+class Estimate(NamedTuple):
+    """An estimate and its bootstrap error; unpacks as ``value, error``."""
+
+    value: float
+    error: float
 
 
 def _as_numpy(a) -> np.ndarray:
@@ -32,11 +49,11 @@ def _as_numpy(a) -> np.ndarray:
 def _check_log_w(log_w) -> np.ndarray:
     log_w = _as_numpy(log_w)
     if log_w.ndim != 1 or log_w.size == 0:
-        raise ValueError(f"log-weights must be a non-empty 1-D array, got shape {log_w.shape}")
+        raise UserInputError(f"log-weights must be a non-empty 1-D array, got shape {log_w.shape}")
     if np.isnan(log_w).any() or np.isposinf(log_w).any():
-        raise ValueError("log-weights contain NaN or +inf; weights of bad samples must be -inf")
+        raise UserInputError("log-weights contain NaN or +inf; weights of bad samples must be -inf")
     if not np.isfinite(log_w).any():
-        raise ValueError("every log-weight is -inf: no sample has positive weight")
+        raise UserInputError("every log-weight is -inf: no sample has positive weight")
     return log_w
 
 
@@ -99,11 +116,11 @@ def bootstrap(
         5
     """
     if block_size < 1:
-        raise ValueError(f"block_size must be at least 1, got {block_size}")
+        raise UserInputError(f"block_size must be at least 1, got {block_size}")
     if n_bootstrap < 2:
-        raise ValueError(f"n_bootstrap must be at least 2 for an error bar, got {n_bootstrap}")
+        raise UserInputError(f"n_bootstrap must be at least 2 for an error bar, got {n_bootstrap}")
     if n < 2 * block_size:
-        raise ValueError(
+        raise UserInputError(
             f"{n} samples make fewer than 2 blocks of {block_size}; a bootstrap needs more "
             "samples or a smaller block size (--block-size)"
         )
@@ -111,116 +128,201 @@ def bootstrap(
     return [statistic(_resample(n, block_size, rng)) for _ in range(n_bootstrap)]
 
 
+def bootstrap_spread(replicates, axis: int = 0) -> np.ndarray | float:
+    """The error of an estimate from its bootstrap replicates: their standard deviation.
+
+    A replicate that is not finite (a region or bin that a resample misses entirely has an
+    infinite free energy in it) is left out; where over a tenth of the replicates are not
+    finite, or fewer than 2 are, the estimate has no finite error and the spread is inf.
+
+    Arguments:
+        replicates: The replicates along ``axis`` (one estimate, or an array of them).
+
+    Returns:
+        A float for 1-D replicates, else an array without ``axis``.
+
+    Example:
+        >>> float(bootstrap_spread([1.0, 3.0]))
+        1.4142135623730951
+        >>> float(bootstrap_spread([1.0, 3.0, np.inf]))
+        inf
+    """
+    values = np.moveaxis(np.asarray(replicates, dtype=np.float64), axis, 0)
+    finite = np.isfinite(values)
+    count = finite.sum(axis=0)
+    safe = np.where(finite, values, 0.0)
+    mean = safe.sum(axis=0) / np.maximum(count, 1)
+    squares = np.where(finite, values - mean, 0.0) ** 2
+    spread = np.sqrt(squares.sum(axis=0) / np.maximum(count - 1, 1))
+    spread = np.where((count >= 0.9 * len(values)) & (count >= 2), spread, np.inf)
+    return float(spread) if spread.ndim == 0 else spread
+
+
 def bootstrap_error(
-    statistic: Callable[..., float], *arrays, n_bootstrap: int = 200, seed: int = 0
+    statistic: Callable[..., float],
+    *arrays,
+    n_bootstrap: int = 200,
+    block_size: int = 1,
+    seed: int = 0,
 ) -> float:
-    """Standard error of ``statistic(*arrays)`` from resampling rows with replacement."""
+    """The bootstrap error (:func:`bootstrap_spread`) of ``statistic(*arrays)``, resampling
+    the arrays' rows together; a resample on which the statistic raises ``ValueError`` (e.g. one
+    with no positive weight) counts as not finite.
+
+    Example:
+        >>> x = np.random.default_rng(0).normal(size=1000)
+        >>> 0.025 < bootstrap_error(np.mean, x) < 0.04  # 1/sqrt(1000) = 0.032
+        True
+    """
     arrays = tuple(_as_numpy(a) for a in arrays)
 
     def on_resample(i: np.ndarray) -> float:
         try:
             return statistic(*(a[i] for a in arrays))
         except ValueError:
-            return math.nan  # a resample with no positive weight carries no estimate
+            return math.nan
 
-    values = np.array(bootstrap(on_resample, len(arrays[0]), n_bootstrap, seed=seed))
-    values = values[~np.isnan(values)]
-    return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+    return bootstrap_spread(bootstrap(on_resample, len(arrays[0]), n_bootstrap, block_size, seed))
 
 
-def expectation(values, log_w=None) -> tuple[float, float]:
-    r"""Self-normalised estimate of :math:`\langle f \rangle_\mu` and its standard error.
+def sample_weights(log_w, n: int) -> np.ndarray:
+    """Self-normalised weights of n samples (:func:`normalized_weights`), or uniform ones, 1/n,
+    for direct samples (``log_w`` None).
 
-    Without ``log_w`` the samples are used directly (mean and standard error of the mean).
-    With weights the error is the delta-method one,
-    :math:`\sqrt{\sum_i \bar w_i^2 (f_i - \hat f)^2}`.
+    Example:
+        >>> sample_weights(None, 4).tolist(), sample_weights(np.log([1.0, 3.0]), 2).tolist()
+        ([0.25, 0.25, 0.25, 0.25], [0.25, 0.75])
+    """
+    w = np.full(n, 1.0 / n) if log_w is None else normalized_weights(log_w)
+    if w.shape != (n,):
+        raise UserInputError(
+            f"values of shape ({n},) and log-weights of shape {w.shape} must have the same shape"
+        )
+    return w
+
+
+def _weighted_mean(f: np.ndarray, w: np.ndarray, i: np.ndarray) -> float:
+    total = w[i].sum()
+    return float(np.sum(w[i] * f[i]) / total) if total > 0 else math.nan
+
+
+def _wrap(angle):
+    """Angles wrapped onto [-pi, pi)."""
+    return (np.asarray(angle) + math.pi) % (2.0 * math.pi) - math.pi
+
+
+def expectation(
+    values,
+    log_w=None,
+    *,
+    circular: bool = False,
+    n_bootstrap: int = 200,
+    block_size: int = 1,
+    seed: int = 0,
+) -> Estimate:
+    r"""The (self-normalised, weighted) mean :math:`\langle f \rangle` with its bootstrap error.
+
+    For a periodic quantity (``circular=True``, radians) the mean is the circular one,
+    :math:`\operatorname{atan2}(\langle\sin\rangle, \langle\cos\rangle)`, and its error the spread
+    of the replicates' wrapped differences from it: an arithmetic mean of dihedrals near
+    :math:`\pm\pi` would land near 0, where no sample is.
 
     Arguments:
         values: f(x_i), shape (N,).
-        log_w: Importance log-weights, shape (N,), or None for direct sampling.
-    """
-    f = _as_numpy(values)
-    if log_w is None:
-        return float(f.mean()), float(f.std(ddof=1) / math.sqrt(len(f))) if len(f) > 1 else math.nan
-    w = normalized_weights(log_w)
-    if f.shape != w.shape:
-        raise ValueError(f"values {f.shape} and log-weights {w.shape} must have the same shape")
-    keep = w > 0
-    mean = float(np.sum(w[keep] * f[keep]))
-    return mean, float(np.sqrt(np.sum(w[keep] ** 2 * (f[keep] - mean) ** 2)))
-
-
-def probability(mask, log_w=None) -> tuple[float, float]:
-    """Probability of a region given by a boolean mask over samples, and its standard error."""
-    return expectation(_as_numpy(mask).astype(np.float64), log_w)
-
-
-@dataclass
-class FreeEnergyProfile:
-    """A free-energy profile F(s) in kT, shifted to minimum 0, with bootstrap errors."""
-
-    centers: np.ndarray
-    free_energy: np.ndarray
-    error: np.ndarray
-
-    def to_csv(self, path, header: str = "s") -> None:
-        from openmm_nice.io import atomic_write_text
-
-        rows = [f"{header},free_energy_kT,error_kT"]
-        rows += [
-            f"{c:.8g},{f:.8g},{e:.8g}"
-            for c, f, e in zip(self.centers, self.free_energy, self.error)
-        ]
-        atomic_write_text(path, "\n".join(rows) + "\n")
-
-
-def _profile(s: np.ndarray, w: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    hist, _ = np.histogram(s, bins=edges, weights=w)
-    density = hist / (hist.sum() * np.diff(edges))
-    with np.errstate(divide="ignore"):
-        return -np.log(density)
-
-
-def free_energy_profile(
-    s,
-    log_w=None,
-    bins: int = 50,
-    range: tuple[float, float] | None = None,
-    n_bootstrap: int = 100,
-    seed: int = 0,
-) -> FreeEnergyProfile:
-    r"""F(s) = -log p(s) along a coordinate, direct or importance-sampled.
-
-    Arguments:
-        s: The coordinate of each sample, shape (N,).
-        log_w: Importance log-weights (N,), or None for the direct histogram.
-        bins: Number of histogram bins.
-        range: (lo, hi) of the histogram; default the samples' range.
-        n_bootstrap: Resamples for the error bars.
+        log_w: Importance log-weights (N,), or None for direct (unweighted) samples.
+        circular: f is an angle in radians.
+        n_bootstrap: Resamples for the error (0: no error, NaN).
+        block_size: Consecutive samples per bootstrap block (see :func:`bootstrap`).
+        seed: Seed of the resamples.
 
     Returns:
-        A :class:`FreeEnergyProfile`; empty bins have F = +inf.
+        An :class:`Estimate` (value, error).
+
+    Example:
+        >>> expectation(np.array([1.0, 2.0, 3.0]), np.log([1.0, 1.0, 2.0]), n_bootstrap=0)
+        Estimate(value=2.25, error=nan)
+        >>> round(abs(expectation([3.1, -3.1], circular=True, n_bootstrap=0).value), 3)
+        3.142
     """
-    s = _as_numpy(s)
-    w = np.ones_like(s) if log_w is None else normalized_weights(log_w)
-    if s.shape != w.shape:
-        raise ValueError(f"coordinate {s.shape} and log-weights {w.shape} must have the same shape")
-    lo, hi = (float(s.min()), float(s.max())) if range is None else range
-    edges = np.linspace(lo, hi, bins + 1)
-    f = _profile(s, w, edges)
-    shift = np.min(f[np.isfinite(f)]) if np.isfinite(f).any() else 0.0
+    f = _as_numpy(values)
+    if f.ndim != 1:
+        raise UserInputError(f"values must have shape (N,), got {f.shape}")
+    w = sample_weights(log_w, len(f))
+    if circular:
+        s, c = np.sin(f), np.cos(f)
 
-    def resampled(i: np.ndarray) -> np.ndarray | None:
-        return _profile(s[i], w[i], edges) if w[i].sum() > 0 else None
+        def mean(i: np.ndarray) -> float:
+            return float(np.arctan2(np.sum(w[i] * s[i]), np.sum(w[i] * c[i])))
 
-    boots = [b for b in bootstrap(resampled, len(s), n_bootstrap, seed=seed) if b is not None]
-    boots = np.array(boots) - shift
-    with np.errstate(invalid="ignore"):
-        finite = np.isfinite(boots)
-        err = np.array(
-            [
-                np.std(col[ok], ddof=1) if ok.sum() > 1 else np.nan
-                for col, ok in zip(boots.T, finite.T)
-            ]
-        )
-    return FreeEnergyProfile(0.5 * (edges[1:] + edges[:-1]), f - shift, err)
+        value = mean(np.arange(len(f)))
+        if not n_bootstrap:
+            return Estimate(value, math.nan)
+        replicates = bootstrap(mean, len(f), n_bootstrap, block_size, seed)
+        return Estimate(value, bootstrap_spread(_wrap(np.array(replicates) - value)))
+    value = _weighted_mean(f, w, np.arange(len(f)))
+    if not n_bootstrap:
+        return Estimate(value, math.nan)
+    replicates = bootstrap(lambda i: _weighted_mean(f, w, i), len(f), n_bootstrap, block_size, seed)
+    return Estimate(value, bootstrap_spread(replicates))
+
+
+def probability(
+    inside, log_w=None, *, n_bootstrap: int = 200, block_size: int = 1, seed: int = 0
+) -> Estimate:
+    """The probability of a region given by a boolean mask over the samples, with its error:
+    the :func:`expectation` of the region's indicator.
+
+    Example:
+        >>> probability(np.arange(8) < 2, n_bootstrap=0)
+        Estimate(value=0.25, error=nan)
+    """
+    indicator = _as_numpy(np.asarray(inside, dtype=bool))
+    return expectation(indicator, log_w, n_bootstrap=n_bootstrap, block_size=block_size, seed=seed)
+
+
+def region_free_energy(
+    inside,
+    log_w=None,
+    n_bootstrap: int = 200,
+    block_size: int = 1,
+    seed: int = 0,
+) -> dict[str, float]:
+    r"""Population p of a region and its free energy relative to the rest, with errors.
+
+    :math:`\Delta F = F_{in} - F_{out} = -\log \frac{p}{1 - p}` in kT. p and its error are
+    :func:`probability`'s; the error of :math:`\Delta F` is the spread of the same bootstrap
+    replicates taken through the log, so it holds where p is small and a linearisation does not.
+
+    Arguments:
+        inside: Boolean mask (N,) of the samples in the region.
+        log_w: Importance log-weights (N,), or None for direct (unweighted) samples.
+        n_bootstrap: Bootstrap resamples (0: no errors, NaN).
+        block_size: Consecutive samples per bootstrap block (see :func:`bootstrap`).
+        seed: Seed of the resamples.
+
+    Returns:
+        ``{"p", "p_error", "df_kT", "df_error_kT"}``; ``df_kT`` is inf when no sample is in the
+        region (and -inf when all are), and its error then inf.
+
+    Example:
+        >>> r = region_free_energy(np.arange(100) < 20, n_bootstrap=50)
+        >>> round(r["p"], 12), round(r["df_kT"], 6) == round(-math.log(0.2 / 0.8), 6)
+        (0.2, True)
+    """
+    f = _as_numpy(np.asarray(inside, dtype=bool))
+    w = sample_weights(log_w, len(f))
+    p = _weighted_mean(f, w, np.arange(len(f)))
+    value = -math.log(p / (1.0 - p)) if 0.0 < p < 1.0 else (math.inf if p == 0 else -math.inf)
+    if not n_bootstrap:
+        return {"p": p, "p_error": math.nan, "df_kT": value, "df_error_kT": math.nan}
+    replicates = np.array(
+        bootstrap(lambda i: _weighted_mean(f, w, i), len(f), n_bootstrap, block_size, seed)
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = -np.log(replicates / (1.0 - replicates))
+    return {
+        "p": p,
+        "p_error": bootstrap_spread(replicates),
+        "df_kT": value,
+        "df_error_kT": bootstrap_spread(df) if math.isfinite(value) else math.inf,
+    }

@@ -25,8 +25,8 @@ def device(request):
 @pytest.fixture(scope="session")
 def alanine_run(tmp_path_factory):
     """A run folder of alanine dipeptide in vacuum trained for 3 steps (a poor model), D > d."""
-    from openmm_nice.cli import train_run
     from openmm_nice.config import config_from_dict
+    from openmm_nice.runs import train_run
 
     config = config_from_dict(
         {

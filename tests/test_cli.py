@@ -105,6 +105,11 @@ def test_existing_run_needs_resume_and_bad_configs_are_named(tmp_path, tiny_conf
     bad.write_text("system: no_such_system\n")
     assert main(["train", str(bad), "--out", str(tmp_path / "r3"), "--quiet"]) == 2
     assert "double_well_1d" in capsys.readouterr().err
+    argv = ["train", str(tiny_config), "--out", str(tmp_path / "r4"), "--quiet"]
+    assert main([*argv, "--set", "training.batch=3"]) == 2
+    assert "training.batch; valid keys in training are" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(run), "--set", "seed=1", "--quiet"]) == 2
+    assert "a resumed run keeps its own" in capsys.readouterr().err
 
 
 def test_sweep_writes_j_r_per_latent_dimension(tmp_path, tiny_config, capsys):
@@ -201,8 +206,8 @@ def test_training_and_sampling_on_the_gpu(tmp_path, tiny_config):
 def test_mcmc_writes_the_chain_energies_angles_and_acceptance(tmp_path, alanine_run, capsys):
     import mdtraj
 
-    from openmm_nice.analysis import ramachandran
-    from openmm_nice.cli import load_run
+    from openmm_nice.observables import ramachandran
+    from openmm_nice.runs import load_run
 
     out = tmp_path / "chain.dcd"
     args = ["mcmc", str(alanine_run), "--n-iterations", "4", "--langevin-steps", "5"]
@@ -225,3 +230,31 @@ def test_mcmc_writes_the_chain_energies_angles_and_acceptance(tmp_path, alanine_
     target.close()
     assert main([*args, "--out", str(tmp_path / "chain.npz"), "--quiet"]) == 2
     assert "trajectory" in capsys.readouterr().err
+
+
+def test_no_module_of_the_package_imports_the_command_line():
+    package = ROOT / "openmm_nice"
+    for path in package.glob("*.py"):
+        if path.name != "cli.py":
+            text = path.read_text()
+            assert "openmm_nice.cli" not in text and "from openmm_nice import cli" not in text, path
+
+
+def test_user_errors_are_one_line_but_bugs_keep_their_traceback(monkeypatch, tmp_path, capsys):
+    import openmm_nice.cli as cli
+    from openmm_nice.errors import UserInputError
+
+    def fails_with(error):
+        def train_run(*args, **kwargs):
+            raise error
+
+        return train_run
+
+    argv = ["train", str(ROOT / "examples" / "double_well_1d.yaml"), "--out", str(tmp_path / "r")]
+    monkeypatch.setattr(cli, "train_run", fails_with(UserInputError("give a better value")))
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == "openmm-nice train: error: give a better value"
+    for bug in (ValueError("a bug"), TypeError("another bug")):
+        monkeypatch.setattr(cli, "train_run", fails_with(bug))
+        with pytest.raises(type(bug), match="bug"):
+            main(argv)

@@ -80,3 +80,58 @@ def test_fewer_steps_shorten_the_anneal_so_training_ends_at_the_target():
     assert config.training.steps == 800 and config.training.anneal_steps == 500
     config.set_steps(100000)
     assert config.training.anneal_steps == 500
+
+
+def test_overrides_set_keys_before_validation(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("system: double_well_1d\ntraining:\n  steps: 4000\n")
+    config = load_config(
+        path, ["training.steps=10", "model.hidden=[32, 16]", "seed=7", "model.latent_dim=null"]
+    )
+    assert config.training.steps == 10 and config.model.hidden == [32, 16] and config.seed == 7
+    assert config.model.latent_dim is None and config.training.batch_size == 512
+    config = load_config(path, ["system={pdb: mol.pdb}", "system.forcefield=[amber14-all.xml]"])
+    assert config.system == {"pdb": str(tmp_path / "mol.pdb"), "forcefield": ["amber14-all.xml"]}
+    with pytest.raises(ConfigError, match=r"training\.stpes; valid keys in training are: steps"):
+        load_config(path, ["training.stpes=10"])
+    with pytest.raises(ConfigError, match="unknown config key 'tempreature'"):
+        load_config(path, ["tempreature=300"])
+    with pytest.raises(ConfigError, match=r"training\.steps: expected an integer, got 'ten'"):
+        load_config(path, ["training.steps=ten"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(path, ["training.steps"])
+    with pytest.raises(ConfigError, match="not a mapping; set the whole"):
+        load_config(path, ["system.pdb=mol.pdb"])
+
+
+def test_system_specs_are_typed_and_their_paths_resolved(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("system: {xml: sys.xml, pdb: /abs/mol.pdb, name: mol}\n")
+    assert load_config(path).system == {
+        "xml": str(tmp_path / "sys.xml"),
+        "pdb": "/abs/mol.pdb",
+        "name": "mol",
+    }
+    toy = config_from_dict({"system": {"name": "many_well", "dim": 4}})
+    assert toy.system == {"name": "many_well", "dim": 4}
+    with pytest.raises(ConfigError, match="unknown system 'no_such'.*double_well_1d"):
+        config_from_dict({"system": "no_such"})
+    with pytest.raises(
+        ConfigError, match="many_well has no option.*dimension; its options are: dim"
+    ):
+        config_from_dict({"system": {"name": "many_well", "dimension": 4}})
+    with pytest.raises(ConfigError, match=r"system\.forcefeld; valid keys in system are: pdb"):
+        config_from_dict({"system": {"pdb": "mol.pdb", "forcefeld": ["amber14-all.xml"]}})
+    with pytest.raises(ConfigError, match=r"system\.pdb: expected a string, got 3"):
+        config_from_dict({"system": {"xml": "s.xml", "pdb": 3}})
+    with pytest.raises(ConfigError, match="is not a system"):
+        config_from_dict({"system": {"forcefield": ["amber14-all.xml"]}})
+
+
+def test_empty_sections_take_their_defaults_and_types_are_strict():
+    config = config_from_dict({"training": None, "model": {"scale": 2}})
+    assert config.training.steps == 4000 and config.model.scale == 2.0
+    with pytest.raises(ConfigError, match=r"training\.steps: expected an integer, got 10\.0"):
+        config_from_dict({"training": {"steps": 10.0}})
+    with pytest.raises(ConfigError, match=r"seed: expected an integer, got True"):
+        config_from_dict({"seed": True})

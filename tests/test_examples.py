@@ -52,8 +52,8 @@ def test_note_example_meets_the_accuracy_of_issue_2(tmp_path):
         x, log_w = data["x"][:, 0], data["log_w"]
     assert effective_sample_size(log_w) / len(log_w) >= 0.95
     assert abs(log_partition_function(log_w) - 5.03228) < 0.01
-    assert abs(probability(x < 0, log_w)[0] - 0.93273) < 0.003
-    assert abs(probability(x < 0)[0] - 0.93273) < 0.01
+    assert abs(probability(x < 0, log_w, n_bootstrap=0).value - 0.93273) < 0.003
+    assert abs(probability(x < 0, n_bootstrap=0).value - 0.93273) < 0.01
     summary = json.loads((run / "summary.json").read_text())
     assert summary["kl_bound"] >= -3 * summary["j_r_error"]
 
@@ -87,3 +87,14 @@ def test_alanine_example_trains_and_samples_with_openmm_energies(tmp_path):
         expected = context.getState(getEnergy=True).getPotentialEnergy() / kt
         assert u[i] == pytest.approx(expected, rel=1e-9, abs=1e-6)
     assert mdtraj.load(str(traj), top=mdtraj.Topology.from_openmm(molecule.topology)).n_frames == 64
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_example_trains_with_a_set_override(tmp_path, config):
+    run = tmp_path / config.stem
+    assert (
+        main(["train", str(config), "--set", "training.steps=10", "--out", str(run), "--quiet"])
+        == 0
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["n"] == 20000

@@ -156,3 +156,14 @@ def test_md_start_errors_name_the_problem(tmp_path, config, capsys):
     np.savez(seeds, positions=np.zeros((2, 66)))
     assert main(["md", str(config), "--out", out, "--start", str(seeds)]) == 2
     assert "has no array 'x'" in capsys.readouterr().err
+
+
+def test_md_takes_set_overrides_and_records_them(tmp_path, config, capsys):
+    out = tmp_path / "set.npz"
+    argv = ["md", str(config), "--out", str(out), "--quiet", "--set", "md.report_interval=1000"]
+    assert main(argv) == 0
+    info = json.loads(out.with_name("set.npz.json").read_text())
+    assert info["frames"] == 2 and info["config"]["md"]["report_interval"] == 1000
+    assert info["command"].endswith("--set md.report_interval=1000")
+    assert main([*argv[:-1], "md.report_intervall=1000"]) == 2
+    assert "valid keys in md are" in capsys.readouterr().err

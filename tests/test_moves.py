@@ -13,7 +13,6 @@ from openmm import unit
 from pymbar.timeseries import statistical_inefficiency_multiple
 
 from openmm_nice import BoltzmannGenerator, BoltzmannGeneratorMove, DoubleWell1D, OpenMMEnergy
-from openmm_nice.cli import load_run
 from openmm_nice.coordinates import InternalCoordinates, build_zmatrix
 from openmm_nice.moves import (
     SeededLangevinDynamicsMove,
@@ -23,6 +22,7 @@ from openmm_nice.moves import (
     run_chain,
     states,
 )
+from openmm_nice.runs import load_run
 from openmm_nice.training import Trainer
 from openmm_nice.walkers import mala_proposal_log_ratio
 

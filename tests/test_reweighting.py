@@ -1,4 +1,4 @@
-"""Estimators against exact answers: ESS, log Z, expectations and profiles by quadrature."""
+"""Estimators against exact answers: ESS, log Z, expectations, populations, bootstrap errors."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import pytest
 
 from openmm_nice.energies import DoubleWell1D
 from openmm_nice.reweighting import (
+    bootstrap,
     bootstrap_error,
     effective_sample_size,
     expectation,
-    free_energy_profile,
     log_partition_function,
     probability,
+    region_free_energy,
 )
 
 
@@ -51,22 +52,55 @@ def test_log_z_and_expectations_against_quadrature(proposal_samples):
     assert abs(mean - exact_mean) < 4 * m_err
 
 
-def test_direct_expectation_is_the_sample_mean():
-    values = np.array([1.0, 2.0, 3.0, 4.0])
+def test_direct_expectation_is_the_sample_mean_with_its_standard_error():
+    values = np.random.default_rng(4).normal(size=5000)
     mean, err = expectation(values)
-    assert mean == 2.5 and err == pytest.approx(np.std(values, ddof=1) / 2)
+    assert mean == pytest.approx(values.mean(), abs=1e-15)
+    assert err == pytest.approx(values.std(ddof=1) / math.sqrt(len(values)), rel=0.15)
 
 
-def test_free_energy_profile_matches_the_exact_potential(proposal_samples):
+def test_weighted_errors_agree_with_the_delta_method(proposal_samples):
+    """The bootstrap error of a weighted mean is the delta method's, where that one holds."""
     x, log_w = proposal_samples
-    prof = free_energy_profile(x, log_w, bins=40, range=(-2.2, 2.2), n_bootstrap=30)
-    u = DoubleWell1D.potential(prof.centers)
-    ok = np.isfinite(prof.free_energy) & (u - u.min() < 5)
-    diff = prof.free_energy[ok] - (u[ok] - u.min())
-    # bin averaging shifts the minimum bin; compare shapes up to the fitted constant
-    assert np.abs(diff - diff.mean()).max() < 0.15
-    assert np.nanmin(prof.free_energy) == 0
-    assert (prof.error[ok] < 0.2).all()
+    x, log_w = x[:20000], log_w[:20000]
+    w = np.exp(log_w - log_w.max())
+    w /= w.sum()
+    for f in (x, (x < 0).astype(float)):
+        mean, err = expectation(f, log_w, n_bootstrap=300)
+        assert mean == pytest.approx(np.sum(w * f))
+        assert err == pytest.approx(np.sqrt(np.sum(w**2 * (f - mean) ** 2)), rel=0.2)
+    assert probability(x < 0, log_w, n_bootstrap=300) == expectation(
+        (x < 0).astype(float), log_w, n_bootstrap=300
+    )
+
+
+def test_region_free_energy_error_agrees_with_the_delta_method():
+    rng = np.random.default_rng(1)
+    inside = rng.random(20000) < 0.1
+    r = region_free_energy(inside, n_bootstrap=300)
+    p = inside.mean()
+    assert r["p"] == pytest.approx(p) and r["df_kT"] == pytest.approx(-math.log(p / (1 - p)))
+    binomial = math.sqrt(p * (1 - p) / len(inside))
+    assert r["p_error"] == pytest.approx(binomial, rel=0.2)
+    assert r["df_error_kT"] == pytest.approx(binomial / (p * (1 - p)), rel=0.2)
+    assert (r["p"], r["p_error"]) == probability(inside, n_bootstrap=300)
+    none = region_free_energy(np.zeros(10, bool), n_bootstrap=10)
+    assert none["p"] == 0.0 and none["df_kT"] == math.inf and none["df_error_kT"] == math.inf
+
+
+def test_block_bootstrap_sees_correlation():
+    # each independent value repeated 10 times: blocks of 10 see 100 samples, not 1000
+    values = np.repeat(np.random.default_rng(2).normal(size=100), 10)
+    plain = expectation(values, n_bootstrap=300).error
+    blocked = expectation(values, n_bootstrap=300, block_size=10).error
+    assert blocked / plain == pytest.approx(math.sqrt(10), rel=0.25)
+    with pytest.raises(ValueError, match="fewer than 2 blocks"):
+        bootstrap(lambda i: 0.0, 10, block_size=6)
+
+
+def test_circular_mean_of_angles_near_pi():
+    m = expectation(np.array([math.pi - 0.1, -math.pi + 0.1, math.pi - 0.05]), circular=True)
+    assert abs(m.value) > 3.0 and m.error < 0.1
 
 
 def test_bad_log_weights_are_clear_errors():

@@ -1,4 +1,4 @@
-"""`openmm-nice reweight` and its estimators: sample files, MD reweighted to new states, maps."""
+"""`openmm-nice reweight`: sample files, and MD reweighted to new states (EXP and MBAR)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,10 @@ import pytest
 import yaml
 from openmm import unit
 
-from openmm_nice.analysis import (
-    free_energy_map,
-    jensen_shannon_divergence,
-    observable_mean,
-    region_free_energy,
-)
 from openmm_nice.cli import main
 from openmm_nice.config import config_from_dict
 from openmm_nice.md import run_md, write_md
-from openmm_nice.reweighting import bootstrap, effective_sample_size, log_partition_function
+from openmm_nice.reweighting import effective_sample_size, log_partition_function
 from openmm_nice.systems import alanine_dipeptide_vacuum
 
 SOURCE = {
@@ -245,54 +239,31 @@ def test_sample_file_of_a_molecule_gets_maps_populations_and_observables(tmp_pat
     assert summary["observables"]["dihedral:4,6,8,14"]["unit"] == "rad"
 
 
-def test_free_energy_map_on_known_points():
-    a = np.array([-3.0, 0.1, 0.1])
-    b = np.array([0.1, 0.1, 2.0])
-    fmap = free_energy_map(a, b, np.log([2.0, 1.0, 1.0]), bins=4)
-    np.testing.assert_allclose(fmap.edges, np.linspace(-math.pi, math.pi, 5))
-    expected = np.zeros((4, 4))
-    expected[0, 2], expected[2, 2], expected[2, 3] = 0.5, 0.25, 0.25
-    np.testing.assert_allclose(fmap.probability, expected)
-    assert fmap.free_energy[0, 2] == 0.0
-    assert fmap.free_energy[2, 2] == pytest.approx(math.log(2))
-    assert np.isinf(fmap.free_energy[1, 1]) and np.isnan(fmap.error).all()
-    direct = free_energy_map(a, b, bins=4, n_bootstrap=50)
-    assert direct.probability[0, 2] == pytest.approx(1 / 3)
-    assert np.isfinite(direct.error[0, 2]) and np.isnan(direct.error[1, 1])
-    with pytest.raises(ValueError, match="radians"):
-        free_energy_map(np.array([90.0]), np.array([0.0]))
+def test_trajectories_of_two_states_are_pooled_by_mbar(tmp_path, md):
+    hot_config = dict(SOURCE, temperature=330.0)
+    hot = tmp_path / "hot.npz"
+    write_md(hot, run_md(config_from_dict(hot_config), quiet=True), None)
+    hot_yaml = tmp_path / "hot.yaml"
+    hot_yaml.write_text(yaml.safe_dump(hot_config))
+    out = tmp_path / "pooled"
+    argv = ["--traj", md["npz"], "--config", md["config"], "--traj", hot, "--config", hot_yaml]
+    assert reweight(*argv, "--temperature", 330, "--out", out, "--n-bootstrap", 20) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["estimator"] == "MBAR" and summary["n"] == 400
+    # the target is the second source's state: its log Z ratio is MBAR's -f of that source
+    f_hot = summary["sources"][1]["f_kT"]
+    assert summary["log_z_ratio"] == pytest.approx(-f_hot, abs=1e-5)
+    assert summary["sources"][0]["f_kT"] == 0.0 and summary["log_z_ratio_error"] > 0
+    with np.load(out / "reweighted.npz") as data, np.load(hot) as frames:
+        assert data["source"].tolist() == [0] * 200 + [1] * 200
+        np.testing.assert_allclose(data["u_source"][200:], frames["u"], rtol=1e-9)
+        np.testing.assert_allclose(data["u"][200:], frames["u"], rtol=1e-9)
 
-
-def test_region_free_energy_error_agrees_with_the_delta_method():
-    rng = np.random.default_rng(1)
-    inside = rng.random(20000) < 0.1
-    r = region_free_energy(inside, n_bootstrap=300)
-    p = inside.mean()
-    assert r["p"] == pytest.approx(p) and r["df_kT"] == pytest.approx(-math.log(p / (1 - p)))
-    binomial = math.sqrt(p * (1 - p) / len(inside))
-    assert r["p_error"] == pytest.approx(binomial, rel=0.2)
-    assert r["df_error_kT"] == pytest.approx(binomial / (p * (1 - p)), rel=0.2)
-    none = region_free_energy(np.zeros(10, bool), n_bootstrap=10)
-    assert none["p"] == 0.0 and none["df_kT"] == math.inf and none["df_error_kT"] == math.inf
-
-
-def test_block_bootstrap_sees_correlation():
-    # each independent value repeated 10 times: blocks of 10 see 100 samples, not 1000
-    values = np.repeat(np.random.default_rng(2).normal(size=100), 10)
-    plain = np.std(bootstrap(lambda i: values[i].mean(), 1000, 300))
-    blocked = np.std(bootstrap(lambda i: values[i].mean(), 1000, 300, block_size=10))
-    assert blocked / plain == pytest.approx(math.sqrt(10), rel=0.25)
-    with pytest.raises(ValueError, match="fewer than 2 blocks"):
-        bootstrap(lambda i: 0.0, 10, block_size=6)
-
-
-def test_circular_mean_and_jensen_shannon():
-    m = observable_mean(np.array([math.pi - 0.1, -math.pi + 0.1, math.pi - 0.05]), circular=True)
-    assert abs(m["mean"]) > 3.0
-    assert jensen_shannon_divergence([1, 2, 3], [1, 2, 3]) == 0.0
-    assert jensen_shannon_divergence([1, 0], [0, 1]) == pytest.approx(math.log(2))
-    p, q = np.array([0.5, 0.5]), np.array([0.9, 0.1])
-    m = (p + q) / 2
-    exact = 0.5 * np.sum(p * np.log(p / m)) + 0.5 * np.sum(q * np.log(q / m))
-    assert jensen_shannon_divergence(p, q) == pytest.approx(exact)
-    assert jensen_shannon_divergence(q, p) == pytest.approx(exact)
+    # one state given twice is EXP of it once
+    single, twice = tmp_path / "single", tmp_path / "twice"
+    base = ["--temperature", 330, "--n-bootstrap", 20]
+    assert reweight("--traj", md["npz"], "--config", md["config"], *base, "--out", single) == 0
+    argv = ["--traj", md["npz"], "--config", md["config"]] * 2
+    assert reweight(*argv, *base, "--out", twice) == 0
+    with np.load(single / "reweighted.npz") as a, np.load(twice / "reweighted.npz") as b:
+        np.testing.assert_allclose(b["log_w"], np.tile(a["log_w"], 2), atol=1e-6)

@@ -1,0 +1,37 @@
+"""Plots draw on their own canvas: importing the package leaves matplotlib's backend alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from openmm_nice.free_energy import free_energy_map, free_energy_profile
+from openmm_nice.plots import plot_free_energy_map, plot_profiles
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_importing_the_package_keeps_the_users_matplotlib_backend():
+    script = (
+        "import sys, matplotlib\n"
+        "matplotlib.use('svg')\n"
+        "before = matplotlib.get_backend()\n"
+        "import openmm_nice, openmm_nice.plots, openmm_nice.runs, openmm_nice.reweight\n"
+        "assert matplotlib.get_backend() == before == 'svg', matplotlib.get_backend()\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, timeout=120)
+
+
+def test_plots_are_written_as_png(tmp_path):
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=2000)
+    profile = free_energy_profile(s, n_bootstrap=10)
+    plot_profiles({"direct": profile}, tmp_path / "profile.png")
+    fmap = free_energy_map(np.tanh(s), np.tanh(s[::-1]))
+    plot_free_energy_map({"direct": (fmap.edges, fmap.edges, fmap.free_energy)}, tmp_path / "m.png")
+    for name in ("profile.png", "m.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
