@@ -56,12 +56,15 @@ class AISResult:
     step_sizes: Tensor
 
 
-def _evaluate(generator: BoltzmannGenerator, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """log w(z) (float64), its gradient in z (zero where log w is not finite), x and u at z."""
+def _evaluate(
+    generator: BoltzmannGenerator, z: Tensor, beta: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """log w(z) (float64) for the target at inverse temperature ``beta`` (relative to the
+    energy's), its gradient in z (zero where log w is not finite), x and u at z."""
     z = z.detach().requires_grad_(True)
     with torch.enable_grad():
         d = generator.draw_from(z, float64=True)
-        log_w = d.log_weights()
+        log_w = d.log_weights(beta)
         finite = torch.isfinite(log_w)
         total = torch.where(finite, log_w, torch.zeros_like(log_w)).sum()
         (grad,) = torch.autograd.grad(total, z)
@@ -72,10 +75,11 @@ def _evaluate(generator: BoltzmannGenerator, z: Tensor) -> tuple[Tensor, Tensor,
 class _Chains:
     """The state of a batch of chains: latents, log w and its gradient, x and u."""
 
-    def __init__(self, generator: BoltzmannGenerator, z: Tensor):
+    def __init__(self, generator: BoltzmannGenerator, z: Tensor, target_beta: float = 1.0):
         self.generator = generator
+        self.target_beta = target_beta
         self.z = z
-        self.log_w, self.grad_log_w, self.x, self.u = _evaluate(generator, z)
+        self.log_w, self.grad_log_w, self.x, self.u = _evaluate(generator, z, target_beta)
 
     def log_pi(self, z: Tensor, log_w: Tensor, beta: float) -> Tensor:
         return -0.5 * (z.double() ** 2).sum(-1) + beta * log_w
@@ -88,7 +92,7 @@ class _Chains:
         mean = z + step * grad
         proposal = mean + math.sqrt(2 * step) * noise
         log_w_new, grad_log_w_new, x_new, u_new = _evaluate(
-            self.generator, proposal.to(self.z.dtype)
+            self.generator, proposal.to(self.z.dtype), self.target_beta
         )
         proposal = proposal.to(self.z.dtype).double()  # the point actually evaluated
         grad_new = -proposal + beta * grad_log_w_new
@@ -115,12 +119,13 @@ def _run_chains(
     steps: int,
     step_sizes: list[float] | None,
     rng: torch.Generator | None,
+    beta: float = 1.0,
 ) -> tuple[_Chains, Tensor, list[float], list[float]]:
     """Run n chains through the K levels; adapt the step sizes when none are given."""
     adapt = step_sizes is None
     sizes = [] if adapt else list(step_sizes)
     step = 0.25 / math.sqrt(generator.latent_dim)
-    chains = _Chains(generator, generator.latent(n, rng))
+    chains = _Chains(generator, generator.latent(n, rng), beta)
     ais = torch.zeros(n, dtype=torch.float64, device=chains.z.device)
     acceptance = []
     betas = [k / steps for k in range(steps + 1)]
@@ -144,6 +149,7 @@ def annealed_importance_sampling(
     pilot: int = 512,
     generator_rng: torch.Generator | None = None,
     progress: bool = False,
+    beta: float = 1.0,
 ) -> AISResult:
     """n independent AIS chains from the model to the target through ``steps`` levels.
 
@@ -155,18 +161,24 @@ def annealed_importance_sampling(
         pilot: Chains of the separate pilot run that fits the step sizes (discarded).
         generator_rng: torch random generator for the latents, noise and acceptances.
         progress: Show a progress bar over the batches.
+        beta: Inverse temperature of the target, relative to the energy's (1: the target
+            itself; training anneals through lower values).
     """
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
     if n < 1:
         raise ValueError(f"the number of samples must be positive, got {n}")
     if steps < 0:
         raise ValueError(f"the number of AIS steps must be 0 or more, got {steps}")
     if steps == 0:
         x, log_w, u = generator.sample_with_energies(n, batch_size, generator_rng)
+        if beta != 1.0:
+            log_w = torch.where(torch.isfinite(u), log_w + (1.0 - beta) * u, -math.inf)
         empty = torch.zeros(0, dtype=torch.float64)
         return AISResult(x.double(), log_w.double(), u.double(), empty, empty)
     if pilot < 1:
         raise ValueError(f"the pilot batch must have at least one chain, got {pilot}")
-    _, _, _, sizes = _run_chains(generator, pilot, steps, None, generator_rng)
+    _, _, _, sizes = _run_chains(generator, pilot, steps, None, generator_rng, beta)
     xs, log_ws, us, rates = [], [], [], []
     starts = range(0, n, batch_size)
     if progress:
@@ -175,7 +187,7 @@ def annealed_importance_sampling(
         starts = tqdm(starts, desc="AIS", unit="batch")
     for start in starts:
         chains, ais, acceptance, _ = _run_chains(
-            generator, min(batch_size, n - start), steps, sizes, generator_rng
+            generator, min(batch_size, n - start), steps, sizes, generator_rng, beta
         )
         xs.append(chains.x)
         log_ws.append(ais)

@@ -53,18 +53,37 @@ class SampleBuffer:
     def __len__(self) -> int:
         return 0 if self.x is None else len(self.x)
 
-    @torch.no_grad()
     def add_draws(
         self,
         generator: BoltzmannGenerator,
         n: int,
         batch_size: int = 8192,
         rng: torch.Generator | None = None,
+        ais_steps: int = 0,
+        beta: float = 1.0,
     ) -> None:
-        """Draw n samples of the generator as it is now and add them (dropping the oldest)."""
-        for start in range(0, n, batch_size):
-            d = generator.draw(min(batch_size, n - start), rng, float64=True)
-            self.add(d.x, d.u, d.log_p - d.log_q_y - d.ladj)
+        """Draw n samples of the generator as it is now and add them (dropping the oldest).
+
+        With ``ais_steps`` = K > 0 each sample is the end of K levels of latent-space AIS
+        towards the target at ``beta`` (:mod:`openmm_nice.ais`), whose exact log-weight
+        :math:`\log w` stands in for the proposal density: :math:`\log q = -\log w -
+        \beta U`, so that :math:`-\beta' U - \log q` is again an exact log-weight at any
+        :math:`\beta'`, and the samples are closer to the target than the model's own.
+        """
+        if ais_steps:
+            from openmm_nice.ais import annealed_importance_sampling
+
+            result = annealed_importance_sampling(
+                generator, n, ais_steps, batch_size, min(512, n), rng, beta=beta
+            )
+            finite = torch.isfinite(result.log_w)
+            log_q = torch.where(finite, -result.log_w - beta * result.u, math.inf)
+            self.add(result.x, result.u, log_q)
+            return
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                d = generator.draw(min(batch_size, n - start), rng, float64=True)
+                self.add(d.x, d.u, d.log_p - d.log_q_y - d.ladj)
 
     def add(self, x: Tensor, u: Tensor, log_q: Tensor) -> None:
         """Add samples x (B, dim) with energies u (B,) and proposal log-densities log_q (B,)."""

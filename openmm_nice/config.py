@@ -125,6 +125,7 @@ class TrainingConfig(_Section):
     buffer_batch_size: int = 256
     buffer_interval: int = 100  # steps between additions of buffer_draws model samples
     buffer_draws: int = 4096
+    buffer_ais_steps: int = 0  # latent-space AIS levels of each buffer and refit draw (0: none)
     # molecules: steps before which the coordinate map (torsion densities and cuts, shifts and
     # scales) is refitted to refit_samples of the model's own weighted samples, followed by
     # refit_steps maximum-likelihood steps on them
@@ -184,6 +185,10 @@ class TrainingConfig(_Section):
                     "must be >= 1",
                 ),
                 (t.refit_steps >= 0, f"training.refit_steps must be >= 0, got {t.refit_steps}"),
+                (
+                    t.buffer_ais_steps >= 0,
+                    f"training.buffer_ais_steps must be >= 0, got {t.buffer_ais_steps}",
+                ),
                 (
                     all(k >= 0 for k in t.map_refits),
                     f"training.map_refits must list steps >= 0, got {t.map_refits}",

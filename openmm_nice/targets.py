@@ -207,6 +207,7 @@ def build_trainer(
         buffer_batch_size=t.buffer_batch_size,
         buffer_interval=t.buffer_interval,
         buffer_draws=t.buffer_draws,
+        buffer_ais_steps=t.buffer_ais_steps,
         map_refits=t.map_refits,
         fit_map=fit_map,
         refit_samples=t.refit_samples,

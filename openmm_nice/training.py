@@ -178,6 +178,8 @@ class Trainer:
         buffer_batch_size: Buffer samples per step.
         buffer_interval: Steps between additions to the buffer.
         buffer_draws: Model samples added each time.
+        buffer_ais_steps: Levels of latent-space AIS towards the current beta that each
+            buffer (and refit) sample runs through (0: the model's own samples).
         map_refits: Steps before which the coordinate map is refitted.
         fit_map: ``fit_map(x, weights)`` returns a coordinate transform (its state is loaded
             into ``generator.coordinates``) fitted to samples x (B, dim) with weights (B,).
@@ -213,6 +215,7 @@ class Trainer:
         buffer_batch_size: int = 256,
         buffer_interval: int = 100,
         buffer_draws: int = 4096,
+        buffer_ais_steps: int = 0,
         map_refits: Sequence[int] = (),
         fit_map: Callable[[Tensor, Tensor], nn.Module] | None = None,
         refit_samples: int = 100_000,
@@ -256,6 +259,9 @@ class Trainer:
         self.buffer_batch_size = int(buffer_batch_size)
         self.buffer_interval = int(buffer_interval)
         self.buffer_draws = int(buffer_draws)
+        if buffer_ais_steps < 0:
+            raise ValueError(f"buffer_ais_steps must be >= 0, got {buffer_ais_steps}")
+        self.buffer_ais_steps = int(buffer_ais_steps)
         self.map_refits = sorted({int(k) for k in map_refits})
         self.fit_map = fit_map
         self.refit_samples = int(refit_samples)
@@ -370,7 +376,13 @@ class Trainer:
         if len(self.buffer):
             samples.add(*self.buffer.state)
         with torch.no_grad():
-            samples.add_draws(self.generator, self.refit_samples, rng=self.rng)
+            samples.add_draws(
+                self.generator,
+                self.refit_samples,
+                rng=self.rng,
+                ais_steps=self.buffer_ais_steps,
+                beta=beta,
+            )
             fitted = self.fit_map(samples.x, samples.normalized_weights(beta))
             state = {k: v.to(self.generator.device) for k, v in fitted.state_dict().items()}
             if dist.is_available() and dist.is_initialized():
@@ -399,7 +411,13 @@ class Trainer:
             if self.step in self.map_refits:
                 self.refit_map(self.schedule.beta(self.step))
             if self.buffer_weight > 0 and self.step % self.buffer_interval == 0:
-                self.buffer.add_draws(self.generator, self.buffer_draws, rng=self.rng)
+                self.buffer.add_draws(
+                    self.generator,
+                    self.buffer_draws,
+                    rng=self.rng,
+                    ais_steps=self.buffer_ais_steps,
+                    beta=self.schedule.beta(self.step),
+                )
             state = self._train_step()
             self.step += 1
             self.elapsed += time.perf_counter() - start
