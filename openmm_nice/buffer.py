@@ -62,7 +62,7 @@ class SampleBuffer:
         ais_steps: int = 0,
         beta: float = 1.0,
     ) -> None:
-        """Draw n samples of the generator as it is now and add them (dropping the oldest).
+        r"""Draw n samples of the generator as it is now and add them (dropping the oldest).
 
         With ``ais_steps`` = K > 0 each sample is the end of K levels of latent-space AIS
         towards the target at ``beta`` (:mod:`openmm_nice.ais`), whose exact log-weight
