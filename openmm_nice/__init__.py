@@ -20,7 +20,13 @@ from openmm_nice.reweighting import (
     free_energy_profile,
     log_partition_function,
 )
-from openmm_nice.systems import MolecularSystem, alanine_dipeptide_vacuum, load_molecular_system
+from openmm_nice.systems import (
+    MolecularSystem,
+    alanine_dipeptide_implicit,
+    alanine_dipeptide_vacuum,
+    load_molecular_system,
+)
+from openmm_nice.torch_energy import TorchSystemEnergy
 from openmm_nice.training import Trainer
 from openmm_nice.transforms import AdditiveCoupling, LULinear, nice_flow
 
@@ -38,7 +44,9 @@ __all__ = [
     "MolecularTransform",
     "MuellerBrown",
     "OpenMMEnergy",
+    "TorchSystemEnergy",
     "Trainer",
+    "alanine_dipeptide_implicit",
     "alanine_dipeptide_vacuum",
     "build_zmatrix",
     "effective_sample_size",
