@@ -178,6 +178,27 @@ class _Parser:
         return _Node(name, tuple(args))
 
 
+def _program(root: _Node) -> list[tuple[_Node, tuple[int, ...]]]:
+    """The nodes in an order that computes each once, after its arguments, as
+    (node, positions of its arguments in the list); the root comes last.
+
+    A flat list rather than a recursion with a memo keyed by id(), which torch.compile
+    traces cleanly.
+    """
+    order: list[tuple[_Node, tuple[int, ...]]] = []
+    position: dict[int, int] = {}
+
+    def visit(node: _Node) -> int:
+        if id(node) not in position:
+            args = tuple(visit(arg) for arg in node.args)
+            position[id(node)] = len(order)
+            order.append((node, args))
+        return position[id(node)]
+
+    visit(root)
+    return order
+
+
 def _free_variables(node: _Node, seen: set[int] | None = None) -> set[str]:
     seen = set() if seen is None else seen
     if id(node) in seen:
@@ -208,6 +229,7 @@ class Expression:
         self.text = text
         self._functions = functions
         self.variables = frozenset(_free_variables(root))
+        self._program = _program(root)
 
     def bind(self, values: Mapping[str, Value]) -> Expression:
         """The expression with some variables replaced by values and the constant parts computed.
@@ -253,18 +275,15 @@ class Expression:
                 f"no value for {sorted(missing)} in the expression {self.text!r}; "
                 "every variable must be a parameter, a computed value or a coordinate"
             )
-        memo: dict[int, Value] = {}
-
-        def value(node: _Node) -> Value:
+        slots: list[Value] = []
+        for node, args in self._program:
             if node.kind == "constant":
-                return node.value
-            if node.kind == "variable":
-                return values[node.name]
-            if id(node) not in memo:
-                memo[id(node)] = self._apply(node, tuple(value(arg) for arg in node.args))
-            return memo[id(node)]
-
-        result = value(self._root)
+                slots.append(node.value)
+            elif node.kind == "variable":
+                slots.append(values[node.name])
+            else:
+                slots.append(self._apply(node, tuple(slots[k] for k in args)))
+        result = slots[-1]
         if isinstance(result, Tensor) and result.ndim == 0 and not self.variables:
             return float(result)
         return result

@@ -615,8 +615,9 @@ class TorchEvaluator:
             raise ValueError(f"compile_after must be >= 0 seconds or None, got {compile_after!r}")
         self.threads = threads
         self.compile_after = compile_after
-        self.compiled = False
+        self.compiled = False  # whether evaluations now run compiled
         self.uncompiled_seconds = 0.0
+        self._tried_compiling = False
         self._function: Callable[[Tensor], Tensor] = self.energy
         n = self.energy.n_particles
         self._chunk_rows = max(self.rows_per_call, _CHUNK_PAIR_VALUES // max(1, n * (n - 1)))
@@ -627,7 +628,7 @@ class TorchEvaluator:
         with _torch_threads(self.threads), torch.inference_mode(False), torch.enable_grad():
             if self._should_compile():
                 self._function = torch.compile(self.energy, dynamic=True)
-                self.compiled = True
+                self.compiled = self._tried_compiling = True
             start = time.perf_counter()
             for first in range(0, len(positions), self._chunk_rows):
                 rows = slice(first, first + self._chunk_rows)
@@ -637,7 +638,7 @@ class TorchEvaluator:
 
     def _should_compile(self) -> bool:
         return (
-            not self.compiled
+            not self._tried_compiling
             and self.compile_after is not None
             and self.uncompiled_seconds >= self.compile_after
         )
@@ -656,6 +657,7 @@ class TorchEvaluator:
                 stacklevel=4,
             )
             self._function = self.energy
+            self.compiled = False
             energy = self._function(x)
         (gradient,) = torch.autograd.grad(energy.sum(), x)
         energies[...] = energy.detach().numpy()
