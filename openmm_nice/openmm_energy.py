@@ -257,7 +257,6 @@ class _EvaluatorSpec:
     platform: str
     properties: dict[str, str]
     copies: int | None  # configurations per call with "copies", else None
-    threads: int  # torch threads of a "torch" evaluator
     compile_after: float | None  # of a "torch" evaluator, see TorchEvaluator
 
 
@@ -277,7 +276,9 @@ def _build_evaluator(spec: _EvaluatorSpec) -> _ContextEvaluator | TorchEvaluator
     """The evaluator a process uses: a Context, or the System as torch operations."""
     if spec.batching == "torch":
         system = openmm.XmlSerializer.deserialize(spec.system_xml)
-        return TorchEvaluator(system, threads=spec.threads, compile_after=spec.compile_after)
+        # One torch thread per process, as one Context per process: on a core that another job
+        # also uses, a second OpenMP thread waits at every operation's barrier.
+        return TorchEvaluator(system, threads=1, compile_after=spec.compile_after)
     return _ContextEvaluator(spec)
 
 
@@ -671,11 +672,22 @@ class OpenMMEnergy(Energy):
             on the System itself. ``"copies"``: ``copies`` configurations per call, on a System
             of that many non-interacting copies (``replicas.replicate_system``), so B rows cost
             ceil(B / copies) calls, the last padded with copies of its last row; a System with
-            forces that cannot be replicated is refused. ``"auto"``: whichever measured faster
-            on the platform (below), and ``"loop"`` for a System that cannot be replicated.
-            The ``batching`` attribute holds the mode chosen.
+            forces that cannot be replicated is refused. ``"torch"``: no Context; each process
+            evaluates its rows as torch operations built from the System's forces
+            (:class:`~openmm_nice.torch_energy.TorchSystemEnergy`, float64, one torch thread,
+            forces by autograd), so ``platform`` is not used; a System with a force that path
+            does not know is refused, naming it. ``"auto"``: ``"torch"`` for a System with a
+            generalized-Born force (GBSAOBCForce, CustomGBForce) on the Reference and CPU
+            platforms if the torch path knows all its forces; otherwise whichever measured
+            faster on the platform (below), and ``"loop"`` for a System that cannot be
+            replicated. The ``batching`` attribute holds the mode chosen.
         copies: Configurations per call with ``batching="copies"`` (``copies`` attribute;
-            None in loop mode).
+            None in the other modes).
+        compile_after: With ``batching="torch"``: seconds of uncompiled evaluation after
+            which each process compiles its evaluation with ``torch.compile``, which costs
+            tens of seconds once and then runs several times faster
+            (:class:`~openmm_nice.torch_energy.TorchEvaluator`); 0 compiles at the first
+            call, None never (``compile_after`` attribute; None in the other modes).
 
     Batching: OpenMM returns only the total energy of a State, so a Context of copies needs a way
     to give each copy's energy. ``replicate_system`` gives copy k its own Custom forces whose
@@ -703,6 +715,15 @@ class OpenMMEnergy(Energy):
     K = 16 within 2%; with 2 workers on the busy cores K = 64 came first in both runs, by 28%
     in one and 77% in the other. A batch smaller than ``copies`` still costs one call of
     ``copies`` copies.
+
+    The torch path (``benchmarks/torch_energy.py``, figures in ``benchmarks/RESULTS.md``):
+    a generalized-Born force costs OpenMM's Reference and CPU platforms about a hundred times
+    a vacuum evaluation of a small molecule, one configuration per call, and cannot be
+    copied; as batched torch operations it runs tens of times faster even uncompiled, so
+    ``"auto"`` picks it for such Systems. In vacuum the uncompiled torch path is slower
+    than Reference's loop and the compiled one faster, but its compile is repaid only after
+    millions of evaluations, so ``"auto"`` keeps the loop there; ask for ``"torch"`` for long
+    runs.
 
     Example:
         >>> import openmm
@@ -794,7 +815,6 @@ class OpenMMEnergy(Energy):
             platform=platform,
             properties=properties,
             copies=self.copies,
-            threads=max(1, _n_cores() // n_workers),
             compile_after=self.compile_after,
         )
         self._pool: _ContextPool | None = None
