@@ -151,10 +151,15 @@ class _RBTorsions(_Term):
         return energy.sum(-1)
 
 
+# OpenMM's nonbonded methods by number; NoCutoff is 0 for every force that has one.
+_METHODS = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic", "Ewald", "PME", "LJPME")
+
+
 def _refuse_cutoff(force: openmm.Force, method: int) -> None:
-    if method != 0:  # NoCutoff is 0 for every force that has a nonbonded method
+    if method != 0:
+        name = _METHODS[method] if method < len(_METHODS) else str(method)
         raise ValueError(
-            f"the System's {type(force).__name__} uses nonbonded method {method}; the torch "
+            f"the System's {type(force).__name__} uses the nonbonded method {name}; the torch "
             "energy supports NoCutoff only: build the System with nonbondedMethod=NoCutoff, or "
             "use batching='loop'"
         )
@@ -185,12 +190,8 @@ class _Nonbonded(_Term):
         pair_epsilon = np.sqrt(epsilon[pair_i] * epsilon[pair_j])
         for k in range(force.getNumExceptions()):
             i, j, q, s, e = force.getExceptionParameters(k)
-            number = _pair_numbers(np.array([i]), np.array([j]), n)[0]
-            charge_product[number], pair_sigma[number], pair_epsilon[number] = (
-                q._value,
-                s._value,
-                e._value,
-            )
+            m = _pair_numbers(np.array([i]), np.array([j]), n)[0]
+            charge_product[m], pair_sigma[m], pair_epsilon[m] = q._value, s._value, e._value
         keep = np.flatnonzero((charge_product != 0) | (pair_epsilon != 0))
         self.register_buffer("pairs", _buffer(keep, torch.long))
         self.register_buffer("charge_product", _buffer(ONE_4PI_EPS0 * charge_product[keep]))
@@ -318,7 +319,7 @@ class _CustomGB(_Term):
         self.names = [
             force.getPerParticleParameterName(k) for k in range(force.getNumPerParticleParameters())
         ]
-        self.parameters = np.array(
+        self.particle_parameters = np.array(
             [force.getParticleParameters(i) for i in range(n)], dtype=np.float64
         ).reshape(n, len(self.names))
         self.globals = {
@@ -369,7 +370,7 @@ class _CustomGB(_Term):
         """Per step: the expression with its parameters bound, and its pairs' index tensors."""
         key = (dtype, device)
         if key not in self._bound:
-            parameters = torch.as_tensor(self.parameters, dtype=dtype, device=device)
+            parameters = torch.as_tensor(self.particle_parameters, dtype=dtype, device=device)
             bound = []
             for step in self.steps:
                 values = dict(self.globals)
@@ -495,7 +496,8 @@ class TorchSystemEnergy(nn.Module):
     are bound to the dtype and device of the positions when first used.
 
     Arguments:
-        system: The System; no virtual sites, constraints are ignored (they add no energy).
+        system: The System; no virtual sites and no periodic box. Constraints add no energy
+            and are ignored.
 
     Example:
         >>> import openmm
@@ -516,6 +518,16 @@ class TorchSystemEnergy(nn.Module):
         if not isinstance(system, openmm.System):
             raise TypeError(f"system must be an openmm.System, got {type(system).__name__}")
         n = system.getNumParticles()
+        if any(system.isVirtualSite(i) for i in range(n)):
+            raise ValueError(
+                "the System has virtual sites, which the torch energy does not place; build "
+                "it without them, or use batching='loop'"
+            )
+        if system.usesPeriodicBoundaryConditions():
+            raise ValueError(
+                "the System uses periodic boundary conditions; the torch energy supports "
+                "nonperiodic Systems only (nonbondedMethod=NoCutoff)"
+            )
         self.n_particles = n
         pair_i, pair_j = np.triu_indices(n, 1)
         terms = []

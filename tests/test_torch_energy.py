@@ -85,14 +85,21 @@ def synthetic_gb(n: int) -> openmm.System:
     force.addGlobalParameter("k", 0.5)
     force.addPerParticleParameter("q")
     force.addPerParticleParameter("a")
+    force.addPerParticleParameter("t")
     force.addComputedValue("S", "a2*exp(-r^2/w); w=0.04", openmm.CustomGBForce.ParticlePair)
     force.addComputedValue("T", "S + x^2 - z + k*a", openmm.CustomGBForce.SingleParticle)
-    force.addEnergyTerm("q*T^2", openmm.CustomGBForce.SingleParticle)
-    force.addEnergyTerm("q1*q2*T1*T2/r", openmm.CustomGBForce.ParticlePair)
+    # Tables that are not symmetric, looked up by an integer parameter t as GBn2 does.
+    force.addTabulatedFunction("scale", openmm.Discrete1DFunction([1.0, 0.5, 2.0]))
+    table = openmm.Discrete2DFunction(3, 2, [0.1, 0.2, 0.3, 0.5, 0.7, 1.1])
+    force.addTabulatedFunction("offset", table)
+    force.addEnergyTerm("scale(t)*q*T^2", openmm.CustomGBForce.SingleParticle)
+    force.addEnergyTerm(
+        "q1*q2*T1*T2/(r + offset(t1, min(t2, 1)))", openmm.CustomGBForce.ParticlePair
+    )
     force.addEnergyTerm("k*(a1+a2)*exp(-r) + S1*S2", openmm.CustomGBForce.ParticlePairNoExclusions)
     rng = np.random.default_rng(3)
     for _ in range(n):
-        force.addParticle([rng.normal(), rng.uniform(0.5, 1.5)])
+        force.addParticle([rng.normal(), rng.uniform(0.5, 1.5), rng.integers(3)])
     for i in range(n - 2):  # 1-2 and 1-3 pairs along the chain, as a force field excludes
         force.addExclusion(i, i + 1)
         force.addExclusion(i + 2, i)
@@ -273,8 +280,14 @@ def offsets() -> openmm.NonbondedForce:
     "make, match",
     [
         (external, r"a CustomExternalForce, which the torch energy cannot evaluate.*'loop'"),
-        (lambda: nonbonded(openmm.NonbondedForce.CutoffNonPeriodic), r"NonbondedForce uses .*1"),
-        (lambda: gbsa(openmm.GBSAOBCForce.CutoffNonPeriodic), r"GBSAOBCForce uses .*NoCutoff"),
+        (
+            lambda: nonbonded(openmm.NonbondedForce.CutoffNonPeriodic),
+            r"NonbondedForce uses the nonbonded method CutoffNonPeriodic.*NoCutoff only",
+        ),
+        (
+            lambda: gbsa(openmm.GBSAOBCForce.CutoffNonPeriodic),
+            r"GBSAOBCForce uses the nonbonded method CutoffNonPeriodic.*'loop'",
+        ),
         (continuous_gb, r"'f' is a Continuous1DFunction.*'loop'"),
         (offsets, r"parameter offsets.*'loop'"),
     ],
@@ -285,6 +298,18 @@ def test_unsupported_forces_are_refused(make, match):
         TorchSystemEnergy(system)
     with pytest.raises(ValueError, match=match):
         OpenMMEnergy(system, 300.0, batching="torch")
+
+
+def test_virtual_sites_and_periodic_systems_are_refused():
+    system = two_particles(nonbonded())
+    system.addParticle(0.0)
+    system.setVirtualSite(2, openmm.TwoParticleAverageSite(0, 1, 0.5, 0.5))
+    system.getForce(0).addParticle(0.0, 0.1, 0.0)
+    with pytest.raises(ValueError, match="virtual sites"):
+        TorchSystemEnergy(system)
+    periodic = two_particles(nonbonded(openmm.NonbondedForce.PME))
+    with pytest.raises(ValueError, match="periodic boundary conditions"):
+        TorchSystemEnergy(periodic)
 
 
 def test_unknown_variable_in_custom_gb_is_refused():
