@@ -326,7 +326,7 @@ def test_unknown_variable_in_custom_gb_is_refused():
 
 
 def test_evaluator_chunks_in_place(monkeypatch, molecules, configurations):
-    monkeypatch.setattr(torch_energy, "_CHUNK_PAIR_VALUES", 64 * 22 * 21)  # 64 rows a chunk
+    monkeypatch.setattr(torch_energy, "_CHUNK_PAIRS", 64 * 231)  # 64 rows a chunk
     system = molecules["implicit"]
     positions = np.concatenate([configurations["md"]] * 25)  # 150 rows: 3 chunks
     evaluate = TorchEvaluator(system, compile_after=None)
