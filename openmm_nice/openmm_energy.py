@@ -35,7 +35,7 @@ _GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
 _AUTO_BATCHING = {"Reference": "loop", "CPU": "copies"} | dict.fromkeys(_GPU_PLATFORMS, "copies")
 _BATCHINGS = ("auto", "loop", "copies", "torch")
 # Systems with these forces are evaluated as torch operations by batching="auto" on the host
-# platforms, where that measured faster than the loop (benchmarks/energy_throughput.py).
+# platforms, where that measured faster than the loop (benchmarks/torch_energy.py).
 _GB_FORCES = (openmm.GBSAOBCForce, openmm.CustomGBForce)
 _HOST_PLATFORMS = ("Reference", "CPU")
 _START_TIMEOUT = 300.0  # seconds a worker may take to import, deserialize and create its Context
