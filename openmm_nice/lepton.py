@@ -26,8 +26,9 @@ def _indicator(condition: Tensor, like: Tensor) -> Tensor:
     return condition.to(like.dtype)
 
 
-# Lepton's functions. min and max pass the derivative to one argument at a tie as Lepton does
-# (min: the second, max: the first); step, delta, floor and ceil have derivative zero.
+# Lepton's functions. At their kinks they differentiate as Lepton does: min and max pass the
+# derivative to one argument at a tie (min: the second, max: the first), abs has derivative
+# +1 at 0; step, delta, floor and ceil have derivative zero.
 _FUNCTIONS: dict[str, tuple[int, Callable[..., Tensor]]] = {
     "sqrt": (1, torch.sqrt),
     "exp": (1, torch.exp),
@@ -54,7 +55,7 @@ _FUNCTIONS: dict[str, tuple[int, Callable[..., Tensor]]] = {
     "recip": (1, lambda x: 1 / x),
     "min": (2, lambda x, y: torch.where(x >= y, y, x)),
     "max": (2, lambda x, y: torch.where(x >= y, x, y)),
-    "abs": (1, torch.abs),
+    "abs": (1, lambda x: torch.where(x >= 0, x, -x)),
     "floor": (1, torch.floor),
     "ceil": (1, torch.ceil),
     "select": (3, lambda c, a, b: torch.where(c != 0, a, b)),

@@ -60,8 +60,8 @@ def test_matches_openmm(expression):
 
 
 def test_lepton_conventions_at_kinks():
-    """step(0) = 1, and at a tie min's derivative goes to its second argument, max's to its
-    first, as Lepton differentiates them."""
+    """step(0) = 1; at a tie min's derivative goes to its second argument, max's to its
+    first; abs has derivative 1 at 0: as Lepton differentiates them."""
     x = torch.tensor([0.0, 1.0], requires_grad=True)
     y = torch.tensor([0.0, 1.0], requires_grad=True)
     values = {"x": x, "y": y}
@@ -69,6 +69,8 @@ def test_lepton_conventions_at_kinks():
     for text, dx, dy in (("min(x, y)", 0.0, 1.0), ("max(x, y)", 1.0, 0.0)):
         gx, gy = torch.autograd.grad(parse_expression(text).evaluate(values).sum(), (x, y))
         assert gx.tolist() == [dx, dx] and gy.tolist() == [dy, dy]
+    (gx,) = torch.autograd.grad(parse_expression("abs(x)").evaluate(values).sum(), x)
+    assert gx.tolist() == [1.0, 1.0]
 
 
 def test_numbers_follow_c():
