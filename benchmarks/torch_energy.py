@@ -8,9 +8,12 @@ For each system it times, interleaved and best of --repeats, energy and forces o
   * OpenMMEnergy forward + backward with batching="torch", compiled (torch.compile, done
     before the timing; its time is reported) and uncompiled, for each worker count;
   * the compiled TorchEvaluator alone in this process with 1 and 2 torch threads.
-Then it prints a table and one JSON line.
+Then it prints a table and one JSON line. With --compile-times it instead times the first call
+(256 rows, 1 thread) of a TorchEvaluator with compile_after=0 on an empty inductor cache (a
+fresh TORCHINDUCTOR_CACHE_DIR), then of a second one on the cache the first filled.
 
 Usage: python benchmarks/torch_energy.py [--batch 1024] [--repeats 3] [--workers 1,2]
+       python benchmarks/torch_energy.py --compile-times
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -103,14 +107,54 @@ def measure_system(
     return times, compiled, labels
 
 
+def compile_times(name: str) -> dict[str, float]:
+    """Seconds of a compiled TorchEvaluator's first call, on an empty and on a filled cache."""
+    molecule = SYSTEMS[name]()
+    positions = np.repeat(molecule.positions[None], 256, axis=0)
+    energies, forces = np.empty(256), np.empty(positions.shape)
+    times = {}
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        for key in ("cold_cache_s", "warm_cache_s"):
+            torch._dynamo.reset()  # forget this process's compiled code; the disk cache stays
+            evaluator = TorchEvaluator(molecule.system, compile_after=0.0)
+            times[key] = timed(lambda e=evaluator: e(positions, energies, forces))
+    del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1024, help="configurations per batch")
     parser.add_argument("--repeats", type=int, default=3, help="timings per method, best kept")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument("--systems", default="vacuum,implicit", help="vacuum and/or implicit")
+    parser.add_argument(
+        "--compile-times", action="store_true", help="time torch.compile, cold and warm cache"
+    )
     args = parser.parse_args()
     workers = [int(n) for n in args.workers.split(",")]
+    if args.compile_times:
+        load_before = os.getloadavg()[0]
+        results = {name: compile_times(name) for name in args.systems.split(",")}
+        load_after = os.getloadavg()[0]
+        print(f"1-minute load average {load_before:.2f} before, {load_after:.2f} after")
+        for name, times in results.items():
+            print(
+                f"{name}: first compiled call {times['cold_cache_s']:.1f} s on an empty cache, "
+                f"{times['warm_cache_s']:.1f} s on a filled one"
+            )
+        print(
+            json.dumps(
+                {
+                    "benchmark": "torch_energy_compile",
+                    **machine_facts(),
+                    "load_average": [load_before, load_after],
+                    "systems": results,
+                }
+            )
+        )
+        return
 
     load_before = os.getloadavg()[0]
     results: dict[str, dict[str, float]] = {}
