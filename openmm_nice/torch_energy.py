@@ -558,8 +558,8 @@ class TorchSystemEnergy(nn.Module):
 
 # Rows per chunk: a chunk holds about this many particle pairs. It bounds the memory autograd
 # keeps whatever the batch size, and a chunk that stays in cache runs faster: for alanine
-# dipeptide (231 pairs) chunks of 256 rows ran 10% (implicit) to 40% (vacuum) faster compiled
-# than chunks of 1024.
+# dipeptide (231 pairs) chunks of 256 rows ran faster compiled than chunks of 1024
+# (benchmarks/RESULTS.md).
 _CHUNK_PAIRS = 1 << 16
 
 
