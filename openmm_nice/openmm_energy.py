@@ -717,11 +717,11 @@ class OpenMMEnergy(Energy):
     ``copies`` copies.
 
     The torch path (``benchmarks/torch_energy.py``, figures in ``benchmarks/RESULTS.md``):
-    a generalized-Born force costs OpenMM's Reference and CPU platforms about a hundred times
-    a vacuum evaluation of a small molecule, one configuration per call, and cannot be
-    copied; as batched torch operations it runs tens of times faster even uncompiled, so
-    ``"auto"`` picks it for such Systems. In vacuum the uncompiled torch path is slower
-    than Reference's loop and the compiled one faster, but its compile is repaid only after
+    a generalized-Born force, which copies cannot replicate, makes Reference's loop about a
+    hundred times slower than in vacuum for a small molecule, and the CPU platform pays a
+    large cost per call; the torch path measured faster than both even uncompiled, so
+    ``"auto"`` picks it for such Systems. In vacuum the uncompiled torch path is slower than
+    Reference's loop and the compiled one faster, but its compile is repaid only after
     millions of evaluations, so ``"auto"`` keeps the loop there; ask for ``"torch"`` for long
     runs.
 
