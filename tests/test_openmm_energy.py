@@ -261,6 +261,8 @@ def test_auto_batching(alanine):
         ({"batching": "vectorised"}, ValueError, "batching must be one of.*'vectorised'"),
         ({"copies": 0}, ValueError, "copies must be at least 1, got 0"),
         ({"copies": 2.0}, TypeError, "copies must be an int"),
+        ({"compile_after": -1.0}, ValueError, "compile_after must be >= 0 seconds or None"),
+        ({"compile_after": "soon"}, ValueError, "compile_after must be >= 0 seconds or None"),
     ],
 )
 def test_bad_batching(keywords, error, match):
