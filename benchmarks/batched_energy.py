@@ -147,7 +147,10 @@ def measure_platform(
         copies_energy.platform_properties,
     )
     out_e, out_f = np.empty(len(positions)), np.empty(positions.shape)
-    loop_context, copies_context = loop_energy._pool._context, copies_energy._pool._context
+    loop_context, copies_context = (
+        loop_energy._pool._evaluator.context,
+        copies_energy._pool._evaluator.context,
+    )
     methods["raw_loop"] = lambda: openmm_energy._evaluate(loop_context, positions, out_e, out_f)
     methods[f"raw_copies{GROUP_COPIES}"] = lambda: openmm_energy._evaluate_copies(
         copies_context, GROUP_COPIES, positions, out_e, out_f

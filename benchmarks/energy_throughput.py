@@ -102,7 +102,7 @@ def measure_platform(
     }
     for energy in energies.values():  # start workers and Contexts outside the timing
         forward_backward(energy, x)
-    single = energies[min(workers)]._pool._context
+    single = energies[min(workers)]._pool._evaluator.context
     out_e, out_f = np.empty(len(positions)), np.empty(positions.shape)
     methods: dict[str, Callable[[], None]] = {
         "own_loop": lambda: own_loop(context, positions),

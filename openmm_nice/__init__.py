@@ -38,11 +38,13 @@ from openmm_nice.runs import Run, Samples, load_run, sample_run, sweep_latent_di
 from openmm_nice.state_reweighting import reweight_frames
 from openmm_nice.systems import (
     MolecularSystem,
+    alanine_dipeptide_implicit,
     alanine_dipeptide_vacuum,
     from_pdb,
     from_xml,
     load_molecular_system,
 )
+from openmm_nice.torch_energy import TorchSystemEnergy
 from openmm_nice.training import Trainer
 from openmm_nice.transforms import AdditiveCoupling, LULinear, nice_flow
 
@@ -68,8 +70,10 @@ __all__ = [
     "OpenMMEnergy",
     "Run",
     "Samples",
+    "TorchSystemEnergy",
     "Trainer",
     "UserInputError",
+    "alanine_dipeptide_implicit",
     "alanine_dipeptide_vacuum",
     "annealed_importance_sampling",
     "bootstrap_error",

@@ -308,10 +308,10 @@ _SYSTEM_FORMS = (
 
 def _built_in_systems() -> tuple[dict, dict]:
     """The toy energies and the built-in molecules a config may name."""
-    from openmm_nice.systems import _BUILT_IN
+    from openmm_nice.systems import BUILT_IN_SYSTEMS
     from openmm_nice.targets import TOY_SYSTEMS
 
-    return TOY_SYSTEMS, _BUILT_IN
+    return TOY_SYSTEMS, BUILT_IN_SYSTEMS
 
 
 def _system(spec: str | dict, info: ValidationInfo) -> str | dict:

@@ -11,6 +11,7 @@ import traceback
 import warnings
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -24,6 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from openmm_nice.energies import Energy
 from openmm_nice.replicas import copy_parameters, replicate_system
+from openmm_nice.torch_energy import TorchEvaluator, TorchSystemEnergy
 
 __all__ = ["OpenMMEnergy"]
 
@@ -31,7 +33,11 @@ _GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
 # What batching="auto" picks, from benchmarks/batched_energy.py (see OpenMMEnergy's docstring);
 # GPU platforms were not measured.
 _AUTO_BATCHING = {"Reference": "loop", "CPU": "copies"} | dict.fromkeys(_GPU_PLATFORMS, "copies")
-_BATCHINGS = ("auto", "loop", "copies")
+_BATCHINGS = ("auto", "loop", "copies", "torch")
+# Systems with these forces are evaluated as torch operations by batching="auto" on the host
+# platforms, where that measured faster than the loop (benchmarks/torch_energy.py).
+_GB_FORCES = (openmm.GBSAOBCForce, openmm.CustomGBForce)
+_HOST_PLATFORMS = ("Reference", "CPU")
 _START_TIMEOUT = 300.0  # seconds a worker may take to import, deserialize and create its Context
 _POLL_INTERVAL = 0.2  # seconds between liveness checks while waiting for workers
 
@@ -242,6 +248,40 @@ def _create_context(system_xml: str, platform: str, properties: dict[str, str]) 
         ) from error
 
 
+@dataclass(frozen=True)
+class _EvaluatorSpec:
+    """What each process builds its evaluator from; plain data, as it travels to workers."""
+
+    system_xml: str
+    batching: str  # "loop", "copies" or "torch"
+    platform: str
+    properties: dict[str, str]
+    copies: int | None  # configurations per call with "copies", else None
+    compile_after: float | None  # of a "torch" evaluator, see TorchEvaluator
+
+
+class _ContextEvaluator:
+    """An OpenMM Context that evaluates rows in place: one per call, or ``copies`` per call."""
+
+    def __init__(self, spec: _EvaluatorSpec):
+        self.context = _create_context(spec.system_xml, spec.platform, spec.properties)
+        self.copies = spec.copies
+        self.rows_per_call = spec.copies or 1
+
+    def __call__(self, positions: np.ndarray, energies: np.ndarray, forces: np.ndarray) -> None:
+        _evaluate_rows(self.context, self.copies, positions, energies, forces)
+
+
+def _build_evaluator(spec: _EvaluatorSpec) -> _ContextEvaluator | TorchEvaluator:
+    """The evaluator a process uses: a Context, or the System as torch operations."""
+    if spec.batching == "torch":
+        system = openmm.XmlSerializer.deserialize(spec.system_xml)
+        # One torch thread per process, as one Context per process: on a core that another job
+        # also uses, a second OpenMP thread waits at every operation's barrier.
+        return TorchEvaluator(system, threads=1, compile_after=spec.compile_after)
+    return _ContextEvaluator(spec)
+
+
 def _buffer_views(
     buffer: memoryview, capacity: int, n_particles: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -264,8 +304,7 @@ def _block_size(capacity: int, n_particles: int) -> int:
 
 
 def _share_rows(
-    context: openmm.Context,
-    copies: int | None,
+    evaluator: _ContextEvaluator | TorchEvaluator,
     views: tuple[np.ndarray, ...],
     n: int,
     n_contexts: int,
@@ -275,12 +314,11 @@ def _share_rows(
     """Claim and evaluate rows of the shared batch until none are left.
 
     Rows are claimed in shrinking chunks (guided scheduling), so that a Context slowed down by
-    other work on its core takes fewer rows and the last claims are single calls: one row, or
-    ``copies`` rows on a Context of copies.
+    other work on its core takes fewer rows and the last claims are single calls of the
+    evaluator's ``rows_per_call`` rows: one row, ``copies`` rows on a Context of copies.
 
     Arguments:
-        context: This process's Context.
-        copies: How many copies the Context holds, None for a plain Context.
+        evaluator: This process's evaluator.
         views: The shared block's views, from :func:`_buffer_views`.
         n: The batch size.
         n_contexts: How many Contexts share the batch.
@@ -292,28 +330,24 @@ def _share_rows(
         while not lock.acquire(timeout=_POLL_INTERVAL):
             while_waiting()
         start = int(next_row[0])
-        rows_per_call = copies or 1
+        rows_per_call = evaluator.rows_per_call
         calls = max(1, -(-(n - start) // rows_per_call) // (2 * n_contexts))
         stop = min(n, start + calls * rows_per_call)
         next_row[0] = stop
         lock.release()
         if start >= n:
             return
-        _evaluate_rows(
-            context, copies, positions[start:stop], energies[start:stop], forces[start:stop]
-        )
+        evaluator(positions[start:stop], energies[start:stop], forces[start:stop])
 
 
 def _worker_main(
     connection: Connection,
     lock: Any,
-    system_xml: str,
-    platform: str,
-    properties: dict[str, str],
+    spec: _EvaluatorSpec,
+    n_particles: int,
     n_contexts: int,
-    copies: int | None,
 ) -> None:
-    """A worker process: one Context that shares the rows of each batch in shared memory.
+    """A worker process: one evaluator that shares the rows of each batch in shared memory.
 
     A request is ``(memory_name, capacity, n)``: claim and evaluate rows of the n-row batch in
     that block until none are left, then reply None, or a traceback on failure. ``None`` or a
@@ -321,11 +355,10 @@ def _worker_main(
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller decides how to stop us
     try:
-        context = _create_context(system_xml, platform, properties)
+        evaluator = _build_evaluator(spec)
     except Exception:
         connection.send(traceback.format_exc())
         return
-    n_particles = context.getSystem().getNumParticles() // (copies or 1)
     parent = multiprocessing.parent_process()
 
     def exit_if_orphaned() -> None:
@@ -350,7 +383,7 @@ def _worker_main(
                     memory.close()
                 memory = SharedMemory(name=name)
                 views = _buffer_views(memory.buf, capacity, n_particles)
-            _share_rows(context, copies, views, n, n_contexts, lock, exit_if_orphaned)
+            _share_rows(evaluator, views, n, n_contexts, lock, exit_if_orphaned)
         except Exception:
             connection.send(traceback.format_exc())
         else:
@@ -396,22 +429,11 @@ class _ContextPool:
     counter, so a Context whose core is busy with other work simply takes fewer rows.
     """
 
-    def __init__(
-        self,
-        system_xml: str,
-        platform: str,
-        properties: dict[str, str],
-        n_contexts: int,
-        n_particles: int,
-        copies: int | None,
-    ):
-        self._system_xml = system_xml
-        self._platform = platform
-        self._properties = properties
+    def __init__(self, spec: _EvaluatorSpec, n_contexts: int, n_particles: int):
+        self._spec = spec
         self._n_contexts = n_contexts
         self._n_particles = n_particles
-        self._copies = copies
-        self._context: openmm.Context | None = None
+        self._evaluator: _ContextEvaluator | TorchEvaluator | None = None
         self._processes: list = []
         self._connections: list[Connection] = []
         self._memory: list[SharedMemory] = []  # the current block, kept in a list for _stop
@@ -431,13 +453,13 @@ class _ContextPool:
 
         The arrays may live in shared memory: they are valid until the next call.
         """
-        if self._context is None:
-            self._context = _create_context(self._system_xml, self._platform, self._properties)
+        if self._evaluator is None:
+            self._evaluator = _build_evaluator(self._spec)
         n = x.shape[0]
-        if self._n_contexts == 1 or n <= (self._copies or 1):
+        if self._n_contexts == 1 or n <= self._evaluator.rows_per_call:
             positions = np.ascontiguousarray(x, dtype=np.float64).reshape(n, self._n_particles, 3)
             energies, forces = np.empty(n), np.empty(positions.shape)
-            _evaluate_rows(self._context, self._copies, positions, energies, forces)
+            self._evaluator(positions, energies, forces)
             return energies, forces
         try:
             return self._evaluate_shared(x, n)
@@ -460,8 +482,7 @@ class _ContextPool:
             except OSError:
                 raise self._death(i) from None
         _share_rows(
-            self._context,
-            self._copies,
+            self._evaluator,
             self._views,
             n,
             self._n_contexts,
@@ -478,15 +499,7 @@ class _ContextPool:
             parent_end, child_end = spawn.Pipe()
             process = spawn.Process(
                 target=_worker_main,
-                args=(
-                    child_end,
-                    self._lock,
-                    self._system_xml,
-                    self._platform,
-                    self._properties,
-                    self._n_contexts,
-                    self._copies,
-                ),
+                args=(child_end, self._lock, self._spec, self._n_particles, self._n_contexts),
                 name=f"openmm-nice-worker-{i}",
                 daemon=True,
             )
@@ -560,7 +573,7 @@ class _ContextPool:
 
     def close(self) -> None:
         self.stop()
-        self._context = None
+        self._evaluator = None
         self._finalizer.detach()
 
 
@@ -659,11 +672,22 @@ class OpenMMEnergy(Energy):
             on the System itself. ``"copies"``: ``copies`` configurations per call, on a System
             of that many non-interacting copies (``replicas.replicate_system``), so B rows cost
             ceil(B / copies) calls, the last padded with copies of its last row; a System with
-            forces that cannot be replicated is refused. ``"auto"``: whichever measured faster
-            on the platform (below), and ``"loop"`` for a System that cannot be replicated.
-            The ``batching`` attribute holds the mode chosen.
+            forces that cannot be replicated is refused. ``"torch"``: no Context; each process
+            evaluates its rows as torch operations built from the System's forces
+            (:class:`~openmm_nice.torch_energy.TorchSystemEnergy`, float64, one torch thread,
+            forces by autograd), so ``platform`` is not used; a System with a force that path
+            does not know is refused, naming it. ``"auto"``: ``"torch"`` for a System with a
+            generalized-Born force (GBSAOBCForce, CustomGBForce) on the Reference and CPU
+            platforms if the torch path knows all its forces; otherwise whichever measured
+            faster on the platform (below), and ``"loop"`` for a System that cannot be
+            replicated. The ``batching`` attribute holds the mode chosen.
         copies: Configurations per call with ``batching="copies"`` (``copies`` attribute;
-            None in loop mode).
+            None in the other modes).
+        compile_after: With ``batching="torch"``: seconds of uncompiled evaluation after
+            which each process compiles its evaluation with ``torch.compile``, which costs
+            tens of seconds once and then runs several times faster
+            (:class:`~openmm_nice.torch_energy.TorchEvaluator`); 0 compiles at the first
+            call, None never (``compile_after`` attribute; None in the other modes).
 
     Batching: OpenMM returns only the total energy of a State, so a Context of copies needs a way
     to give each copy's energy. ``replicate_system`` gives copy k its own Custom forces whose
@@ -691,6 +715,15 @@ class OpenMMEnergy(Energy):
     K = 16 within 2%; with 2 workers on the busy cores K = 64 came first in both runs, by 28%
     in one and 77% in the other. A batch smaller than ``copies`` still costs one call of
     ``copies`` copies.
+
+    The torch path (``benchmarks/torch_energy.py``, figures in ``benchmarks/RESULTS.md``):
+    a generalized-Born force, which copies cannot replicate, makes Reference's loop about a
+    hundred times slower than in vacuum for a small molecule, and the CPU platform pays a
+    large cost per call; the torch path measured faster than both even uncompiled, so
+    ``"auto"`` picks it for such Systems. In vacuum the uncompiled torch path is slower than
+    Reference's loop and the compiled one faster, but its compile is repaid only after
+    millions of evaluations, so ``"auto"`` keeps the loop there; ask for ``"torch"`` for long
+    runs.
 
     Example:
         >>> import openmm
@@ -720,6 +753,7 @@ class OpenMMEnergy(Energy):
         remove_constraints: bool = False,
         batching: str = "auto",
         copies: int = 32,
+        compile_after: float | None = 30.0,
     ):
         system = _checked_system(system, remove_constraints)
         if isinstance(n_workers, bool) or not isinstance(n_workers, int):
@@ -732,10 +766,26 @@ class OpenMMEnergy(Energy):
             raise TypeError(f"copies must be an int, got {copies!r}")
         if copies < 1:
             raise ValueError(f"copies must be at least 1, got {copies}")
+        if compile_after is not None and not (
+            isinstance(compile_after, (int, float)) and compile_after >= 0
+        ):
+            raise ValueError(f"compile_after must be >= 0 seconds or None, got {compile_after!r}")
         kelvin = _kelvin(temperature)
         platform, properties = _platform_properties(platform, platform_properties, n_workers)
         evaluated = system
-        mode = _AUTO_BATCHING.get(platform, "loop") if batching == "auto" else batching
+        mode = batching
+        if batching == "auto":
+            mode = _AUTO_BATCHING.get(platform, "loop")
+            gb = any(isinstance(force, _GB_FORCES) for force in system.getForces())
+            if gb and platform in _HOST_PLATFORMS:
+                mode = "torch"
+        if mode == "torch":
+            try:
+                TorchSystemEnergy(system)  # refuses what it cannot evaluate
+            except ValueError:
+                if batching == "torch":
+                    raise
+                mode = _AUTO_BATCHING.get(platform, "loop")
         if mode == "copies":
             try:
                 evaluated = replicate_system(system, copies)
@@ -758,7 +808,15 @@ class OpenMMEnergy(Energy):
         self.register_buffer(
             "non_finite_energy_count", torch.zeros((), dtype=torch.long), persistent=False
         )
-        self._system_xml = openmm.XmlSerializer.serialize(evaluated)
+        self.compile_after = compile_after if mode == "torch" else None
+        self._spec = _EvaluatorSpec(
+            system_xml=openmm.XmlSerializer.serialize(evaluated),
+            batching=mode,
+            platform=platform,
+            properties=properties,
+            copies=self.copies,
+            compile_after=self.compile_after,
+        )
         self._pool: _ContextPool | None = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -775,14 +833,7 @@ class OpenMMEnergy(Energy):
 
     def _pool_or_start(self) -> _ContextPool:
         if self._pool is None:
-            self._pool = _ContextPool(
-                self._system_xml,
-                self.platform,
-                self.platform_properties,
-                self.n_workers,
-                self.n_particles,
-                self.copies,
-            )
+            self._pool = _ContextPool(self._spec, self.n_workers, self.n_particles)
         return self._pool
 
     @property
@@ -818,5 +869,5 @@ class OpenMMEnergy(Energy):
         return (
             f"n_particles={self.n_particles}, temperature={self.temperature}, "
             f"platform={self.platform!r}, n_workers={self.n_workers}, "
-            f"batching={self.batching!r}, copies={self.copies}"
+            f"batching={self.batching!r}, copies={self.copies}, compile_after={self.compile_after}"
         )

@@ -12,7 +12,9 @@ import openmm.app as app
 import openmm.unit as unit
 
 __all__ = [
+    "BUILT_IN_SYSTEMS",
     "MolecularSystem",
+    "alanine_dipeptide_implicit",
     "alanine_dipeptide_vacuum",
     "from_pdb",
     "from_xml",
@@ -83,6 +85,19 @@ def alanine_dipeptide_vacuum() -> MolecularSystem:
     return MolecularSystem(test.system, test.topology, test.positions, "alanine_dipeptide_vacuum")
 
 
+def alanine_dipeptide_implicit() -> MolecularSystem:
+    """Alanine dipeptide in implicit solvent from openmmtools, no constraints.
+
+    openmmtools' ``AlanineDipeptideImplicit(constraints=None)``: the Amber ff96 System of
+    :func:`alanine_dipeptide_vacuum` plus OBC GBSA (OpenMM's OBC1 as a CustomGBForce), no
+    cutoff; the standard benchmark of Boltzmann generators.
+    """
+    testsystems = import_quietly("openmmtools.testsystems")
+
+    test = testsystems.AlanineDipeptideImplicit(constraints=None)
+    return MolecularSystem(test.system, test.topology, test.positions, "alanine_dipeptide_implicit")
+
+
 def _existing(path: PathLike, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
@@ -95,15 +110,18 @@ def from_pdb(
     forcefield: str | tuple[str, ...] | list[str] = ("amber14-all.xml",),
     name: str | None = None,
 ) -> MolecularSystem:
-    """A vacuum System built from a PDB file with OpenMM force-field files.
+    """A System built from a PDB file with OpenMM force-field files, in vacuum or implicit solvent.
 
     The System has no cutoff (``NoCutoff``), no constraints and flexible water, because
-    the flow moves every atom and the energy must see every degree of freedom.
+    the flow moves every atom and the energy must see every degree of freedom. Adding an
+    implicit-solvent file of OpenMM's (``"implicit/obc2.xml"``, ``"implicit/gbn2.xml"``, ...)
+    to an Amber force field puts the molecule in implicit solvent (a CustomGBForce).
 
     Arguments:
         pdb_path: A PDB file with all atoms, hydrogens included.
         forcefield: Names of OpenMM force-field XML files (bundled names such as
-            ``"amber14-all.xml"``, or paths), applied together.
+            ``"amber14-all.xml"`` or ``["amber14-all.xml", "implicit/obc2.xml"]``, or paths),
+            applied together.
         name: A label; the PDB file's stem by default.
 
     Returns:
@@ -171,7 +189,10 @@ def from_xml(
     return MolecularSystem(system, pdb.topology, pdb.positions, name or xml_path.stem)
 
 
-_BUILT_IN = {"alanine_dipeptide_vacuum": alanine_dipeptide_vacuum}
+BUILT_IN_SYSTEMS = {
+    "alanine_dipeptide_vacuum": alanine_dipeptide_vacuum,
+    "alanine_dipeptide_implicit": alanine_dipeptide_implicit,
+}
 _SPEC_KEYS = ({"pdb"}, {"pdb", "forcefield"}, {"xml", "pdb"})
 
 
@@ -179,7 +200,8 @@ def load_molecular_system(spec: str | dict, base_dir: PathLike | None = None) ->
     """The molecular system a config names.
 
     Arguments:
-        spec: A built-in name (``"alanine_dipeptide_vacuum"``), ``{"pdb": path,
+        spec: A built-in name (``"alanine_dipeptide_vacuum"``,
+            ``"alanine_dipeptide_implicit"``), ``{"pdb": path,
             "forcefield": [names]}`` (forcefield optional, amber14-all.xml by default), or
             ``{"xml": path, "pdb": path}``; either dict may add ``"name"``.
         base_dir: Directory that relative paths are resolved against (e.g. the config
@@ -189,12 +211,12 @@ def load_molecular_system(spec: str | dict, base_dir: PathLike | None = None) ->
         The :class:`MolecularSystem`.
     """
     if isinstance(spec, str):
-        if spec not in _BUILT_IN:
+        if spec not in BUILT_IN_SYSTEMS:
             raise ValueError(
-                f"unknown molecular system {spec!r}; built-in systems are {sorted(_BUILT_IN)}, "
+                f"unknown molecular system {spec!r}; built-in systems are {sorted(BUILT_IN_SYSTEMS)}, "
                 "or give {'pdb': path, 'forcefield': [names]} or {'xml': path, 'pdb': path}"
             )
-        return _BUILT_IN[spec]()
+        return BUILT_IN_SYSTEMS[spec]()
     if not isinstance(spec, dict):
         raise TypeError(f"a molecular system spec is a name or a dict, got {type(spec).__name__}")
     name = spec.get("name")

@@ -233,7 +233,8 @@ def test_copies_public_api_fallback(monkeypatch, alanine, alanine_batch, alanine
 
 
 def test_auto_batching(alanine):
-    """auto: the mode measured faster per platform; loop for a System that cannot be copied."""
+    """auto: the mode measured faster per platform; torch for a GB System on the host
+    platforms; loop for a System that neither torch nor copies can evaluate."""
     assert OpenMMEnergy(alanine.system, 300.0).batching == "loop"
     energy = OpenMMEnergy(alanine.system, 300.0, platform="CPU")
     assert (energy.batching, energy.copies) == ("copies", 32)
@@ -242,10 +243,16 @@ def test_auto_batching(alanine):
     for _ in range(system.getNumParticles()):
         gbsa.addParticle(0.0, 0.15, 1.0)
     system.addForce(gbsa)
-    energy = OpenMMEnergy(system, 300.0, platform="CPU")
-    assert (energy.batching, energy.copies) == ("loop", None)
+    for platform in ("Reference", "CPU"):
+        energy = OpenMMEnergy(system, 300.0, platform=platform)
+        assert (energy.batching, energy.copies, energy.compile_after) == ("torch", None, 30.0)
     with pytest.raises(ValueError, match=r"GBSAOBCForce\) cannot be replicated.*'loop'"):
         OpenMMEnergy(system, 300.0, batching="copies")
+    external = openmm.CustomExternalForce("x")
+    external.addParticle(0, [])
+    system.addForce(external)
+    energy = OpenMMEnergy(system, 300.0, platform="CPU")
+    assert (energy.batching, energy.copies, energy.compile_after) == ("loop", None, None)
 
 
 @pytest.mark.parametrize(
@@ -254,6 +261,8 @@ def test_auto_batching(alanine):
         ({"batching": "vectorised"}, ValueError, "batching must be one of.*'vectorised'"),
         ({"copies": 0}, ValueError, "copies must be at least 1, got 0"),
         ({"copies": 2.0}, TypeError, "copies must be an int"),
+        ({"compile_after": -1.0}, ValueError, "compile_after must be >= 0 seconds or None"),
+        ({"compile_after": "soon"}, ValueError, "compile_after must be >= 0 seconds or None"),
     ],
 )
 def test_bad_batching(keywords, error, match):

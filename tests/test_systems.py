@@ -7,9 +7,12 @@ import openmm
 import openmm.app as app
 import openmm.unit as unit
 import pytest
+import torch
 
+from openmm_nice.openmm_energy import OpenMMEnergy
 from openmm_nice.systems import (
     MolecularSystem,
+    alanine_dipeptide_implicit,
     alanine_dipeptide_vacuum,
     from_pdb,
     from_xml,
@@ -56,6 +59,45 @@ def test_alanine_dipeptide_vacuum(alanine):
     assert alanine.system.getNumConstraints() == 0
     assert not alanine.system.usesPeriodicBoundaryConditions()
     assert np.isfinite(energy(alanine))
+
+
+def test_alanine_dipeptide_implicit(alanine):
+    implicit = alanine_dipeptide_implicit()
+    assert implicit.name == "alanine_dipeptide_implicit" and implicit.n_atoms == 22
+    assert [a.name for a in implicit.topology.atoms()] == [a.name for a in alanine.topology.atoms()]
+    assert implicit.system.getNumConstraints() == 0
+    assert not implicit.system.usesPeriodicBoundaryConditions()
+    (gb,) = [f for f in implicit.system.getForces() if isinstance(f, openmm.CustomGBForce)]
+    assert gb.getNonbondedMethod() == openmm.CustomGBForce.NoCutoff
+    # The same prmtop: without its GB force the System is the vacuum one, and the GB energy
+    # (polar solvation of a polar molecule plus a small surface term) is negative.
+    np.testing.assert_array_equal(implicit.positions, alanine.positions)
+    without_gb = openmm.XmlSerializer.clone(implicit.system)
+    without_gb.removeForce(
+        [isinstance(f, openmm.CustomGBForce) for f in without_gb.getForces()].index(True)
+    )
+    vacuum = energy(alanine)
+    assert energy(MolecularSystem(without_gb, implicit.topology, implicit.positions, "")) == (
+        pytest.approx(vacuum, rel=1e-12)
+    )
+    assert energy(implicit) < vacuum
+
+
+@pytest.mark.parametrize("solvent", ["implicit/obc2.xml", "implicit/gbn2.xml"])
+def test_from_pdb_implicit_solvent(pdb_path, alanine, solvent):
+    """PDB + force field + an implicit-solvent file: a GB force without cutoff, which
+    OpenMMEnergy evaluates (as torch operations by default) exactly as a Context does."""
+    molecular = from_pdb(pdb_path, forcefield=["amber14-all.xml", solvent])
+    forces = [type(f).__name__ for f in molecular.system.getForces()]
+    assert "CustomGBForce" in forces and molecular.system.getNumConstraints() == 0
+    (gb,) = [f for f in molecular.system.getForces() if isinstance(f, openmm.CustomGBForce)]
+    assert gb.getNonbondedMethod() == openmm.CustomGBForce.NoCutoff
+    vacuum = from_pdb(pdb_path, forcefield="amber14-all.xml")
+    assert energy(molecular) < energy(vacuum)
+    with OpenMMEnergy(molecular.system, 300.0) as reduced:
+        assert reduced.batching == "torch"
+        u = reduced(torch.as_tensor(molecular.positions.reshape(1, -1)))
+        assert u.item() * reduced.kT == pytest.approx(energy(molecular), rel=1e-10)
 
 
 def test_from_pdb(pdb_path, alanine):
@@ -112,6 +154,8 @@ def test_molecular_system_checks_atom_counts(alanine):
 
 def test_load_molecular_system(pdb_path, xml_path, tmp_path):
     assert load_molecular_system("alanine_dipeptide_vacuum").n_atoms == 22
+    implicit = load_molecular_system("alanine_dipeptide_implicit")
+    assert implicit.name == "alanine_dipeptide_implicit"
     by_pdb = load_molecular_system({"pdb": str(pdb_path), "forcefield": ["amber14-all.xml"]})
     assert by_pdb.n_atoms == 22
     by_xml = load_molecular_system({"xml": xml_path.name, "pdb": pdb_path.name}, base_dir=tmp_path)
@@ -121,7 +165,7 @@ def test_load_molecular_system(pdb_path, xml_path, tmp_path):
 
 
 def test_load_molecular_system_errors(pdb_path):
-    with pytest.raises(ValueError, match="alanine_dipeptide_vacuum"):
+    with pytest.raises(ValueError, match="alanine_dipeptide_implicit.*alanine_dipeptide_vacuum"):
         load_molecular_system("alanine_tripeptide")
     with pytest.raises(ValueError, match="valid key sets"):
         load_molecular_system({"pdb": str(pdb_path), "forcefields": ["amber14-all.xml"]})
