@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import traceback
+import types
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
@@ -340,6 +343,24 @@ def _share_rows(
         evaluator(positions[start:stop], energies[start:stop], forces[start:stop])
 
 
+@contextlib.contextmanager
+def _main_script_hidden() -> Iterator[None]:
+    """Start processes without the caller's script: 'spawn' re-runs the parent's ``__main__``
+    in each child before the target, so a script without an ``if __name__ == "__main__":``
+    guard would build another OpenMMEnergy there, start workers during the child's start-up,
+    and the child would die. The workers need nothing from ``__main__`` (their target and its
+    arguments live in this package), so a bare ``__main__`` stands in while they start."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is None:
+            del sys.modules["__main__"]
+        else:
+            sys.modules["__main__"] = main
+
+
 def _worker_main(
     connection: Connection,
     lock: Any,
@@ -495,6 +516,15 @@ class _ContextPool:
     def _start(self) -> None:
         spawn = multiprocessing.get_context("spawn")
         self._lock = spawn.Lock()
+        with _main_script_hidden():
+            self._spawn_workers(spawn)
+        try:
+            self._collect(list(range(len(self._processes))), timeout=_START_TIMEOUT)
+        except BaseException:
+            self.stop(graceful=False)
+            raise
+
+    def _spawn_workers(self, spawn: Any) -> None:
         for i in range(self._n_contexts - 1):
             parent_end, child_end = spawn.Pipe()
             process = spawn.Process(
@@ -507,11 +537,6 @@ class _ContextPool:
             child_end.close()
             self._processes.append(process)
             self._connections.append(parent_end)
-        try:
-            self._collect(list(range(len(self._processes))), timeout=_START_TIMEOUT)
-        except BaseException:
-            self.stop(graceful=False)
-            raise
 
     def _reserve(self, n: int) -> None:
         """Make the shared block hold at least n configurations."""

@@ -445,3 +445,25 @@ def test_worker_killed_during_batch(alanine_two_workers, alanine_batch):
     assert time.monotonic() - start < 30
     u = energy(x[:5])
     assert torch.isfinite(u).all()
+
+
+def test_workers_start_from_a_script_without_a_main_guard(tmp_path):
+    """'spawn' re-runs the caller's __main__ in each child; the workers must not."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "import torch\n"
+        "from openmm_nice import OpenMMEnergy, alanine_dipeptide_vacuum\n"
+        "m = alanine_dipeptide_vacuum()\n"
+        "e = OpenMMEnergy(m.system, 300.0, n_workers=2, batching='loop')\n"
+        "x = torch.tensor(m.positions.reshape(1, -1)).repeat(64, 1)\n"
+        "u = e(x)\n"
+        "print('ok', len(e.worker_pids), float(u.std()))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["ok", "1", "0.0"]

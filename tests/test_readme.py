@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -41,17 +39,9 @@ def check_outputs(tmp_path: Path, result: subprocess.CompletedProcess) -> None:
     assert (tmp_path / "runs" / "alanine_pdb" / "ramachandran.csv").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="worker start-up without a main guard: openmm_energy (lead)")
 def test_readme_python_example_runs_as_a_plain_script(tmp_path):
     code = python_blocks()[0]
     assert "__main__" not in code and '"n_workers": 2' in code
-    check_outputs(tmp_path, run_script(tmp_path, code))
-
-
-def test_readme_python_example_runs_under_a_main_guard(tmp_path):
-    """The example itself works: what fails without the guard is the workers' start-up."""
-    lines = python_blocks()[0].splitlines()
-    code = 'if __name__ == "__main__":\n' + "\n".join(f"    {line}" for line in lines) + "\n"
     check_outputs(tmp_path, run_script(tmp_path, code))
 
 
