@@ -181,37 +181,12 @@ def build_trainer(
     fit_map = None
     if target.is_molecule and t.map_refits:
         fit_map = map_fitter(config, target, generator.coordinates)
-    return Trainer(
+    return Trainer.from_config(
         generator,
-        steps=t.steps,
-        batch_size=t.batch_size,
-        learning_rate=t.learning_rate,
-        lr_schedule=t.lr_schedule,
-        kl_weight=t.kl_weight,
-        ml_weight=t.ml_weight,
-        ml_weight_final=t.ml_weight_final,
-        reweighted_fkl_weight=t.reweighted_fkl_weight,
-        beta_start=t.beta_start,
-        anneal_steps=t.anneal_steps,
+        t,
         data=None if frames is None else frames.to(dtype),
-        ml_batch_size=t.ml_batch_size,
-        energy_cut=t.energy_cut,
-        grad_clip=t.grad_clip,
-        seed=config.seed if seed is None else seed,
-        walkers=t.walkers,
-        walker_weight=t.walker_weight,
-        walker_steps=t.walker_steps,
-        anneal_start=t.anneal_start,
-        buffer_size=t.buffer_size,
-        buffer_weight=t.buffer_weight,
-        buffer_batch_size=t.buffer_batch_size,
-        buffer_interval=t.buffer_interval,
-        buffer_draws=t.buffer_draws,
-        buffer_ais_steps=t.buffer_ais_steps,
-        map_refits=t.map_refits,
         fit_map=fit_map,
-        refit_samples=t.refit_samples,
-        refit_steps=t.refit_steps,
+        seed=config.seed if seed is None else seed,
         reporters=reporters,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -12,6 +13,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from openmm_nice.buffer import SampleBuffer
+from openmm_nice.config import TrainingConfig
 from openmm_nice.energies import regularize_energy
 from openmm_nice.generator import BoltzmannGenerator
 from openmm_nice.reweighting import effective_sample_size
@@ -130,6 +132,9 @@ class TrainingSchedule:
         return 0.5 * (1 + math.cos(math.pi * min(step, self.steps) / self.steps)) * 0.99 + 0.01
 
 
+_DEFAULTS = TrainingConfig()  # one set of defaults: the config's, the ones that work
+
+
 class Trainer:
     """Trains a :class:`BoltzmannGenerator`; reporters see every state, the trainer never prints.
 
@@ -191,35 +196,35 @@ class Trainer:
     def __init__(
         self,
         generator: BoltzmannGenerator,
-        steps: int,
-        batch_size: int = 512,
-        learning_rate: float = 1e-3,
-        lr_schedule: str = "cosine",
-        kl_weight: float = 1.0,
-        ml_weight: float = 0.0,
-        ml_weight_final: float | None = None,
-        reweighted_fkl_weight: float = 0.0,
-        beta_start: float = 1.0,
-        anneal_steps: int = 0,
+        steps: int = _DEFAULTS.steps,
+        batch_size: int = _DEFAULTS.batch_size,
+        learning_rate: float = _DEFAULTS.learning_rate,
+        lr_schedule: str = _DEFAULTS.lr_schedule,
+        kl_weight: float = _DEFAULTS.kl_weight,
+        ml_weight: float = _DEFAULTS.ml_weight,
+        ml_weight_final: float | None = _DEFAULTS.ml_weight_final,
+        reweighted_fkl_weight: float = _DEFAULTS.reweighted_fkl_weight,
+        beta_start: float = _DEFAULTS.beta_start,
+        anneal_steps: int = _DEFAULTS.anneal_steps,
         data: Tensor | None = None,
-        ml_batch_size: int = 256,
-        energy_cut: float = 1e3,
-        grad_clip: float = 100.0,
+        ml_batch_size: int = _DEFAULTS.ml_batch_size,
+        energy_cut: float = _DEFAULTS.energy_cut,
+        grad_clip: float = _DEFAULTS.grad_clip,
         seed: int = 0,
-        walkers: int = 0,
-        walker_weight: float = 1.0,
-        walker_steps: int = 5,
-        anneal_start: int = 0,
-        buffer_size: int = 0,
-        buffer_weight: float = 0.0,
-        buffer_batch_size: int = 256,
-        buffer_interval: int = 100,
-        buffer_draws: int = 4096,
-        buffer_ais_steps: int = 0,
-        map_refits: Sequence[int] = (),
+        walkers: int = _DEFAULTS.walkers,
+        walker_weight: float = _DEFAULTS.walker_weight,
+        walker_steps: int = _DEFAULTS.walker_steps,
+        anneal_start: int = _DEFAULTS.anneal_start,
+        buffer_size: int = _DEFAULTS.buffer_size,
+        buffer_weight: float = _DEFAULTS.buffer_weight,
+        buffer_batch_size: int = _DEFAULTS.buffer_batch_size,
+        buffer_interval: int = _DEFAULTS.buffer_interval,
+        buffer_draws: int = _DEFAULTS.buffer_draws,
+        buffer_ais_steps: int = _DEFAULTS.buffer_ais_steps,
+        map_refits: Sequence[int] = tuple(_DEFAULTS.map_refits),
         fit_map: Callable[[Tensor, Tensor], nn.Module] | None = None,
-        refit_samples: int = 100_000,
-        refit_steps: int = 500,
+        refit_samples: int = _DEFAULTS.refit_samples,
+        refit_steps: int = _DEFAULTS.refit_steps,
         reporters: Sequence = (),
     ):
         self.kl_weight, self.ml_weight = float(kl_weight), float(ml_weight)
@@ -284,6 +289,33 @@ class Trainer:
         if dist.is_available() and dist.is_initialized():
             # each rank draws its own latents; DDP averages the gradients of the ranks' losses
             self._loss = nn.parallel.DistributedDataParallel(self._loss)
+
+    @classmethod
+    def from_config(
+        cls,
+        generator: BoltzmannGenerator,
+        training: TrainingConfig,
+        data: Tensor | None = None,
+        fit_map: Callable[[Tensor, Tensor], nn.Module] | None = None,
+        seed: int = 0,
+        reporters: Sequence = (),
+    ) -> Trainer:
+        """A trainer as a config's ``training:`` section says (``training.data`` names files:
+        pass their frames as ``data``; molecules pass the ``fit_map`` of
+        :func:`openmm_nice.targets.map_fitter` when the section refits the map)."""
+        options = {
+            name: getattr(training, name)
+            for name in inspect.signature(cls).parameters
+            if name in TrainingConfig.model_fields and name != "data"
+        }
+        return cls(
+            generator,
+            data=data,
+            fit_map=fit_map if training.map_refits else None,
+            seed=seed,
+            reporters=reporters,
+            **options,
+        )
 
     def _train_step(self) -> dict:
         beta = self.schedule.beta(self.step)

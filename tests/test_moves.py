@@ -52,7 +52,15 @@ def poor_model(energy, latent_dim: int | None, steps: int = 20) -> BoltzmannGene
     bg = BoltzmannGenerator(
         energy, latent_dim=latent_dim, layers=2, hidden=[16], conditional_hidden=[16]
     ).double()
-    Trainer(bg, steps=steps, batch_size=256, beta_start=1.0, anneal_steps=0, seed=0).run()
+    Trainer(
+        bg,
+        steps=steps,
+        batch_size=256,
+        beta_start=1.0,
+        anneal_steps=0,
+        reweighted_fkl_weight=0.0,
+        seed=0,
+    ).run()
     return bg.eval()
 
 

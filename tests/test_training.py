@@ -175,3 +175,16 @@ def test_map_refit_loads_the_fitted_map_and_realigns_the_model():
     assert any((a != b).any() for a, b in zip(parameters, bg.parameters()))
     with pytest.raises(ValueError, match="map_refits needs fit_map"):
         Trainer(bg, steps=4, map_refits=[2])
+
+
+def test_one_set_of_defaults_and_from_config():
+    """Trainer's defaults are the config's, and from_config passes every training field."""
+    from openmm_nice.config import TrainingConfig
+
+    bg = BoltzmannGenerator(DoubleWell1D(), latent_dim=2, layers=2, hidden=[8])
+    plain, defaults = Trainer(bg), TrainingConfig()
+    assert plain.steps == defaults.steps and plain.reweighted_fkl_weight == 1.0
+    assert plain.schedule.beta_start == defaults.beta_start == 0.1
+    custom = TrainingConfig(steps=7, kl_weight=0.5, anneal_start=2, buffer_size=10)
+    t = Trainer.from_config(bg, custom, seed=3)
+    assert (t.steps, t.kl_weight, t.schedule.anneal_start, t.buffer_size) == (7, 0.5, 2, 10)
