@@ -97,6 +97,29 @@ class ModelConfig(_Section):
         return self
 
 
+def _weight_ok(weight: float | list[list[float]]) -> bool:
+    """A loss weight is a number >= 0, or (step, weight >= 0) points with steps in order."""
+    if isinstance(weight, (int, float)):
+        return weight >= 0
+    if not weight or any(len(point) != 2 for point in weight):
+        return False
+    steps = [step for step, _ in weight]
+    return all(v >= 0 for _, v in weight) and steps == sorted(steps)
+
+
+def _weight_message(name: str, weight: float | list[list[float]]) -> str:
+    return (
+        f"training.{name} must be a weight >= 0 or a list of [step, weight >= 0] points with "
+        f"steps in increasing order (piecewise linear in between), got {weight!r}"
+    )
+
+
+def _weight_maximum(weight: float | list[list[float]]) -> float:
+    if isinstance(weight, (int, float)):
+        return weight
+    return max((point[-1] for point in weight if point), default=0)
+
+
 class TrainingConfig(_Section):
     """``training:``, the losses, their schedule and the optimiser."""
 
@@ -104,10 +127,13 @@ class TrainingConfig(_Section):
     batch_size: int = 512
     learning_rate: float = 1e-3
     lr_schedule: str = "cosine"  # cosine | constant
-    kl_weight: float = 1.0  # weight of the reverse KL J_R
+    # Loss weights (kl_weight, reweighted_fkl_weight, walker_weight, buffer_weight): a number,
+    # or [[step, weight], ...] points, piecewise linear in between and constant beyond
+    kl_weight: float | list[list[float]] = 1.0  # weight of the reverse KL J_R
     ml_weight: float = 0.0  # weight of the maximum-likelihood term on `data`
     ml_weight_final: float | None = None  # if set, the ML weight moves linearly to it
-    reweighted_fkl_weight: float = 1.0  # forward KL on the model's own reweighted samples
+    # forward KL on the model's own samples, self-normalised weights of the step's batch
+    reweighted_fkl_weight: float | list[list[float]] = 1.0
     beta_start: float = 0.1  # annealed inverse temperature, relative to the target
     anneal_start: int = 0  # steps held at beta_start before the anneal
     anneal_steps: int = 2000  # steps of the geometric anneal from beta_start to 1
@@ -116,12 +142,13 @@ class TrainingConfig(_Section):
     data: str | list[str] | None = None
     ml_batch_size: int = 256
     walkers: int = 0  # MCMC walkers whose likelihood is trained (0: none); <= batch_size
-    walker_weight: float = 1.0  # weight of the walkers' negative log-likelihood
+    # weight of the walkers' negative log-likelihood (0 at a step: the walkers rest)
+    walker_weight: float | list[list[float]] = 1.0
     walker_steps: int = 5  # MALA steps of the walkers per training step
     # buffer of the model's own samples with exact weights at any beta (forward KL), see
     # openmm_nice.buffer; buffer_weight 0: none
     buffer_size: int = 0
-    buffer_weight: float = 0.0
+    buffer_weight: float | list[list[float]] = 0.0
     buffer_batch_size: int = 256
     buffer_interval: int = 100  # steps between additions of buffer_draws model samples
     buffer_draws: int = 4096
@@ -173,8 +200,8 @@ class TrainingConfig(_Section):
                     f"training.anneal_start must be >= 0, got {t.anneal_start}",
                 ),
                 (
-                    min(t.buffer_size, t.buffer_weight) >= 0
-                    and (t.buffer_weight == 0 or t.buffer_size > 0),
+                    t.buffer_size >= 0
+                    and (_weight_maximum(t.buffer_weight) == 0 or t.buffer_size > 0),
                     "training.buffer_size and buffer_weight must be >= 0, and buffer_weight > 0 "
                     f"needs buffer_size > 0 (got {t.buffer_size} and {t.buffer_weight})",
                 ),
@@ -194,9 +221,17 @@ class TrainingConfig(_Section):
                     f"training.map_refits must list steps >= 0, got {t.map_refits}",
                 ),
                 (
-                    min(t.kl_weight, t.ml_weight, t.reweighted_fkl_weight, t.ml_weight_final or 0)
-                    >= 0,
-                    "training loss weights must be >= 0",
+                    min(t.ml_weight, t.ml_weight_final or 0) >= 0,
+                    "training.ml_weight and ml_weight_final must be >= 0",
+                ),
+                *(
+                    (_weight_ok(getattr(t, name)), _weight_message(name, getattr(t, name)))
+                    for name in (
+                        "kl_weight",
+                        "reweighted_fkl_weight",
+                        "walker_weight",
+                        "buffer_weight",
+                    )
                 ),
                 (
                     0 <= t.walkers <= t.batch_size,
@@ -206,10 +241,6 @@ class TrainingConfig(_Section):
                 (
                     t.walker_steps >= 0,
                     f"training.walker_steps must be >= 0, got {t.walker_steps}",
-                ),
-                (
-                    t.walker_weight >= 0,
-                    f"training.walker_weight must be >= 0, got {t.walker_weight}",
                 ),
                 (
                     max(t.ml_weight, t.ml_weight_final or 0) == 0 or t.data is not None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import math
 import time
@@ -85,25 +86,67 @@ class _StepLoss(nn.Module):
             return ml, {"buffer_nll": float(ml.detach())}, None
         rkl, d, state = reverse_kl(self.generator, t.batch_size, beta, t.energy_cut, t.rng)
         state["reverse_kl"] = float(rkl.detach())
-        loss = t.kl_weight * rkl
-        if t.reweighted_fkl_weight > 0:
-            loss = loss + t.reweighted_fkl_weight * reweighted_forward_kl(
+        weight = {name: schedule(t.step) for name, schedule in t.weights.items()}
+        loss = weight["kl"] * rkl
+        if weight["reweighted_fkl"] > 0:
+            loss = loss + weight["reweighted_fkl"] * reweighted_forward_kl(
                 self.generator, d, beta, t.energy_cut
             )
         if data is not None:
             ml = nll(self.generator, data.to(d.x.device), t.rng)
             state["nll"] = float(ml.detach())
             loss = loss + t.ml_weight_at(t.step) * ml
-        if t.buffer_weight > 0 and len(t.buffer) > 0:
+        if weight["buffer"] > 0 and len(t.buffer) > 0:
             ml = nll(self.generator, t.buffer_batch(beta, t.buffer), t.rng)
             state["buffer_nll"] = float(ml.detach())
-            loss = loss + t.buffer_weight * ml
-        if t.walkers > 0:
+            loss = loss + weight["buffer"] * ml
+        if t.walkers > 0 and weight["walker"] > 0:
             walkers, state["walker_exchange"], state["walker_acceptance"] = t.move_walkers(d, beta)
             ml = nll(self.generator, walkers.x.to(d.x.dtype), t.rng)
             state["walker_nll"] = float(ml.detach())
-            loss = loss + t.walker_weight * ml
+            loss = loss + weight["walker"] * ml
         return loss, state, d.log_weights().detach()
+
+
+class WeightSchedule:
+    """A loss weight as a function of the step: a constant, or piecewise linear through
+    ``(step, weight)`` points and constant beyond the first and the last.
+
+    Example:
+        >>> w = WeightSchedule([(0, 1.0), (100, 1.0), (200, 0.0)])
+        >>> w(50), w(150), w(1000), WeightSchedule(0.5)(7)
+        (1.0, 0.5, 0.0, 0.5)
+    """
+
+    def __init__(self, weight: float | Sequence[Sequence[float]]):
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+            points = [(0, float(weight))]
+        else:
+            points = [(int(step), float(value)) for step, value in weight]
+        if not points or any(v < 0 or not math.isfinite(v) for _, v in points):
+            raise ValueError(
+                f"a loss weight must be >= 0 (or (step, weight >= 0) points), got {weight!r}"
+            )
+        if any(b[0] < a[0] for a, b in zip(points[:-1], points[1:])):
+            raise ValueError(f"the steps of a weight schedule must not decrease, got {weight!r}")
+        self.points = tuple(points)
+
+    def __call__(self, step: int) -> float:
+        steps = [p[0] for p in self.points]
+        k = bisect.bisect_right(steps, step)
+        if k == 0:
+            return self.points[0][1]
+        if k == len(steps):
+            return self.points[-1][1]
+        (s0, v0), (s1, v1) = self.points[k - 1], self.points[k]
+        return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+
+    @property
+    def maximum(self) -> float:
+        return max(v for _, v in self.points)
+
+    def __repr__(self) -> str:
+        return f"WeightSchedule({list(self.points)})"
 
 
 @dataclass
@@ -200,10 +243,10 @@ class Trainer:
         batch_size: int = _DEFAULTS.batch_size,
         learning_rate: float = _DEFAULTS.learning_rate,
         lr_schedule: str = _DEFAULTS.lr_schedule,
-        kl_weight: float = _DEFAULTS.kl_weight,
+        kl_weight: float | Sequence[Sequence[float]] = _DEFAULTS.kl_weight,
         ml_weight: float = _DEFAULTS.ml_weight,
         ml_weight_final: float | None = _DEFAULTS.ml_weight_final,
-        reweighted_fkl_weight: float = _DEFAULTS.reweighted_fkl_weight,
+        reweighted_fkl_weight: float | Sequence[Sequence[float]] = _DEFAULTS.reweighted_fkl_weight,
         beta_start: float = _DEFAULTS.beta_start,
         anneal_steps: int = _DEFAULTS.anneal_steps,
         data: Tensor | None = None,
@@ -212,11 +255,11 @@ class Trainer:
         grad_clip: float = _DEFAULTS.grad_clip,
         seed: int = 0,
         walkers: int = _DEFAULTS.walkers,
-        walker_weight: float = _DEFAULTS.walker_weight,
+        walker_weight: float | Sequence[Sequence[float]] = _DEFAULTS.walker_weight,
         walker_steps: int = _DEFAULTS.walker_steps,
         anneal_start: int = _DEFAULTS.anneal_start,
         buffer_size: int = _DEFAULTS.buffer_size,
-        buffer_weight: float = _DEFAULTS.buffer_weight,
+        buffer_weight: float | Sequence[Sequence[float]] = _DEFAULTS.buffer_weight,
         buffer_batch_size: int = _DEFAULTS.buffer_batch_size,
         buffer_interval: int = _DEFAULTS.buffer_interval,
         buffer_draws: int = _DEFAULTS.buffer_draws,
@@ -227,7 +270,13 @@ class Trainer:
         refit_steps: int = _DEFAULTS.refit_steps,
         reporters: Sequence = (),
     ):
-        self.kl_weight, self.ml_weight = float(kl_weight), float(ml_weight)
+        self.weights = {
+            "kl": WeightSchedule(kl_weight),
+            "reweighted_fkl": WeightSchedule(reweighted_fkl_weight),
+            "buffer": WeightSchedule(buffer_weight),
+            "walker": WeightSchedule(walker_weight),
+        }
+        self.ml_weight = float(ml_weight)
         self.ml_weight_final = self.ml_weight if ml_weight_final is None else float(ml_weight_final)
         if self.ml_weight_final < 0:
             raise ValueError(f"ml_weight_final must be >= 0, got {ml_weight_final}")
@@ -245,7 +294,7 @@ class Trainer:
             )
         if map_refits and getattr(generator, "coordinates", None) is None:
             raise ValueError("map_refits needs a generator with a coordinate map (a molecule)")
-        if buffer_weight > 0 and buffer_size < 1:
+        if self.weights["buffer"].maximum > 0 and buffer_size < 1:
             raise ValueError(f"buffer_weight > 0 needs buffer_size >= 1, got {buffer_size}")
         if min(buffer_batch_size, buffer_interval, buffer_draws, refit_samples) < 1:
             raise ValueError(
@@ -254,13 +303,11 @@ class Trainer:
         self.generator = generator
         self.steps = int(steps)
         self.batch_size = int(batch_size)
-        self.reweighted_fkl_weight = float(reweighted_fkl_weight)
         self.schedule = TrainingSchedule(
             self.steps, beta_start, anneal_steps, lr_schedule, int(anneal_start)
         )
         self.buffer = SampleBuffer(max(int(buffer_size), 1))
         self.buffer_size = int(buffer_size)
-        self.buffer_weight = float(buffer_weight)
         self.buffer_batch_size = int(buffer_batch_size)
         self.buffer_interval = int(buffer_interval)
         self.buffer_draws = int(buffer_draws)
@@ -280,7 +327,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(generator.parameters(), lr=self.learning_rate)
         self.rng = torch.Generator(device=generator.device).manual_seed(seed)
         self.data_rng = torch.Generator().manual_seed(seed + 1)
-        self.walkers, self.walker_weight = int(walkers), float(walker_weight)
+        self.walkers = int(walkers)
         self.walker_steps = int(walker_steps)
         self._walkers: Walkers | None = None
         self.step = 0
@@ -442,7 +489,7 @@ class Trainer:
             start = time.perf_counter()
             if self.step in self.map_refits:
                 self.refit_map(self.schedule.beta(self.step))
-            if self.buffer_weight > 0 and self.step % self.buffer_interval == 0:
+            if self.weights["buffer"](self.step) > 0 and self.step % self.buffer_interval == 0:
                 self.buffer.add_draws(
                     self.generator,
                     self.buffer_draws,

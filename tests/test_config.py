@@ -135,3 +135,11 @@ def test_empty_sections_take_their_defaults_and_types_are_strict():
         config_from_dict({"training": {"steps": 10.0}})
     with pytest.raises(ConfigError, match=r"seed: expected an integer, got True"):
         config_from_dict({"seed": True})
+
+
+def test_loss_weights_take_schedules():
+    config = config_from_dict({"training": {"kl_weight": [[0, 1.0], [100, 0.0]]}})
+    assert config.training.kl_weight == [[0, 1.0], [100, 0.0]]
+    for bad in ([[100, 1.0], [0, 0.0]], [[0, -1.0]], -0.5):
+        with pytest.raises(ConfigError, match="kl_weight must be a weight >= 0"):
+            config_from_dict({"training": {"kl_weight": bad}})

@@ -183,8 +183,8 @@ def test_one_set_of_defaults_and_from_config():
 
     bg = BoltzmannGenerator(DoubleWell1D(), latent_dim=2, layers=2, hidden=[8])
     plain, defaults = Trainer(bg), TrainingConfig()
-    assert plain.steps == defaults.steps and plain.reweighted_fkl_weight == 1.0
+    assert plain.steps == defaults.steps and plain.weights["reweighted_fkl"](0) == 1.0
     assert plain.schedule.beta_start == defaults.beta_start == 0.1
     custom = TrainingConfig(steps=7, kl_weight=0.5, anneal_start=2, buffer_size=10)
     t = Trainer.from_config(bg, custom, seed=3)
-    assert (t.steps, t.kl_weight, t.schedule.anneal_start, t.buffer_size) == (7, 0.5, 2, 10)
+    assert (t.steps, t.weights["kl"](0), t.schedule.anneal_start, t.buffer_size) == (7, 0.5, 2, 10)
