@@ -954,7 +954,8 @@ def _torsion_to_normal(
     n_bins = cdf.shape[1] - 1
     width = 2 * math.pi / n_bins
     position = torch.remainder(torsion.double() - (offset - math.pi), 2 * math.pi) / width
-    k = position.floor().clamp(0, n_bins - 1).long()
+    # an undefined torsion (NaN positions) stays NaN, through a valid bin index
+    k = torch.nan_to_num(position.floor(), nan=0.0).clamp(0, n_bins - 1).long()
     low, mass = _bin_cdf(k, cdf)
     v = low + (position - k) * mass
     y = torch.special.ndtri(v).to(dtype)

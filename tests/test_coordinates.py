@@ -575,3 +575,10 @@ def test_weighted_fit_equals_the_fit_to_repeated_frames(zmatrix, frames):
     torch.testing.assert_close(weighted.scale, repeated.scale * math.sqrt((n - 1) / n))
     with pytest.raises(ValueError, match="non-negative"):
         MolecularTransform.from_data(zmatrix, frames, weights=-torch.ones(len(frames)))
+
+
+def test_undefined_positions_give_undefined_flow_coordinates(transform):
+    x = transform(torch.randn(3, 60))
+    x[1] = math.nan
+    s, ladj = transform.inverse_and_ladj(x)
+    assert torch.isfinite(s[[0, 2]]).all() and s[1].isnan().any() and ladj[1].isnan()
