@@ -145,6 +145,8 @@ class TrainingConfig(_Section):
     # weight of the walkers' negative log-likelihood (0 at a step: the walkers rest)
     walker_weight: float | list[list[float]] = 1.0
     walker_steps: int = 5  # MALA steps of the walkers per training step
+    # population annealing: walkers reweighted by exp(-dbeta U) as beta changes and resampled
+    walker_resampling: bool = False
     # buffer of the model's own samples with exact weights at any beta (forward KL), see
     # openmm_nice.buffer; buffer_weight 0: none
     buffer_size: int = 0

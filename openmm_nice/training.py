@@ -102,7 +102,8 @@ class _StepLoss(nn.Module):
             loss = loss + weight["buffer"] * ml
         if t.walkers > 0 and weight["walker"] > 0:
             walkers, state["walker_exchange"], state["walker_acceptance"] = t.move_walkers(d, beta)
-            ml = nll(self.generator, walkers.x.to(d.x.dtype), t.rng)
+            log_p = self.generator.log_prob(walkers.x.to(d.x.dtype), generator=t.rng)
+            ml = -(walkers.normalized_weights().to(log_p.dtype) * log_p).sum()
             state["walker_nll"] = float(ml.detach())
             loss = loss + weight["walker"] * ml
         return loss, state, d.log_weights().detach()
@@ -179,7 +180,7 @@ _DEFAULTS = TrainingConfig()  # one set of defaults: the config's, the ones that
 
 
 class Trainer:
-    """Trains a :class:`BoltzmannGenerator`; reporters see every state, the trainer never prints.
+    r"""Trains a :class:`BoltzmannGenerator`; reporters see every state, the trainer never prints.
 
     The loss of a step is ``kl_weight * J_R(beta) + reweighted_fkl_weight * forward KL(beta)
     + buffer_weight * NLL(buffer) + ml_weight * NLL(data) + walker_weight * NLL(walkers)``,
@@ -220,6 +221,10 @@ class Trainer:
         walkers: Number of MCMC walkers (0: none); at most ``batch_size``.
         walker_weight: Weight of their negative log-likelihood in the loss.
         walker_steps: MALA steps per training step.
+        walker_resampling: Population annealing: as beta changes, the walkers are reweighted
+            by :math:`e^{-\Delta\beta U}` and resampled when their weights degenerate
+            (:meth:`~openmm_nice.walkers.Walkers.anneal`), so that their shares of the wells
+            follow the Boltzmann distribution at every beta; their NLL is then weighted.
         anneal_start: Steps held at ``beta_start`` before the anneal.
         buffer_size: Samples the buffer keeps (0: no buffer term).
         buffer_weight: Weight of the buffer's importance-resampled NLL.
@@ -257,6 +262,7 @@ class Trainer:
         walkers: int = _DEFAULTS.walkers,
         walker_weight: float | Sequence[Sequence[float]] = _DEFAULTS.walker_weight,
         walker_steps: int = _DEFAULTS.walker_steps,
+        walker_resampling: bool = _DEFAULTS.walker_resampling,
         anneal_start: int = _DEFAULTS.anneal_start,
         buffer_size: int = _DEFAULTS.buffer_size,
         buffer_weight: float | Sequence[Sequence[float]] = _DEFAULTS.buffer_weight,
@@ -328,6 +334,7 @@ class Trainer:
         self.rng = torch.Generator(device=generator.device).manual_seed(seed)
         self.data_rng = torch.Generator().manual_seed(seed + 1)
         self.walkers = int(walkers)
+        self.walker_resampling = bool(walker_resampling)
         self.walker_steps = int(walker_steps)
         self._walkers: Walkers | None = None
         self.step = 0
@@ -416,6 +423,8 @@ class Trainer:
                 order = torch.argsort((~finite).to(torch.int8), stable=True)[: self.walkers]
                 self._walkers = Walkers(x[order], u[order])
             walkers = self._walkers
+            if self.walker_resampling:
+                walkers.anneal(beta, self.rng)
             exchanged = walkers.exchange(
                 self.generator, x, u, d.log_weights(beta).detach(), beta, self.rng
             )

@@ -66,7 +66,14 @@ class Walkers:
         torch.Size([4, 1])
     """
 
-    def __init__(self, x: Tensor, u: Tensor, step_size: float = 1e-3):
+    def __init__(
+        self,
+        x: Tensor,
+        u: Tensor,
+        step_size: float = 1e-3,
+        beta: float | None = None,
+        log_weight: Tensor | None = None,
+    ):
         if x.ndim != 2 or u.shape != x.shape[:1]:
             raise ValueError(
                 f"walkers need x of shape (K, dim) and u of shape (K,), got {tuple(x.shape)} "
@@ -75,6 +82,48 @@ class Walkers:
         self.x = x.detach().clone()
         self.u = u.detach().clone()
         self.step_size = float(step_size)
+        self.beta = beta  # the inverse temperature the population's weights refer to
+        self.log_weight = torch.zeros_like(self.u) if log_weight is None else log_weight.clone()
+
+    def normalized_weights(self) -> Tensor:
+        """The walkers' self-normalised weights (uniform unless :meth:`anneal` reweighted)."""
+        return torch.softmax(self.log_weight, 0)
+
+    @torch.no_grad()
+    def anneal(
+        self, beta: float, rng: torch.Generator | None = None, threshold: float = 0.5
+    ) -> bool:
+        r"""Move the population's target from its inverse temperature to ``beta``
+        (population annealing, a sequential Monte Carlo sampler).
+
+        Each walker's weight gathers :math:`e^{-(\beta - \beta_{old}) U}`; once the weights'
+        effective sample size falls below ``threshold`` times the number of walkers, the
+        population is resampled (systematic resampling) and the weights reset. The walkers'
+        shares of the wells then follow the Boltzmann distribution as beta changes, without
+        any walker crossing a barrier: a well whose free energy rises loses walkers, one whose
+        free energy falls gains copies, which the MALA steps then spread.
+
+        Returns:
+            Whether the population was resampled.
+        """
+        if self.beta is None:
+            self.beta = float(beta)
+            return False
+        if beta == self.beta:
+            return False
+        step = -(beta - self.beta) * self.u
+        self.log_weight = torch.nan_to_num(self.log_weight + step, nan=-math.inf, posinf=-math.inf)
+        self.beta = float(beta)
+        w = self.normalized_weights()
+        if not torch.isfinite(w).all() or float(1.0 / (w**2).sum()) >= threshold * len(w):
+            return False
+        k = len(w)
+        start = torch.rand((), dtype=w.dtype, device=w.device, generator=rng)
+        positions = (start + torch.arange(k, dtype=w.dtype, device=w.device)) / k
+        index = torch.searchsorted(torch.cumsum(w, 0), positions).clamp_max(k - 1)
+        self.x, self.u = self.x[index], self.u[index]
+        self.log_weight = torch.zeros_like(self.u)
+        return True
 
     def __len__(self) -> int:
         return len(self.x)
@@ -158,9 +207,17 @@ class Walkers:
         return u.detach(), torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
     def state_dict(self) -> dict:
-        return {"x": self.x, "u": self.u, "step_size": self.step_size}
+        return {
+            "x": self.x,
+            "u": self.u,
+            "step_size": self.step_size,
+            "beta": self.beta,
+            "log_weight": self.log_weight,
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Walkers:
         """The walkers that :meth:`state_dict` saved."""
-        return cls(state["x"], state["u"], state["step_size"])
+        return cls(
+            state["x"], state["u"], state["step_size"], state.get("beta"), state.get("log_weight")
+        )

@@ -123,3 +123,30 @@ def test_trainer_refuses_more_walkers_than_proposals():
     bg = BoltzmannGenerator(DoubleWell1D(), layers=1, hidden=[4])
     with pytest.raises(ValueError, match="walkers must be between 0 and batch_size"):
         Trainer(bg, steps=1, batch_size=16, walkers=32)
+
+
+def test_population_annealing_follows_the_boltzmann_shares_of_the_wells():
+    """Walkers equilibrated at beta 0.2 and annealed to 1 by reweighting and resampling alone
+    (no move crosses the barrier) end with the exact share of the left well at beta = 1."""
+    energy = DoubleWell1D()
+    generator = torch.Generator().manual_seed(5)
+    grid = torch.linspace(-4, 4, 400_001, dtype=torch.float64)
+
+    def exact_left(beta: float) -> float:
+        density = torch.exp(-beta * DoubleWell1D.potential(grid))
+        return float(density[grid < 0].sum() / density.sum())
+
+    # 20,000 exact draws at beta = 0.2 by inverse-CDF sampling on the grid
+    density = torch.exp(-0.2 * DoubleWell1D.potential(grid))
+    cdf = torch.cumsum(density, 0) / density.sum()
+    x = grid[torch.searchsorted(cdf, torch.rand(20_000, dtype=torch.float64, generator=generator))]
+    walkers = Walkers(x[:, None], energy(x[:, None]), beta=0.2)
+    resampled = 0
+    for beta in torch.linspace(0.2, 1.0, 41)[1:].tolist():
+        resampled += walkers.anneal(beta, generator)
+    w = walkers.normalized_weights()
+    left = float((w * (walkers.x[:, 0] < 0)).sum())
+    assert resampled > 0 and walkers.beta == 1.0
+    assert left == pytest.approx(exact_left(1.0), abs=0.01)  # 0.933 (0.615 at beta 0.2)
+    copy = Walkers.from_state_dict(walkers.state_dict())
+    assert copy.beta == 1.0 and torch.equal(copy.log_weight, walkers.log_weight)
