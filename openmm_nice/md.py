@@ -16,6 +16,7 @@ from openmm_nice.errors import ConfigError, UserInputError
 from openmm_nice.io import atomic_write_text, read_frames, save_samples, write_trajectory
 
 __all__ = [
+    "FrameRecorder",
     "MDResult",
     "molecular_system",
     "run_md",
@@ -108,6 +109,7 @@ def run_md(
         An :class:`MDResult`.
     """
     import openmm
+    import openmm.app as app
     from openmm import unit
 
     from openmm_nice.openmm_energy import OpenMMEnergy
@@ -134,7 +136,8 @@ def run_md(
         md.timestep_fs * unit.femtosecond,
     )
     integrator.setRandomNumberSeed(config.seed + 1)
-    context = openmm.Context(
+    simulation = app.Simulation(
+        molecule.topology,
         molecule.system,
         integrator,
         openmm.Platform.getPlatformByName(platform),
@@ -150,26 +153,62 @@ def run_md(
             )
         if not np.all(np.isfinite(start)):
             raise UserInputError("the start structure has NaN or infinite coordinates")
-        positions = start.reshape(-1, 3) * unit.nanometer
-    context.setPositions(positions)
-    openmm.LocalEnergyMinimizer.minimize(context)
-    context.setVelocitiesToTemperature(config.temperature * unit.kelvin, config.seed + 1)
-    integrator.step(md.equilibration_steps)
+        positions = start.reshape(-1, 3)
+    simulation.context.setPositions(positions * unit.nanometer)
+    simulation.minimizeEnergy()
+    simulation.context.setVelocitiesToTemperature(config.temperature * unit.kelvin, config.seed + 1)
+    simulation.step(md.equilibration_steps)
     kt = (unit.MOLAR_GAS_CONSTANT_R * config.temperature * unit.kelvin).value_in_unit(
         unit.kilojoule_per_mole
     )
     n_frames = n_steps // md.report_interval
-    frames = np.empty((n_frames, 3 * molecule.n_atoms))
-    energies = np.empty(n_frames)
+    recorder = FrameRecorder(md.report_interval, n_frames, molecule.n_atoms, kt)
+    simulation.reporters.append(recorder)
     started = time.perf_counter()
-    for i in tqdm(range(n_frames), disable=quiet, unit="frame", desc="md"):
-        integrator.step(md.report_interval)
-        state = context.getState(getPositions=True, getEnergy=True)
-        frames[i] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer).reshape(-1)
-        energies[i] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) / kt
+    with tqdm(total=n_frames, disable=quiet, unit="frame", desc="md") as bar:
+        recorder.progress = bar
+        simulation.step(n_frames * md.report_interval)
     wall = time.perf_counter() - started
+    frames, energies = recorder.frames, recorder.u
     time_ps = np.arange(1, n_frames + 1) * md.report_interval * md.timestep_fs / 1000.0
     return MDResult(frames, energies, time_ps, config.temperature, md.timestep_fs, platform, wall)
+
+
+class FrameRecorder:
+    """An OpenMM reporter that keeps positions (nm, flattened) and reduced energies in memory.
+
+    Arguments:
+        interval: Steps between frames.
+        n_frames: Frames to keep (the arrays' length).
+        n_atoms: Atoms of the system.
+        kt: kT in kJ/mol, to store U = E / kT.
+    """
+
+    def __init__(self, interval: int, n_frames: int, n_atoms: int, kt: float):
+        self.interval = int(interval)
+        self.frames = np.empty((n_frames, 3 * n_atoms))
+        self.u = np.empty(n_frames)
+        self.kt = float(kt)
+        self.count = 0
+        self.progress = None  # an optional tqdm bar advanced at each frame
+
+    def describeNextReport(self, simulation) -> dict:  # noqa: N802 (OpenMM's protocol)
+        steps = self.interval - simulation.currentStep % self.interval
+        return {"steps": steps, "periodic": None, "include": ["positions", "energy"]}
+
+    def report(self, simulation, state) -> None:
+        from openmm import unit
+
+        if self.count >= len(self.u):
+            return
+        positions = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        self.frames[self.count] = positions.reshape(-1)
+        self.u[self.count] = (
+            state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) / self.kt
+        )
+        self.count += 1
+        if self.progress is not None:
+            self.progress.update(1)
 
 
 def load_start_frame(path: str | Path, frame: int, topology) -> np.ndarray:
