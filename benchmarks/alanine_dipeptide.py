@@ -98,7 +98,7 @@ def draw(generator, config, n: int, ais_steps: int, seed: int) -> dict:
         n,
         ais_steps,
         batch_size=config.sampling.ais_batch_size if ais_steps else 65536,
-        generator_rng=rng,
+        rng=rng,
     )
     return {
         "x": result.x.double().cpu().numpy(),

@@ -99,11 +99,11 @@ def run_case(
         save.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), save / f"{_slug(name)}.pt")
     rng = torch.Generator().manual_seed(seed + 100)
-    _, model_log_w = model.sample(n_samples, generator=rng)
+    _, model_log_w = model.sample(n_samples, rng=rng)
     model_log_w = model_log_w.double().numpy()
     ais_steps = config.sampling.ais_steps
     start = time.perf_counter()
-    samples = sample_as_configured(model, n_samples, config.sampling, generator_rng=rng)
+    samples = sample_as_configured(model, n_samples, config.sampling, rng=rng)
     sampling_s = time.perf_counter() - start
     x, log_w = samples.x.numpy(), samples.log_w.numpy()
     log_z = target.energy.log_partition_function()

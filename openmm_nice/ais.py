@@ -16,9 +16,9 @@ model's own weights back. In latent space the flow has already whitened the targ
 Langevin steps can be long: this is the reparametrised ("NeuTra") AIS of the flow literature,
 and stochastic layers of stochastic normalizing flows play the same role.
 
-Step sizes: one per level, fitted beforehand on a separate pilot batch (adapted towards a
-Metropolis acceptance of 0.6) and then frozen, so that the kernels of the reported chains do not
-depend on those chains.
+The moves are the one MALA kernel of :mod:`openmm_nice.mala`. Step sizes: one per level, fitted
+beforehand on a separate pilot batch (adapted towards the kernel's target acceptance) and then
+frozen, so that the kernels of the reported chains do not depend on those chains.
 """
 
 from __future__ import annotations
@@ -30,11 +30,9 @@ import torch
 from torch import Tensor
 
 from openmm_nice.generator import BoltzmannGenerator
-from openmm_nice.walkers import mala_proposal_log_ratio
+from openmm_nice.mala import TARGET_ACCEPTANCE, adapt_step_size, mala_step
 
-__all__ = ["AISResult", "annealed_importance_sampling", "sample_as_configured"]
-
-TARGET_ACCEPTANCE = 0.6
+__all__ = ["AISResult", "TARGET_ACCEPTANCE", "annealed_importance_sampling", "sample_as_configured"]
 
 
 @dataclass
@@ -73,43 +71,40 @@ def _evaluate(
 
 
 class _Chains:
-    """The state of a batch of chains: latents, log w and its gradient, x and u."""
+    """The state of a batch of chains: latents (float64, rounded to the model's precision), and
+    at them log w, its gradient in z, x and u."""
 
     def __init__(self, generator: BoltzmannGenerator, z: Tensor, target_beta: float = 1.0):
         self.generator = generator
         self.target_beta = target_beta
-        self.z = z
+        self.precision = z.dtype
+        self.z = z.double()
         self.log_w, self.grad_log_w, self.x, self.u = _evaluate(generator, z, target_beta)
 
-    def log_pi(self, z: Tensor, log_w: Tensor, beta: float) -> Tensor:
-        return -0.5 * (z.double() ** 2).sum(-1) + beta * log_w
+    @staticmethod
+    def log_pi(z: Tensor, log_w: Tensor, beta: float) -> Tensor:
+        return -0.5 * (z**2).sum(-1) + beta * log_w
 
     def mala(self, beta: float, step: float, rng: torch.Generator | None) -> Tensor:
         """One MALA move of every chain, invariant for pi_beta; returns the accepted mask."""
-        z = self.z.double()
-        grad = -z + beta * self.grad_log_w
-        noise = torch.randn(z.shape, dtype=self.z.dtype, device=z.device, generator=rng).double()
-        mean = z + step * grad
-        proposal = mean + math.sqrt(2 * step) * noise
-        log_w_new, grad_log_w_new, x_new, u_new = _evaluate(
-            self.generator, proposal.to(self.z.dtype), self.target_beta
+
+        def evaluate(z: Tensor):
+            log_w, grad_log_w, x, u = _evaluate(
+                self.generator, z.to(self.precision), self.target_beta
+            )
+            return self.log_pi(z, log_w, beta), -z + beta * grad_log_w, (log_w, grad_log_w, x, u)
+
+        self.z, _, _, carried, accept = mala_step(
+            self.z,
+            self.log_pi(self.z, self.log_w, beta),
+            -self.z + beta * self.grad_log_w,
+            evaluate,
+            step,
+            rng,
+            carried=(self.log_w, self.grad_log_w, self.x, self.u),
+            precision=self.precision,
         )
-        proposal = proposal.to(self.z.dtype).double()  # the point actually evaluated
-        grad_new = -proposal + beta * grad_log_w_new
-        log_pi_old = self.log_pi(z, self.log_w, beta)
-        log_pi_new = self.log_pi(proposal, log_w_new, beta)
-        log_ratio = (
-            log_pi_new - log_pi_old + mala_proposal_log_ratio(z, proposal, grad, grad_new, step)
-        )
-        uniform = torch.rand(z.shape[0], dtype=torch.float64, device=z.device, generator=rng)
-        accept = (
-            torch.isfinite(log_pi_new) & torch.isfinite(log_pi_old) & (uniform.log() < log_ratio)
-        )
-        self.z = torch.where(accept[:, None], proposal.to(self.z.dtype), self.z)
-        self.log_w = torch.where(accept, log_w_new, self.log_w)
-        self.grad_log_w = torch.where(accept[:, None], grad_log_w_new, self.grad_log_w)
-        self.x = torch.where(accept[:, None], x_new, self.x)
-        self.u = torch.where(accept, u_new, self.u)
+        self.log_w, self.grad_log_w, self.x, self.u = carried
         return accept
 
 
@@ -137,7 +132,7 @@ def _run_chains(
         acceptance.append(rate)
         if adapt:
             sizes.append(size)
-            step = size * math.exp(2.0 * (rate - TARGET_ACCEPTANCE))  # towards the target rate
+            step = adapt_step_size(size, rate)
     return chains, ais, acceptance, sizes
 
 
@@ -147,7 +142,7 @@ def annealed_importance_sampling(
     steps: int,
     batch_size: int = 8192,
     pilot: int = 512,
-    generator_rng: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
     progress: bool = False,
     beta: float = 1.0,
 ) -> AISResult:
@@ -159,7 +154,7 @@ def annealed_importance_sampling(
         steps: Number of levels K (one MALA move each); 0 returns the model's own weights.
         batch_size: Chains run together (memory: the flow's autograd graph of one batch).
         pilot: Chains of the separate pilot run that fits the step sizes (discarded).
-        generator_rng: torch random generator for the latents, noise and acceptances.
+        rng: torch random generator for the latents, noise and acceptances.
         progress: Show a progress bar over the batches.
         beta: Inverse temperature of the target, relative to the energy's (1: the target
             itself; training anneals through lower values).
@@ -171,14 +166,14 @@ def annealed_importance_sampling(
     if steps < 0:
         raise ValueError(f"the number of AIS steps must be 0 or more, got {steps}")
     if steps == 0:
-        x, log_w, u = generator.sample_with_energies(n, batch_size, generator_rng)
+        x, log_w, u = generator.sample_with_energies(n, batch_size, rng)
         if beta != 1.0:
             log_w = torch.where(torch.isfinite(u), log_w + (1.0 - beta) * u, -math.inf)
         empty = torch.zeros(0, dtype=torch.float64)
         return AISResult(x.double(), log_w.double(), u.double(), empty, empty)
     if pilot < 1:
         raise ValueError(f"the pilot batch must have at least one chain, got {pilot}")
-    _, _, _, sizes = _run_chains(generator, pilot, steps, None, generator_rng, beta)
+    _, _, _, sizes = _run_chains(generator, pilot, steps, None, rng, beta)
     xs, log_ws, us, rates = [], [], [], []
     starts = range(0, n, batch_size)
     if progress:
@@ -187,7 +182,7 @@ def annealed_importance_sampling(
         starts = tqdm(starts, desc="AIS", unit="batch")
     for start in starts:
         chains, ais, acceptance, _ = _run_chains(
-            generator, min(batch_size, n - start), steps, sizes, generator_rng, beta
+            generator, min(batch_size, n - start), steps, sizes, rng, beta
         )
         xs.append(chains.x)
         log_ws.append(ais)
@@ -209,7 +204,7 @@ def sample_as_configured(
     sampling,
     ais_steps: int | None = None,
     batch_size: int = 65536,
-    generator_rng: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
     progress: bool = False,
 ) -> AISResult:
     """The samples ``openmm-nice sample`` draws for a run: ``sampling.ais_steps`` levels of AIS
@@ -225,6 +220,6 @@ def sample_as_configured(
         n,
         steps,
         batch_size=sampling.ais_batch_size if steps else batch_size,
-        generator_rng=generator_rng,
+        rng=rng,
         progress=progress,
     )

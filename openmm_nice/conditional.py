@@ -53,8 +53,8 @@ class ConditionalGaussian(nn.Module):
         r = (y - mean) / scale
         return (-0.5 * r**2 - scale.log()).sum(-1) - 0.5 * self.y_dim * math.log(2 * math.pi)
 
-    def sample(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, x: Tensor, rng: torch.Generator | None = None) -> Tensor:
         """Draw y ~ P^(y|x), one per row of x, shape (B, D - d)."""
         mean, scale = self.mean_and_scale(x)
-        noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+        noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=rng)
         return mean + scale * noise

@@ -130,11 +130,9 @@ class BoltzmannGenerator(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.linear.log_diag.dtype
 
-    def latent(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def latent(self, n: int, rng: torch.Generator | None = None) -> Tensor:
         """n draws of z ~ N(0, I_D) in the model's dtype and device."""
-        return torch.randn(
-            n, self.latent_dim, dtype=self.dtype, device=self.device, generator=generator
-        )
+        return torch.randn(n, self.latent_dim, dtype=self.dtype, device=self.device, generator=rng)
 
     def flow_forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(x_flow, y, log P(x_flow, y)) for latents z."""
@@ -163,7 +161,7 @@ class BoltzmannGenerator(nn.Module):
     def draw(
         self,
         n: int,
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
         float64: bool = False,
         energy: Callable[[Tensor], Tensor] | None = None,
     ) -> Draw:
@@ -174,7 +172,7 @@ class BoltzmannGenerator(nn.Module):
         reduced energy of points (B, dim) in the target's coordinates, replaces the model's own
         (e.g. the target at another temperature).
         """
-        return self.draw_from(self.latent(n, generator), float64, energy)
+        return self.draw_from(self.latent(n, rng), float64, energy)
 
     def draw_from(
         self,
@@ -198,7 +196,7 @@ class BoltzmannGenerator(nn.Module):
         u = (self.energy if energy is None else energy)(x)
         return Draw(z, x_flow, y, x, log_p, log_q_y, ladj, u)
 
-    def draw_at(self, x: Tensor, u: Tensor, generator: torch.Generator | None = None) -> Draw:
+    def draw_at(self, x: Tensor, u: Tensor, rng: torch.Generator | None = None) -> Draw:
         r"""The :class:`Draw` of given points x with reduced energies u, y drawn afresh.
 
         x_flow and the coordinate map's log-det come from the inverse of the coordinates, y
@@ -211,7 +209,7 @@ class BoltzmannGenerator(nn.Module):
         Arguments:
             x: Points in the target's coordinates, shape (B, energy.dim).
             u: Their reduced energies (B,), the model's own target's or another's.
-            generator: Random numbers for y.
+            rng: Random numbers for y.
 
         Example:
             >>> from openmm_nice.energies import DoubleWell1D
@@ -229,14 +227,14 @@ class BoltzmannGenerator(nn.Module):
         if self.conditional is None:
             y, log_q_y = x_flow[:, :0], x_flow.new_zeros(x.shape[0])
         else:
-            y = self.conditional.sample(x_flow, generator)
+            y = self.conditional.sample(x_flow, rng)
             log_q_y = self.conditional.log_prob(y, x_flow)
         z, log_p = self.flow_inverse(x_flow, y)
         return Draw(z, x_flow, y, x, log_p, log_q_y, -minus_ladj, u)
 
     @torch.no_grad()
     def sample(
-        self, n: int, batch_size: int = 65536, generator: torch.Generator | None = None
+        self, n: int, batch_size: int = 65536, rng: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         """Draw n independent samples.
 
@@ -244,25 +242,25 @@ class BoltzmannGenerator(nn.Module):
             x: Samples in the target's coordinates, shape (n, energy.dim).
             log_w: Importance log-weights, shape (n,); see the class docstring.
         """
-        x, log_w, _ = self.sample_with_energies(n, batch_size, generator)
+        x, log_w, _ = self.sample_with_energies(n, batch_size, rng)
         return x, log_w
 
     @torch.no_grad()
     def sample_with_energies(
-        self, n: int, batch_size: int = 65536, generator: torch.Generator | None = None
+        self, n: int, batch_size: int = 65536, rng: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Like :meth:`sample`, also returning the exact reduced energies u (n,)."""
         if n < 1:
             raise ValueError(f"the number of samples must be positive, got {n}")
         xs, log_ws, us = [], [], []
         for start in range(0, n, batch_size):
-            d = self.draw(min(batch_size, n - start), generator, float64=True)
+            d = self.draw(min(batch_size, n - start), rng, float64=True)
             xs.append(d.x)
             log_ws.append(d.log_weights())
             us.append(d.u)
         return torch.cat(xs), torch.cat(log_ws), torch.cat(us)
 
-    def log_prob(self, x: Tensor, n_y: int = 1, generator: torch.Generator | None = None) -> Tensor:
+    def log_prob(self, x: Tensor, n_y: int = 1, rng: torch.Generator | None = None) -> Tensor:
         r"""log P(x) of data points in the target's coordinates, shape (B,).
 
         For D = d this is exact. For D > d it is the importance estimate
@@ -277,7 +275,7 @@ class BoltzmannGenerator(nn.Module):
             return self.flow_log_prob(x_flow, x_flow[:, :0]) + ladj
         terms = []
         for _ in range(n_y):
-            y = self.conditional.sample(x_flow, generator)
+            y = self.conditional.sample(x_flow, rng)
             terms.append(self.flow_log_prob(x_flow, y) - self.conditional.log_prob(y, x_flow))
         stacked = torch.stack(terms)
         return torch.logsumexp(stacked, 0) - math.log(n_y) + ladj

@@ -103,7 +103,7 @@ def evaluate(model: BoltzmannGenerator, n: int, seed: int = 12345) -> dict:
         :math:`E[-\log w]` in nats, inf when a sample has zero weight.
     """
     rng = torch.Generator(device=model.device).manual_seed(seed)
-    _, log_w = model.sample(n, generator=rng)
+    _, log_w = model.sample(n, rng=rng)
     log_w = log_w.double().cpu().numpy()
     neg = -log_w
     finite = bool(np.isfinite(neg).all())
@@ -248,7 +248,7 @@ def _run_plots(out: Path, target: Target, model: BoltzmannGenerator, n: int) -> 
     if target.energy.dim != 1 and not target.is_molecule:
         return
     rng = torch.Generator(device=model.device).manual_seed(1)
-    x, log_w = model.sample(n if target.is_molecule else 100_000, generator=rng)
+    x, log_w = model.sample(n if target.is_molecule else 100_000, rng=rng)
     x, log_w = x.double().cpu().numpy(), log_w.double().cpu().numpy()
     if not target.is_molecule:
         plot_note_figure(

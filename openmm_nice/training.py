@@ -66,7 +66,7 @@ def reweighted_forward_kl(
 
 def nll(generator: BoltzmannGenerator, x_data: Tensor, rng=None) -> Tensor:
     """Mean negative log-likelihood (its bound for D > d) of data frames in target coordinates."""
-    return -generator.log_prob(x_data, generator=rng).mean()
+    return -generator.log_prob(x_data, rng=rng).mean()
 
 
 class _StepLoss(nn.Module):
@@ -102,7 +102,7 @@ class _StepLoss(nn.Module):
             loss = loss + weight["buffer"] * ml
         if t.walkers > 0 and weight["walker"] > 0:
             walkers, state["walker_exchange"], state["walker_acceptance"] = t.move_walkers(d, beta)
-            log_p = self.generator.log_prob(walkers.x.to(d.x.dtype), generator=t.rng)
+            log_p = self.generator.log_prob(walkers.x.to(d.x.dtype), rng=t.rng)
             ml = -(walkers.normalized_weights().to(log_p.dtype) * log_p).sum()
             state["walker_nll"] = float(ml.detach())
             loss = loss + weight["walker"] * ml

@@ -12,8 +12,8 @@ walkers to its loss (a forward-KL term, mass-covering). Each training step moves
    walkers between wells however high the barrier, and rebalances their populations towards
    :math:`\mu_\beta` as beta changes;
 2. ``steps`` Metropolis-adjusted Langevin (MALA) steps on :math:`\beta U` with exact forces,
-   the step size adapted towards an acceptance of 0.57; this relaxes the walkers within their
-   wells, where the model is still wrong.
+   the one kernel of :mod:`openmm_nice.mala` with its step-size adaptation; this relaxes the
+   walkers within their wells, where the model is still wrong.
 
 This is the scheme of adaptive Monte Carlo with normalising flows (a flow trained by maximum
 likelihood on chains that it helps to mix), used here as a training signal only: estimates
@@ -30,21 +30,9 @@ import torch
 from torch import Tensor
 
 from openmm_nice.generator import BoltzmannGenerator
+from openmm_nice.mala import adapt_step_size, mala_proposal_log_ratio, mala_step
 
-__all__ = ["Walkers", "mala_proposal_log_ratio"]
-
-TARGET_ACCEPTANCE = 0.57  # optimal for MALA in high dimension (Roberts and Rosenthal, 1998)
-
-
-def mala_proposal_log_ratio(
-    x: Tensor, x_new: Tensor, drift: Tensor, drift_new: Tensor, step: float
-) -> Tensor:
-    r""":math:`\log q(x | x') - \log q(x' | x)` of the MALA proposal
-    :math:`q(x'|x) = \mathcal N(x + \epsilon \nabla\log\pi(x), 2\epsilon I)`, with ``drift`` the
-    gradient of log pi at x and ``drift_new`` at x' (rows are chains)."""
-    forward = ((x_new - x - step * drift) ** 2).sum(-1)
-    backward = ((x - x_new - step * drift_new) ** 2).sum(-1)
-    return (forward - backward) / (4 * step)
+__all__ = ["Walkers", "mala_proposal_log_ratio"]  # the kernel's ratio, re-exported
 
 
 class Walkers:
@@ -154,7 +142,7 @@ class Walkers:
         if len(x_new) < k:
             raise ValueError(f"need at least {k} proposals for {k} walkers, got {len(x_new)}")
         x_new, u_new, log_w_new = x_new[:k].detach(), u_new[:k].detach(), log_w_new[:k].detach()
-        log_p = generator.log_prob(self.x.to(generator.dtype), generator=rng).to(self.u.dtype)
+        log_p = generator.log_prob(self.x.to(generator.dtype), rng=rng).to(self.u.dtype)
         log_w_old = -beta * self.u - log_p
         # a walker with an undefined weight (a clash it started in) takes any finite proposal
         log_w_old = torch.where(torch.isnan(log_w_old), -math.inf, log_w_old)
@@ -168,32 +156,26 @@ class Walkers:
     def langevin(
         self, energy, beta: float, steps: int, rng: torch.Generator | None = None
     ) -> float:
-        """``steps`` MALA steps on beta * U; the step size adapts towards an acceptance of
-        0.57. Returns the mean acceptance."""
+        """``steps`` MALA steps on beta * U (:func:`~openmm_nice.mala.mala_step`), the step size
+        adapted after each (:func:`~openmm_nice.mala.adapt_step_size`). Returns the mean
+        acceptance."""
         if steps <= 0:
             return float("nan")
+
+        def evaluate(x: Tensor):
+            u, grad = self._energy_and_gradient(energy, x)
+            return -beta * u, -beta * grad, (u,)
+
         x, u = self.x, self.u
-        grad = self._energy_and_gradient(energy, x)[1]
+        grad = -beta * self._energy_and_gradient(energy, x)[1]
         accepted = 0.0
         for _ in range(steps):
-            eps = self.step_size
-            noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=rng)
-            x_new = x - eps * beta * grad + math.sqrt(2 * eps) * noise
-            u_new, grad_new = self._energy_and_gradient(energy, x_new)
-            with torch.no_grad():
-                log_a = -beta * (u_new - u) + mala_proposal_log_ratio(
-                    x, x_new, -beta * grad, -beta * grad_new, eps
-                )
-                uniform = torch.rand(len(x), dtype=x.dtype, device=x.device, generator=rng)
-                accept = (torch.log(uniform) < log_a) & torch.isfinite(u_new)
-                accept &= torch.isfinite(grad_new).all(-1)
-                x = torch.where(accept[:, None], x_new, x)
-                u = torch.where(accept, u_new, u)
-                grad = torch.where(accept[:, None], grad_new, grad)
-                rate = float(accept.double().mean())
-                accepted += rate
-                # Robbins-Monro on log(step size), towards the target acceptance
-                self.step_size *= math.exp(0.5 * (rate - TARGET_ACCEPTANCE))
+            x, _, grad, (u,), accept = mala_step(
+                x, -beta * u, grad, evaluate, self.step_size, rng, carried=(u,)
+            )
+            rate = float(accept.double().mean())
+            accepted += rate
+            self.step_size = adapt_step_size(self.step_size, rate)
         self.x, self.u = x.detach(), u.detach()
         return accepted / steps
 

@@ -37,8 +37,8 @@ def _poor_model(energy, latent_dim, seed=0):
 
 def test_zero_levels_are_the_models_own_weights():
     bg = _poor_model(DoubleWell1D(), 2)
-    r = annealed_importance_sampling(bg, 500, 0, generator_rng=torch.Generator().manual_seed(3))
-    x, log_w, u = bg.sample_with_energies(500, generator=torch.Generator().manual_seed(3))
+    r = annealed_importance_sampling(bg, 500, 0, rng=torch.Generator().manual_seed(3))
+    x, log_w, u = bg.sample_with_energies(500, rng=torch.Generator().manual_seed(3))
     torch.testing.assert_close(r.x, x)
     torch.testing.assert_close(r.log_w, log_w)
     torch.testing.assert_close(r.u, u)
@@ -62,8 +62,8 @@ def test_an_exact_model_gives_constant_weights_equal_to_log_z():
 def test_weights_are_unbiased_and_more_even_than_the_models(energy, latent_dim):
     bg = _poor_model(energy, latent_dim)
     n = 20_000
-    _, model_log_w = bg.sample(n, generator=torch.Generator().manual_seed(5))
-    r = annealed_importance_sampling(bg, n, 20, generator_rng=torch.Generator().manual_seed(6))
+    _, model_log_w = bg.sample(n, rng=torch.Generator().manual_seed(5))
+    r = annealed_importance_sampling(bg, n, 20, rng=torch.Generator().manual_seed(6))
     log_w = r.log_w.numpy()
     assert effective_sample_size(log_w) > 1.5 * effective_sample_size(model_log_w.numpy())
     log_z = log_partition_function(log_w)

@@ -33,7 +33,7 @@ def test_draw_density_agrees_with_the_closed_form_inverse(latent_dim):
 def test_draw_at_a_drawn_point_recovers_its_latent_and_weight(latent_dim):
     bg = _random_generator(DoubleWell1D(), latent_dim)
     d = bg.draw(64)
-    at = bg.draw_at(d.x, d.u, generator=torch.Generator().manual_seed(1))
+    at = bg.draw_at(d.x, d.u, rng=torch.Generator().manual_seed(1))
     torch.testing.assert_close(at.x_flow, d.x_flow, rtol=0, atol=0)
     again = bg.draw_from(at.z)  # z is the inverse of (x, the fresh y)
     torch.testing.assert_close(again.x, d.x, rtol=0, atol=1e-10)
@@ -79,7 +79,7 @@ def test_marginal_log_prob_for_redundant_latents_matches_quadrature_over_y():
         exact.append(torch.logsumexp(lp, 0) + math.log(grid[1] - grid[0]))
     exact = torch.stack(exact)
     with torch.no_grad():
-        estimate = bg.log_prob(x, n_y=20000, generator=torch.Generator().manual_seed(0))
+        estimate = bg.log_prob(x, n_y=20000, rng=torch.Generator().manual_seed(0))
     torch.testing.assert_close(estimate, exact, atol=0.02, rtol=0)
 
 
@@ -94,7 +94,7 @@ def test_log_prob_is_exact_without_redundant_latents():
 )
 def test_importance_weights_are_unbiased_even_for_a_poor_model(energy, latent_dim):
     bg = _random_generator(energy, latent_dim, scale=2.0)
-    x, log_w = bg.sample(200_000, generator=torch.Generator().manual_seed(1))
+    x, log_w = bg.sample(200_000, rng=torch.Generator().manual_seed(1))
     log_w = log_w.numpy()
     est = log_partition_function(log_w)
     err = bootstrap_error(log_partition_function, log_w, n_bootstrap=50)
@@ -119,8 +119,8 @@ def test_latent_dim_below_the_target_dimension_is_refused():
 
 def test_sample_shapes_and_chunking_are_consistent():
     bg = _random_generator(DoubleWell1D(), 2)
-    x1, w1 = bg.sample(1000, batch_size=1000, generator=torch.Generator().manual_seed(3))
-    x2, w2 = bg.sample(1000, batch_size=128, generator=torch.Generator().manual_seed(3))
+    x1, w1 = bg.sample(1000, batch_size=1000, rng=torch.Generator().manual_seed(3))
+    x2, w2 = bg.sample(1000, batch_size=128, rng=torch.Generator().manual_seed(3))
     assert x1.shape == (1000, 1) and w1.shape == (1000,)
     assert np.isfinite(w1.numpy()).all()
     torch.testing.assert_close(x1, x2)

@@ -14,6 +14,7 @@ from pymbar.timeseries import statistical_inefficiency_multiple
 
 from openmm_nice import BoltzmannGenerator, BoltzmannGeneratorMove, DoubleWell1D, OpenMMEnergy
 from openmm_nice.coordinates import InternalCoordinates, build_zmatrix
+from openmm_nice.mala import mala_proposal_log_ratio
 from openmm_nice.moves import (
     SeededLangevinDynamicsMove,
     cache,
@@ -24,7 +25,6 @@ from openmm_nice.moves import (
 )
 from openmm_nice.runs import load_run
 from openmm_nice.training import Trainer
-from openmm_nice.walkers import mala_proposal_log_ratio
 
 EXACT_LEFT = 0.93273  # P(x < 0) of the note's double well, DoubleWell1D().probability_below(0, 0)
 
@@ -141,7 +141,7 @@ def test_chains_of_a_poor_model_reproduce_the_exact_population(
     exact = probability_below_zero(beta)
     error = check_population((trace[50:] < 0).astype(float), exact)
     # the test has power: the model's own draws miss the answer by many such errors
-    x, _ = bg.sample(20000, generator=torch.Generator().manual_seed(2))
+    x, _ = bg.sample(20000, rng=torch.Generator().manual_seed(2))
     assert abs(float((x < 0).double().mean()) - exact) > 5 * error
     assert error < 0.012
 

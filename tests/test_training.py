@@ -115,7 +115,7 @@ def test_buffer_term_trains_the_model_from_its_own_weighted_samples():
     )
 
     def ess() -> float:
-        _, log_w = t.generator.sample(20000, generator=torch.Generator().manual_seed(3))
+        _, log_w = t.generator.sample(20000, rng=torch.Generator().manual_seed(3))
         return effective_sample_size(log_w) / 20000
 
     before = ess()
