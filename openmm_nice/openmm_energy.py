@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from openmm_nice.energies import Energy
+from openmm_nice.errors import UserInputError
 from openmm_nice.replicas import copy_parameters, replicate_system
 from openmm_nice.torch_energy import TorchEvaluator, TorchSystemEnergy
 
@@ -148,7 +149,7 @@ def _kelvin(temperature: unit.Quantity | float) -> float:
         )
     value = float(value)
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"temperature must be positive and finite, got {value} K")
+        raise UserInputError(f"temperature must be positive and finite, got {value} K")
     return value
 
 
@@ -158,17 +159,17 @@ def _checked_system(system: openmm.System, remove_constraints: bool) -> openmm.S
         raise TypeError(f"system must be an openmm.System, got {type(system).__name__}")
     n = system.getNumParticles()
     if n == 0:
-        raise ValueError("the System has no particles")
+        raise UserInputError("the System has no particles")
     virtual = [i for i in range(n) if system.isVirtualSite(i)]
     if virtual:
-        raise ValueError(
+        raise UserInputError(
             f"the System has {len(virtual)} virtual sites (particles {virtual[:5]}"
             f"{'...' if len(virtual) > 5 else ''}); "
             "OpenMMEnergy needs every particle to be a free Cartesian coordinate: build the "
             "System without virtual sites (e.g. a force field without extra particles)"
         )
     if system.usesPeriodicBoundaryConditions():
-        raise ValueError(
+        raise UserInputError(
             "the System uses periodic boundary conditions, which OpenMMEnergy does not support; "
             "build it with a nonperiodic method (e.g. nonbondedMethod=NoCutoff or "
             "CutoffNonPeriodic, or an implicit solvent)"
@@ -176,7 +177,7 @@ def _checked_system(system: openmm.System, remove_constraints: bool) -> openmm.S
     system = openmm.XmlSerializer.clone(system)
     n_constraints = system.getNumConstraints()
     if n_constraints and not remove_constraints:
-        raise ValueError(
+        raise UserInputError(
             f"the System has {n_constraints} constraints, which a density on Cartesian coordinates "
             "cannot honour; build it with constraints=None (and rigidWater=False), or pass "
             "remove_constraints=True to drop them"
@@ -206,7 +207,7 @@ def _platform_properties(
     available = _available_platforms()
     by_lower = {p.lower(): p for p in available}
     if not isinstance(name, str) or name.lower() not in by_lower:
-        raise ValueError(
+        raise UserInputError(
             f"OpenMM platform {name!r} is not available; available platforms: "
             f"{', '.join(available)} (openmm.Platform.getPluginLoadFailures() says why others "
             "did not load)"
@@ -221,7 +222,7 @@ def _platform_properties(
     valid = list(platform.getPropertyNames())
     unknown = sorted(set(resolved) - set(valid))
     if unknown:
-        raise ValueError(
+        raise UserInputError(
             f"unknown properties {unknown} for OpenMM platform {name}; valid ones: {valid}"
         )
     if name in _GPU_PLATFORMS and "Precision" in valid:
@@ -245,7 +246,7 @@ def _create_context(system_xml: str, platform: str, properties: dict[str, str]) 
             system, integrator, openmm.Platform.getPlatformByName(platform), properties
         )
     except openmm.OpenMMException as error:
-        raise ValueError(
+        raise UserInputError(
             f"could not create an OpenMM Context on platform {platform} with properties "
             f"{properties}: {error}"
         ) from error
@@ -784,17 +785,19 @@ class OpenMMEnergy(Energy):
         if isinstance(n_workers, bool) or not isinstance(n_workers, int):
             raise TypeError(f"n_workers must be an int, got {n_workers!r}")
         if n_workers < 1:
-            raise ValueError(f"n_workers must be at least 1, got {n_workers}")
+            raise UserInputError(f"n_workers must be at least 1, got {n_workers}")
         if batching not in _BATCHINGS:
-            raise ValueError(f"batching must be one of {_BATCHINGS}, got {batching!r}")
+            raise UserInputError(f"batching must be one of {_BATCHINGS}, got {batching!r}")
         if isinstance(copies, bool) or not isinstance(copies, int):
             raise TypeError(f"copies must be an int, got {copies!r}")
         if copies < 1:
-            raise ValueError(f"copies must be at least 1, got {copies}")
+            raise UserInputError(f"copies must be at least 1, got {copies}")
         if compile_after is not None and not (
             isinstance(compile_after, (int, float)) and compile_after >= 0
         ):
-            raise ValueError(f"compile_after must be >= 0 seconds or None, got {compile_after!r}")
+            raise UserInputError(
+                f"compile_after must be >= 0 seconds or None, got {compile_after!r}"
+            )
         kelvin = _kelvin(temperature)
         platform, properties = _platform_properties(platform, platform_properties, n_workers)
         evaluated = system

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import openmm
 from openmm import unit
 
+from openmm_nice.errors import UserInputError
+
 __all__ = ["copy_parameters", "replicate_system"]
 
 # 1/(4 pi eps0) in kJ nm / mol / e^2 as OpenMM 8.6's NonbondedForce uses it (2018 CODATA
@@ -184,14 +186,14 @@ def _nonbonded_terms(force: openmm.NonbondedForce, index: int) -> _Terms:
     Pairs with zero charge product and zero epsilon are left out: for r > 0 they add nothing.
     """
     if force.getNonbondedMethod() != openmm.NonbondedForce.NoCutoff:
-        raise ValueError(
+        raise UserInputError(
             f"force {index} (NonbondedForce) uses nonbonded method "
             f"{force.getNonbondedMethod()}, not NoCutoff (0); replicate_system copies only "
             "NoCutoff nonbonded interactions (a cutoff would need reaction-field terms): build the "
             "System with nonbondedMethod=NoCutoff, or evaluate it with batching='loop'"
         )
     if force.getNumParticleParameterOffsets() or force.getNumExceptionParameterOffsets():
-        raise ValueError(
+        raise UserInputError(
             f"force {index} (NonbondedForce) has parameter offsets, which replicate_system does "
             "not copy; evaluate this System with batching='loop'"
         )
@@ -297,15 +299,15 @@ def replicate_system(system: openmm.System, copies: int) -> openmm.System:
     if isinstance(copies, bool) or not isinstance(copies, int):
         raise TypeError(f"copies must be an int, got {copies!r}")
     if copies < 1:
-        raise ValueError(f"copies must be at least 1, got {copies}")
+        raise UserInputError(f"copies must be at least 1, got {copies}")
     if system.getNumConstraints() or system.usesPeriodicBoundaryConditions():
-        raise ValueError(
+        raise UserInputError(
             "replicate_system needs a System with no constraints and no periodic box "
             "(OpenMMEnergy refuses or removes those first)"
         )
     n = system.getNumParticles()
     if any(system.isVirtualSite(i) for i in range(n)):
-        raise ValueError("replicate_system needs a System without virtual sites")
+        raise UserInputError("replicate_system needs a System without virtual sites")
     converted = []
     for index, force in enumerate(system.getForces()):
         kind = type(force)
@@ -316,7 +318,7 @@ def replicate_system(system: openmm.System, copies: int) -> openmm.System:
         elif kind in _CONVERT:
             converted.append(_CONVERT[kind](force))
         else:
-            raise ValueError(
+            raise UserInputError(
                 f"force {index} ({kind.__name__}) cannot be replicated: the batched 'copies' path "
                 "supports HarmonicBond/Angle, PeriodicTorsion, RBTorsion, NonbondedForce "
                 "(NoCutoff) and Custom{Bond,Angle,Torsion,External}Force; evaluate this System "
@@ -327,7 +329,7 @@ def replicate_system(system: openmm.System, copies: int) -> openmm.System:
     taken |= {name for terms in converted for name in terms.per_term}
     clash = sorted(name for name in taken if name.startswith(_PREFIX))
     if clash:
-        raise ValueError(
+        raise UserInputError(
             f"the System already uses parameters {clash}, whose prefix {_PREFIX!r} "
             "replicate_system reserves; rename them or evaluate with batching='loop'"
         )

@@ -11,6 +11,8 @@ import openmm
 import openmm.app as app
 import openmm.unit as unit
 
+from openmm_nice.errors import UserInputError
+
 __all__ = [
     "BUILT_IN_SYSTEMS",
     "MolecularSystem",
@@ -52,7 +54,7 @@ class MolecularSystem:
             "positions": len(self.positions),
         }
         if len(set(counts.values())) != 1:
-            raise ValueError(
+            raise UserInputError(
                 f"{self.name}: the atom counts disagree ({counts}); the System, Topology and "
                 "positions must describe the same atoms in the same order"
             )
@@ -135,7 +137,7 @@ def from_pdb(
     try:
         forcefield_all = app.ForceField(*names)
     except ValueError as error:
-        raise ValueError(
+        raise UserInputError(
             f"cannot load force field {list(names)}: {error}; use files bundled with OpenMM "
             "such as 'amber14-all.xml' or 'amber99sbildn.xml', or paths to XML files"
         ) from None
@@ -144,7 +146,7 @@ def from_pdb(
             pdb.topology, nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False
         )
     except ValueError as error:
-        raise ValueError(
+        raise UserInputError(
             f"force field {list(names)} cannot parameterise {str(pdb_path)!r}: {error}; add the "
             "force-field files that define these residues, or add missing hydrogens first "
             "(e.g. with openmm.app.Modeller.addHydrogens)"
@@ -170,18 +172,18 @@ def from_xml(
     try:
         system = openmm.XmlSerializer.deserialize(xml_path.read_text())
     except Exception as error:
-        raise ValueError(
+        raise UserInputError(
             f"could not read an OpenMM System from {str(xml_path)!r} ({error}); write it with "
             "openmm.XmlSerializer.serialize(system)"
         ) from error
     if not isinstance(system, openmm.System):
-        raise ValueError(
+        raise UserInputError(
             f"{str(xml_path)!r} holds a serialized {type(system).__name__}, not a System; "
             "write it with openmm.XmlSerializer.serialize(system)"
         )
     pdb = app.PDBFile(str(pdb_path))
     if system.getNumParticles() != pdb.topology.getNumAtoms():
-        raise ValueError(
+        raise UserInputError(
             f"the System in {str(xml_path)!r} has {system.getNumParticles()} particles but "
             f"{str(pdb_path)!r} has {pdb.topology.getNumAtoms()} atoms; use the PDB the System "
             "was built from"
@@ -212,7 +214,7 @@ def load_molecular_system(spec: str | dict, base_dir: PathLike | None = None) ->
     """
     if isinstance(spec, str):
         if spec not in BUILT_IN_SYSTEMS:
-            raise ValueError(
+            raise UserInputError(
                 f"unknown molecular system {spec!r}; built-in systems are {sorted(BUILT_IN_SYSTEMS)}, "
                 "or give {'pdb': path, 'forcefield': [names]} or {'xml': path, 'pdb': path}"
             )
@@ -222,7 +224,7 @@ def load_molecular_system(spec: str | dict, base_dir: PathLike | None = None) ->
     name = spec.get("name")
     keys = set(spec) - {"name"}
     if keys not in _SPEC_KEYS:
-        raise ValueError(
+        raise UserInputError(
             f"a molecular system dict has keys {sorted(spec)}; valid key sets are "
             "{'pdb', 'forcefield' (optional), 'name' (optional)} or "
             "{'xml', 'pdb', 'name' (optional)}"

@@ -10,6 +10,7 @@ import torch
 
 from openmm_nice.config import Config
 from openmm_nice.energies import DoubleWell1D, DoubleWell2D, Energy, ManyWell, MuellerBrown
+from openmm_nice.errors import UserInputError
 from openmm_nice.generator import BoltzmannGenerator
 from openmm_nice.io import read_frames
 from openmm_nice.training import Trainer
@@ -75,7 +76,7 @@ def _toy(spec: Any) -> Target | None:
     try:
         energy = TOY_SYSTEMS[name](**options)
     except TypeError as error:
-        raise ValueError(f"bad options {options} for system {name!r}: {error}") from None
+        raise UserInputError(f"bad options {options} for system {name!r}: {error}") from None
     return Target(name, energy)
 
 
@@ -89,7 +90,7 @@ def build_target(config: Config) -> Target:
     try:
         molecule = load_molecular_system(config.system)
     except ValueError as error:
-        raise ValueError(f"{error}; toy systems are: {', '.join(TOY_SYSTEMS)}") from None
+        raise UserInputError(f"{error}; toy systems are: {', '.join(TOY_SYSTEMS)}") from None
     return Target(molecule.name, openmm_energy_for(config, molecule.system), molecule)
 
 
@@ -112,12 +113,12 @@ def load_frames(path: str | Path | list[str | Path], target: Target) -> torch.Te
     a list of files gives their frames pooled, in order."""
     if isinstance(path, (list, tuple)):
         if not path:
-            raise ValueError("training data: the list of files is empty")
+            raise UserInputError("training data: the list of files is empty")
         return torch.cat([load_frames(item, target) for item in path])
     topology = target.mdtraj_topology() if target.is_molecule else None
     x = read_frames(path, topology, what=f"training data of {target.name!r}")
     if x.ndim != 2 or x.shape[1] != target.energy.dim:
-        raise ValueError(
+        raise UserInputError(
             f"frames in {path} have shape {x.shape}, expected (F, {target.energy.dim})"
         )
     return torch.as_tensor(x)

@@ -13,6 +13,7 @@ import openmm
 import torch
 from torch import Tensor, nn
 
+from openmm_nice.errors import UserInputError
 from openmm_nice.lepton import Expression, parse_expression
 
 __all__ = ["ONE_4PI_EPS0", "TorchEvaluator", "TorchSystemEnergy", "supported_forces"]
@@ -158,7 +159,7 @@ _METHODS = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic", "Ewald", "PME", "
 def _refuse_cutoff(force: openmm.Force, method: int) -> None:
     if method != 0:
         name = _METHODS[method] if method < len(_METHODS) else str(method)
-        raise ValueError(
+        raise UserInputError(
             f"the System's {type(force).__name__} uses the nonbonded method {name}; the torch "
             "energy supports NoCutoff only: build the System with nonbondedMethod=NoCutoff, or "
             "use batching='loop'"
@@ -176,7 +177,7 @@ class _Nonbonded(_Term):
         super().__init__()
         _refuse_cutoff(force, force.getNonbondedMethod())
         if force.getNumParticleParameterOffsets() or force.getNumExceptionParameterOffsets():
-            raise ValueError(
+            raise UserInputError(
                 "the System's NonbondedForce has parameter offsets, which the torch energy does "
                 "not support; use batching='loop'"
             )
@@ -361,7 +362,7 @@ class _CustomGB(_Term):
             known = {f"{name}{k}" for name in names for k in (1, 2)} | {"r"}
         unknown = sorted(expression.variables - known - set(self.globals))
         if unknown:
-            raise ValueError(
+            raise UserInputError(
                 f"the CustomGBForce's {what} {expression.text!r} uses {unknown}, which are "
                 "not its parameters, earlier computed values or coordinates"
             )
@@ -446,7 +447,7 @@ def _tabulated(function: openmm.TabulatedFunction, name: str) -> tuple[int, Call
     elif kind in ("Discrete2DFunction", "Discrete3DFunction"):
         shape, table = tuple(parameters[:-1]), parameters[-1]
     else:
-        raise ValueError(
+        raise UserInputError(
             f"the CustomGBForce's tabulated function {name!r} is a {kind}; the torch energy "
             "supports Discrete1DFunction, Discrete2DFunction and Discrete3DFunction only: "
             "use batching='loop'"
@@ -458,7 +459,7 @@ def _tabulated(function: openmm.TabulatedFunction, name: str) -> tuple[int, Call
         for arg, size in zip(args, shape):
             k = torch.floor(arg + 0.5).long()
             if bool(((k < 0) | (k >= size)).any()):
-                raise ValueError(
+                raise UserInputError(
                     f"tabulated function {name!r} called with an argument outside [0, {size - 1}]"
                 )
             index, stride = index + k * stride, stride * size
@@ -519,12 +520,12 @@ class TorchSystemEnergy(nn.Module):
             raise TypeError(f"system must be an openmm.System, got {type(system).__name__}")
         n = system.getNumParticles()
         if any(system.isVirtualSite(i) for i in range(n)):
-            raise ValueError(
+            raise UserInputError(
                 "the System has virtual sites, which the torch energy does not place; build "
                 "it without them, or use batching='loop'"
             )
         if system.usesPeriodicBoundaryConditions():
-            raise ValueError(
+            raise UserInputError(
                 "the System uses periodic boundary conditions; the torch energy supports "
                 "nonperiodic Systems only (nonbondedMethod=NoCutoff)"
             )
@@ -536,7 +537,7 @@ class TorchSystemEnergy(nn.Module):
                 continue
             build = _TERMS.get(type(force))
             if build is None:
-                raise ValueError(
+                raise UserInputError(
                     f"the System has a {type(force).__name__}, which the torch energy cannot "
                     f"evaluate (it knows {', '.join(supported_forces())}); use batching='loop' "
                     "(OpenMM evaluates it) or remove the force"
@@ -624,9 +625,11 @@ class TorchEvaluator:
     ):
         self.energy = system if isinstance(system, TorchSystemEnergy) else TorchSystemEnergy(system)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive int, got {threads!r}")
+            raise UserInputError(f"threads must be a positive int, got {threads!r}")
         if compile_after is not None and not compile_after >= 0:
-            raise ValueError(f"compile_after must be >= 0 seconds or None, got {compile_after!r}")
+            raise UserInputError(
+                f"compile_after must be >= 0 seconds or None, got {compile_after!r}"
+            )
         self.threads = threads
         self.compile_after = compile_after
         self.compiled = False  # whether evaluations now run compiled
