@@ -78,7 +78,10 @@ class _StepLoss(nn.Module):
         self._trainer = [trainer]  # a list, so that the trainer is not registered as a submodule
 
     def forward(
-        self, beta: float, data: Tensor | None, refit_buffer: SampleBuffer | None = None
+        self,
+        beta: float,
+        data: Tensor | None,
+        refit_buffer: SampleBuffer | _PooledSamples | None = None,
     ) -> tuple[Tensor, dict, Tensor | None]:
         t = self._trainer[0]
         if refit_buffer is not None:  # the maximum-likelihood steps that follow a map refit
@@ -177,6 +180,28 @@ class TrainingSchedule:
 
 
 _DEFAULTS = TrainingConfig()  # one set of defaults: the config's, the ones that work
+
+
+class _PooledSamples:
+    """Weighted samples of one distribution from several estimators, resampled by weight."""
+
+    def __init__(self, x: Tensor, weights: Tensor):
+        self.x, self.weights = x, weights / weights.sum()
+
+    def join(self, x: Tensor, weights: Tensor) -> _PooledSamples:
+        """Both sets, each with a share of the mass proportional to its effective sample
+        size (Kish), so that the set that knows more counts more."""
+        weights = (weights / weights.sum()).to(self.weights)
+        ess = [1.0 / (w**2).sum() for w in (self.weights, weights)]
+        share = ess[1] / (ess[0] + ess[1])
+        return _PooledSamples(
+            torch.cat([self.x, x.to(self.x)]),
+            torch.cat([(1 - share) * self.weights, share * weights]),
+        )
+
+    def sample(self, n: int, beta: float, rng: torch.Generator | None = None) -> Tensor:
+        """n samples resampled by weight (the weights are already those at ``beta``)."""
+        return self.x[torch.multinomial(self.weights, n, True, generator=rng)]
 
 
 class Trainer:
@@ -449,16 +474,19 @@ class Trainer:
         return x.to(self.generator.dtype)
 
     def refit_map(self, beta: float) -> None:
-        """Refit the coordinate map to the model's own samples weighted for ``beta``, then
-        realign the model to it.
+        """Refit the coordinate map to the model's own samples weighted for ``beta`` and to
+        the walkers, then realign the model to it.
 
         Draws ``refit_samples`` samples, fits a new map to them and the buffer's samples
         (whose weights stay exact under any later model) weighted at ``beta`` with
         ``fit_map(x, weights)`` (e.g. torsion densities and cuts where the weighted samples
         are thinnest), and takes ``refit_steps`` maximum-likelihood steps on those samples
         resampled by their weights, so that the flow, which learned the old map's
-        coordinates, describes the same distribution in the new ones. The new samples then
-        join the buffer.
+        coordinates, describes the same distribution in the new ones. With walkers, they are
+        a second estimate of the same distribution, one that keeps the wells the model has
+        thinned out: the two weighted sets are pooled in proportion to their effective sample
+        sizes, so that the map keeps its resolution wherever the walkers are. The new model
+        samples then join the buffer.
         """
         samples = SampleBuffer(len(self.buffer) + self.refit_samples)
         if len(self.buffer):
@@ -471,7 +499,10 @@ class Trainer:
                 ais_steps=self.buffer_ais_steps,
                 beta=beta,
             )
-            fitted = self.fit_map(samples.x, samples.normalized_weights(beta))
+            pooled = _PooledSamples(samples.x, samples.normalized_weights(beta))
+            if self._walkers is not None:
+                pooled = pooled.join(self._walkers.x, self._walkers.normalized_weights())
+            fitted = self.fit_map(pooled.x, pooled.weights)
             state = {k: v.to(self.generator.device) for k, v in fitted.state_dict().items()}
             if dist.is_available() and dist.is_initialized():
                 for value in state.values():  # every rank takes rank 0's map
@@ -482,7 +513,7 @@ class Trainer:
             group["lr"] = lr
         for _ in range(self.refit_steps):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self._loss(beta, None, samples)[0]
+            loss = self._loss(beta, None, pooled)[0]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.grad_clip)
             self.optimizer.step()

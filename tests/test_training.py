@@ -177,6 +177,43 @@ def test_map_refit_loads_the_fitted_map_and_realigns_the_model():
         Trainer(bg, steps=4, map_refits=[2])
 
 
+def test_map_refit_pools_the_walkers_with_the_model_samples_by_effective_sample_size():
+    """The walkers hold a well the model has lost; the refitted map must see it."""
+    torch.manual_seed(0)
+    bg = BoltzmannGenerator(
+        DoubleWell1D(), latent_dim=1, layers=2, hidden=[8], coordinates=_Shift()
+    )
+    seen = {}
+
+    def fit_map(x, weights):
+        seen["x"], seen["weights"] = x.clone(), weights.clone()
+        return _Shift(0.0)
+
+    t = Trainer(
+        bg,
+        steps=3,
+        batch_size=64,
+        seed=1,
+        walkers=64,
+        map_refits=[2],
+        fit_map=fit_map,
+        refit_samples=500,
+        refit_steps=2,
+    )
+    t.run(2)
+    walkers = t._walkers
+    walkers.x = torch.full_like(walkers.x, 7.0)  # a well far from every model sample
+    t.run()
+    x, weights = seen["x"], seen["weights"]
+    assert len(x) == 500 + 64 and float(weights.sum()) == pytest.approx(1.0)
+    on_walkers = x[:, 0] == 7.0
+    assert on_walkers.sum() == 64
+    # the walkers' share is their ESS (64, equal weights) over the two ESS together
+    w_model = weights[~on_walkers] / weights[~on_walkers].sum()
+    ess_model = 1.0 / float((w_model**2).sum())
+    assert float(weights[on_walkers].sum()) == pytest.approx(64 / (64 + ess_model))
+
+
 def test_one_set_of_defaults_and_from_config():
     """Trainer's defaults are the config's, and from_config passes every training field."""
     from openmm_nice.config import TrainingConfig
