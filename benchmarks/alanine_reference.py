@@ -1,0 +1,340 @@
+"""The alanine-dipeptide reference: umbrella sampling on the backbone dihedrals, with MBAR.
+
+Alanine dipeptide in vacuum at 300 K (openmmtools' AlanineDipeptideVacuum without constraints,
+`openmm_nice.systems.alanine_dipeptide_vacuum`). Harmonic restraints with a periodic distance,
+0.5 k min(|theta - theta0|, 2 pi - |theta - theta0|)^2, hold phi (and psi, for a 2-D grid) near
+the centre of each window; Langevin MD (LangevinMiddleIntegrator, 1 fs, friction 1/ps) samples
+each window in turn, each starting from the end of the previous one after a short
+equilibration. MBAR (pymbar 4) over all windows gives each sample its weight in the unbiased
+ensemble, and from these weights:
+  * dF = F(phi > 0) - F(phi < 0) = -ln(P(phi > 0) / P(phi < 0)) in kT;
+  * the 36 x 36 Ramachandran probabilities, binned by `openmm_nice.free_energy.free_energy_map`
+    (phi on the first axis), as the benchmarks bin the flow's samples.
+--repeats independent runs (seeds seed, seed + 1, ...) are analysed each on its own, for the
+error (the standard error of their mean), and pooled, for the reference itself. With windows on
+phi alone psi moves freely in each window; the script counts psi's transitions between its
+basins in every window so that one can see that it did.
+
+It prints a table and one JSON line, and writes --out (npz: `histogram36`, `df_kT`,
+`df_error_kT`, and the run's settings and per-repeat results).
+
+Usage:
+    python benchmarks/alanine_reference.py [--grid 12x12] [--k 50] [--ps 35] [--repeats 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import openmm
+import openmm.app as app
+import openmm.unit as unit
+from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
+from scipy.special import logsumexp
+from tqdm.auto import tqdm
+
+from openmm_nice.free_energy import RAMACHANDRAN_BINS, free_energy_map
+from openmm_nice.io import atomic_write
+from openmm_nice.observables import ramachandran
+from openmm_nice.systems import alanine_dipeptide_vacuum, import_quietly
+
+DEFAULT_OUT = Path(__file__).parent / "reference" / "alanine_dipeptide_vacuum_300K.npz"
+TEMPERATURE = 300.0  # K
+KT = (unit.MOLAR_GAS_CONSTANT_R * TEMPERATURE * unit.kelvin).value_in_unit(unit.kilojoule_per_mole)
+RESTRAINT = "0.5*k*min(d, 2*pi - d)^2; d = abs(theta - theta0); pi = 3.141592653589793"
+# psi's basins, with a gap between them so that a transition means a committed crossing:
+# alpha_R / C7ax (psi about -1) against C7eq / C5 / alpha_L (psi from about 0.5 to pi).
+PSI_LOW, PSI_HIGH = (-2.3, -0.3), (0.3, -2.9)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--grid",
+        default="12x12",
+        help="windows: N on phi alone, or NxM on (phi, psi); centres at -pi + i 2 pi / N",
+    )
+    p.add_argument("--k", type=float, default=50.0, help="restraint constant, kJ/mol/rad^2")
+    p.add_argument("--ps", type=float, default=35.0, help="production ps per window")
+    p.add_argument("--equilibrate-ps", type=float, default=5.0, help="equilibration ps per window")
+    p.add_argument("--sample-ps", type=float, default=0.5, help="ps between kept frames")
+    p.add_argument("--repeats", type=int, default=4, help="independent runs")
+    p.add_argument("--seed", type=int, default=1, help="seed of the first run (must be > 0)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="npz to write")
+    p.add_argument(
+        "--samples", type=Path, help="also write every run's phi, psi and window here (npz)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        args.shape = tuple(int(n) for n in args.grid.lower().split("x"))
+    except ValueError:
+        p.error(f"--grid {args.grid!r}: use N or NxM")
+    if len(args.shape) not in (1, 2) or min(args.shape) < 2:
+        p.error(f"--grid {args.grid!r}: use N or NxM with N, M >= 2")
+    if args.seed < 1:
+        p.error("--seed must be positive (OpenMM takes 0 as 'pick a random seed')")
+    if args.sample_ps > args.ps or args.ps <= 0 or args.equilibrate_ps < 0:
+        p.error("need 0 < --sample-ps <= --ps and --equilibrate-ps >= 0")
+    return args
+
+
+def window_centres(shape: tuple[int, ...]) -> np.ndarray:
+    """(K, len(shape)) centres, in snake order so that consecutive windows are neighbours."""
+    axes = [-math.pi + 2.0 * math.pi * np.arange(n) / n for n in shape]
+    if len(shape) == 1:
+        return axes[0][:, None]
+    rows = [
+        [(phi, psi) for psi in (axes[1] if i % 2 == 0 else axes[1][::-1])]
+        for i, phi in enumerate(axes[0])
+    ]
+    return np.array([c for row in rows for c in row])
+
+
+def periodic_distance(theta: np.ndarray, theta0: np.ndarray) -> np.ndarray:
+    d = np.abs(theta - theta0)
+    return np.minimum(d, 2.0 * math.pi - d)
+
+
+def reduced_bias(angles: np.ndarray, centres: np.ndarray, k: float) -> np.ndarray:
+    """(K, N) reduced restraint energies of N samples (N, dims) in each of the K windows."""
+    d = periodic_distance(angles[None, :, :], centres[:, None, :])
+    return 0.5 * k * np.sum(d**2, axis=2) / KT
+
+
+def psi_transitions(psi: np.ndarray) -> int:
+    """Committed crossings of psi between its low and high basins along a trajectory."""
+    low = (psi > PSI_LOW[0]) & (psi < PSI_LOW[1])
+    high = (psi > PSI_HIGH[0]) | (psi < PSI_HIGH[1])
+    state, n = 0, 0
+    for lo, hi in zip(low, high):
+        new = -1 if lo else (1 if hi else state)
+        n += state != 0 and new != state
+        state = new
+    return int(n)
+
+
+def run_repeat(molecule, mdtop, centres, args, seed: int, bar) -> dict:
+    """Umbrella sampling of every window once: phi, psi and window of each kept frame."""
+    indices = [mdtraj_indices(mdtop, "phi"), mdtraj_indices(mdtop, "psi")]
+    system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(molecule.system))
+    restraint = openmm.CustomTorsionForce(RESTRAINT)
+    restraint.addPerTorsionParameter("k")
+    restraint.addPerTorsionParameter("theta0")
+    for axis in range(centres.shape[1]):
+        restraint.addTorsion(*indices[axis], [args.k, centres[0, axis]])
+    system.addForce(restraint)
+
+    integrator = openmm.LangevinMiddleIntegrator(
+        TEMPERATURE * unit.kelvin, 1.0 / unit.picosecond, 1.0 * unit.femtosecond
+    )
+    integrator.setRandomNumberSeed(seed)
+    platform = openmm.Platform.getPlatformByName("CPU")
+    simulation = app.Simulation(molecule.topology, system, integrator, platform, {"Threads": "1"})
+    simulation.context.setPositions(molecule.positions * unit.nanometer)
+    simulation.minimizeEnergy()
+    simulation.context.setVelocitiesToTemperature(TEMPERATURE * unit.kelvin, seed)
+
+    stride = int(round(args.sample_ps * 1000))
+    n_frames = int(round(args.ps / args.sample_ps))
+    n_equilibrate = int(round(args.equilibrate_ps * 1000))
+    phi, psi, window, transitions = [], [], [], []
+    start = time.perf_counter()
+    for w, centre in enumerate(centres):
+        for axis in range(centres.shape[1]):
+            restraint.setTorsionParameters(axis, *indices[axis], [args.k, centre[axis]])
+        restraint.updateParametersInContext(simulation.context)
+        # the first window starts from the minimised crystal structure: equilibrate it longer
+        simulation.step(n_equilibrate * (3 if w == 0 else 1))
+        frames = np.empty((n_frames, molecule.n_atoms * 3))
+        for i in range(n_frames):
+            simulation.step(stride)
+            state = simulation.context.getState(getPositions=True)
+            frames[i] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer).ravel()
+        a, b = ramachandran(frames, mdtop)
+        phi.append(a)
+        psi.append(b)
+        window.append(np.full(n_frames, w))
+        transitions.append(psi_transitions(b))
+        bar.update(1)
+    return {
+        "phi": np.concatenate(phi),
+        "psi": np.concatenate(psi),
+        "window": np.concatenate(window),
+        "psi_transitions": np.array(transitions),
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def mdtraj_indices(mdtop, name: str) -> list[int]:
+    """The four atoms of the first phi or psi, as mdtraj (and so `ramachandran`) finds them."""
+    import mdtraj
+
+    traj = mdtraj.Trajectory(np.zeros((1, mdtop.n_atoms, 3)), mdtop)
+    atoms, _ = getattr(mdtraj, f"compute_{name}")(traj)
+    return [int(i) for i in atoms[0]]
+
+
+def mbar_estimate(phi, psi, window, centres, k: float) -> dict:
+    """MBAR over the windows: unbiased log-weights, dF with MBAR's error, the 36 x 36 map."""
+    pymbar = import_quietly("pymbar")
+    angles = np.stack([phi, psi], axis=1)[:, : centres.shape[1]]
+    u_kn = reduced_bias(angles, centres, k)
+    n_k = np.bincount(window, minlength=len(centres))
+    mbar = pymbar.MBAR(u_kn, n_k)
+    # the unbiased state's reduced energy differs from every window's by the bias alone
+    log_w = -logsumexp(mbar.f_k[:, None] - u_kn, b=n_k[:, None], axis=0)
+    positive = (phi > 0).astype(np.float64)
+    with np.errstate(divide="ignore"):  # pymbar takes log of the indicator's zeros
+        p = mbar.compute_expectations(positive, u_kn=np.zeros((1, len(phi))))
+    p_mu, p_sigma = float(np.ravel(p["mu"])[0]), float(np.ravel(p["sigma"])[0])
+    w = np.exp(log_w - logsumexp(log_w))
+    p_pos = float(np.sum(w[phi > 0]))
+    histogram = free_energy_map(phi, psi, log_w, bins=RAMACHANDRAN_BINS).probability
+    return {
+        "df_kT": -math.log(p_pos / (1.0 - p_pos)),
+        "df_mbar_error_kT": p_sigma / (p_mu * (1.0 - p_mu)),
+        "p_phi_positive": p_pos,
+        "ess_fraction": float(1.0 / np.sum(w**2) / len(w)),
+        "histogram": histogram,
+    }
+
+
+def save(path: Path, record: dict, histogram: np.ndarray, extra: dict) -> None:
+    def write(handle) -> None:
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            histogram36=histogram.astype(np.float64),
+            df_kT=np.float64(record["df_kT"]),
+            df_error_kT=np.float64(record["df_error_kT"]),
+            record_json=np.array(json.dumps(record)),
+            **extra,
+        )
+        handle.write(buffer.getvalue())
+
+    atomic_write(path, write)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    import mdtraj
+
+    molecule = alanine_dipeptide_vacuum()
+    mdtop = mdtraj.Topology.from_openmm(molecule.topology)
+    centres = window_centres(args.shape)
+    seeds = [args.seed + r for r in range(args.repeats)]
+
+    start = time.perf_counter()
+    runs = []
+    with tqdm(
+        total=len(centres) * args.repeats, unit="window", disable=args.quiet, desc="umbrella"
+    ) as bar:
+        for seed in seeds:
+            runs.append(run_repeat(molecule, mdtop, centres, args, seed, bar))
+    md_wall = time.perf_counter() - start
+    if args.samples is not None:
+        raw = {f"{key}_{r}": run[key] for r, run in enumerate(runs) for key in ("phi", "psi")}
+        atomic_write(args.samples, lambda handle: np.savez(handle, centres=centres, **raw))
+
+    per_repeat = [mbar_estimate(r["phi"], r["psi"], r["window"], centres, args.k) for r in runs]
+    pooled_samples = {key: np.concatenate([r[key] for r in runs]) for key in ("phi", "psi")}
+    pooled = mbar_estimate(
+        pooled_samples["phi"],
+        pooled_samples["psi"],
+        np.concatenate([r["window"] for r in runs]),
+        centres,
+        args.k,
+    )
+    wall = time.perf_counter() - start
+    dfs = np.array([e["df_kT"] for e in per_repeat])
+    sem = float(np.std(dfs, ddof=1) / math.sqrt(len(dfs))) if len(dfs) > 1 else math.nan
+    transitions = np.stack([r["psi_transitions"] for r in runs])  # (repeats, windows)
+
+    total_ns = len(centres) * args.repeats * (args.ps + args.equilibrate_ps) / 1000.0
+    print(
+        f"umbrella sampling + MBAR, alanine dipeptide in vacuum, {TEMPERATURE:g} K: grid "
+        f"{args.grid} ({len(centres)} windows), k = {args.k:g} kJ/mol/rad^2, "
+        f"{args.ps:g} ps per window (+{args.equilibrate_ps:g} ps equilibration), frames every "
+        f"{args.sample_ps:g} ps; {total_ns:.2f} ns of MD in {md_wall:.0f} s"
+    )
+    print(
+        f"{'run':>8} {'seed':>5} {'frames':>8} {'dF (kT)':>9} {'MBAR err':>9} "
+        f"{'P(phi>0)':>10} {'ESS/N':>7} {'MD s':>7}"
+    )
+    for seed, run, e in zip(seeds, runs, per_repeat):
+        print(
+            f"{'repeat':>8} {seed:>5} {len(run['phi']):>8} {e['df_kT']:>9.3f} "
+            f"{e['df_mbar_error_kT']:>9.3f} {e['p_phi_positive']:>10.5f} "
+            f"{e['ess_fraction']:>7.3f} {run['wall_s']:>7.0f}"
+        )
+    print(
+        f"{'pooled':>8} {'':>5} {len(pooled_samples['phi']):>8} {pooled['df_kT']:>9.3f} "
+        f"{pooled['df_mbar_error_kT']:>9.3f} {pooled['p_phi_positive']:>10.5f} "
+        f"{pooled['ess_fraction']:>7.3f} {md_wall:>7.0f}"
+    )
+    print(
+        f"dF = {pooled['df_kT']:.3f} +- {sem:.3f} kT (standard error of the mean of "
+        f"{len(dfs)} repeats; repeats' mean {dfs.mean():.3f}, std {np.std(dfs, ddof=1) if len(dfs) > 1 else math.nan:.3f})"
+    )
+    print(
+        f"psi transitions per window and repeat: min {transitions.min()}, median "
+        f"{np.median(transitions):g}; windows with none in some repeat: "
+        f"{int(np.sum(transitions.min(axis=0) == 0))} of {len(centres)}"
+    )
+
+    record = {
+        "benchmark": "alanine_reference",
+        "system": "alanine_dipeptide_vacuum",
+        "command": shlex.join(["python", *sys.argv]),
+        "temperature_K": TEMPERATURE,
+        "grid": args.grid,
+        "windows": len(centres),
+        "k_kJ_mol_rad2": args.k,
+        "ps_per_window": args.ps,
+        "equilibrate_ps": args.equilibrate_ps,
+        "sample_ps": args.sample_ps,
+        "repeats": args.repeats,
+        "seeds": seeds,
+        "df_kT": pooled["df_kT"],
+        "df_error_kT": sem,
+        "df_mbar_error_kT": pooled["df_mbar_error_kT"],
+        "p_phi_positive": pooled["p_phi_positive"],
+        "per_repeat_df_kT": dfs.tolist(),
+        "per_repeat_mbar_error_kT": [e["df_mbar_error_kT"] for e in per_repeat],
+        "psi_transitions_min": int(transitions.min()),
+        "psi_transitions_median": float(np.median(transitions)),
+        "md_ns": total_ns,
+        "md_wall_s": md_wall,
+        "wall_s": wall,
+        **machine_facts(),
+    }
+    save(
+        args.out,
+        record,
+        pooled["histogram"],
+        {
+            "window_centres": centres,
+            "per_repeat_df_kT": dfs,
+            "per_repeat_histogram36": np.stack([e["histogram"] for e in per_repeat]),
+            "psi_transitions": transitions,
+        },
+    )
+    print(f"wrote {args.out}")
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
