@@ -59,7 +59,7 @@ def test_note_example_meets_the_accuracy_of_issue_2(tmp_path):
 
 
 def test_alanine_example_trains_and_samples_with_openmm_energies(tmp_path):
-    """examples/alanine_dipeptide.yaml as shipped (its data files included), shortened to a few
+    """examples/alanine_dipeptide.yaml as shipped (data-free), shortened to a few
     steps: the sample file's u is OpenMM's E/kT of its x, and the trajectory loads."""
     import mdtraj
     import openmm
