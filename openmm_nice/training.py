@@ -105,8 +105,17 @@ class _StepLoss(nn.Module):
             loss = loss + weight["buffer"] * ml
         if t.walkers > 0 and weight["walker"] > 0:
             walkers, state["walker_exchange"], state["walker_acceptance"] = t.move_walkers(d, beta)
-            log_p = self.generator.log_prob(walkers.x.to(d.x.dtype), rng=t.rng)
-            ml = -(walkers.normalized_weights().to(log_p.dtype) * log_p).sum()
+            x, w = walkers.x.to(d.x.dtype), walkers.normalized_weights()
+            log_p = self.generator.log_prob(x, rng=t.rng)
+            defined = torch.isfinite(log_p)
+            if not defined.all():
+                # a walker where the model's density is undefined (a map refitted since it
+                # moved there) does not count until its next move; its infinite log density
+                # stays out of the graph, whose gradient it would make nan
+                x, w = x[defined], w[defined]
+                log_p = self.generator.log_prob(x, rng=t.rng)
+            w = (w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).to(log_p.dtype)
+            ml = -(w * log_p).sum()
             state["walker_nll"] = float(ml.detach())
             loss = loss + weight["walker"] * ml
         return loss, state, d.log_weights().detach()
