@@ -90,10 +90,9 @@ def mala_step(
             x, proposal, grad, grad_new, step
         )
         uniform = torch.rand(len(x), dtype=x.dtype, device=x.device, generator=rng)
-        accept = torch.isfinite(log_pi_new) & torch.isfinite(log_pi)
-        accept &= torch.isfinite(grad_new).all(-1) & (uniform.log() < log_ratio)
+        defined = torch.isfinite(log_pi_new) & torch.isfinite(grad_new).all(-1)
         # a chain whose own state is undefined takes any defined proposal
-        accept |= ~torch.isfinite(log_pi) & torch.isfinite(log_pi_new)
+        accept = defined & (~torch.isfinite(log_pi) | (uniform.log() < log_ratio))
 
         def pick(new: Tensor, old: Tensor) -> Tensor:
             mask = accept.reshape(-1, *([1] * (new.dim() - 1)))

@@ -69,6 +69,21 @@ def nll(generator: BoltzmannGenerator, x_data: Tensor, rng=None) -> Tensor:
     return -generator.log_prob(x_data, rng=rng).mean()
 
 
+def weighted_nll(generator: BoltzmannGenerator, x: Tensor, weights: Tensor, rng=None) -> Tensor:
+    """Negative log-likelihood of weighted samples (e.g. the walkers), weights renormalised.
+
+    A sample where the model's density is undefined (a map refitted since it got there) does
+    not count; its infinite log density stays out of the graph, whose gradient it would make
+    nan."""
+    log_p = generator.log_prob(x, rng=rng)
+    defined = torch.isfinite(log_p)
+    if not defined.all():
+        x, weights = x[defined], weights[defined]
+        log_p = generator.log_prob(x, rng=rng)
+    weights = (weights / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)).to(log_p)
+    return -(weights * log_p).sum()
+
+
 class _StepLoss(nn.Module):
     """One step's loss as a module, so that DistributedDataParallel can wrap it."""
 
@@ -105,17 +120,9 @@ class _StepLoss(nn.Module):
             loss = loss + weight["buffer"] * ml
         if t.walkers > 0 and weight["walker"] > 0:
             walkers, state["walker_exchange"], state["walker_acceptance"] = t.move_walkers(d, beta)
-            x, w = walkers.x.to(d.x.dtype), walkers.normalized_weights()
-            log_p = self.generator.log_prob(x, rng=t.rng)
-            defined = torch.isfinite(log_p)
-            if not defined.all():
-                # a walker where the model's density is undefined (a map refitted since it
-                # moved there) does not count until its next move; its infinite log density
-                # stays out of the graph, whose gradient it would make nan
-                x, w = x[defined], w[defined]
-                log_p = self.generator.log_prob(x, rng=t.rng)
-            w = (w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).to(log_p.dtype)
-            ml = -(w * log_p).sum()
+            ml = weighted_nll(
+                self.generator, walkers.x.to(d.x.dtype), walkers.normalized_weights(), t.rng
+            )
             state["walker_nll"] = float(ml.detach())
             loss = loss + weight["walker"] * ml
         return loss, state, d.log_weights().detach()
