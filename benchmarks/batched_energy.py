@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from collections.abc import Callable
 
 import numpy as np
 import openmm
 import torch
 from _machine import alanine_json_line  # benchmarks/ is on the path of a script run from it
+from _timing import best_times, forward_backward
 from openmm import unit
 
 from openmm_nice import openmm_energy
@@ -100,17 +100,6 @@ def evaluate_groups(
             forces[start + k] = buffer[k * n_particles : (k + 1) * n_particles]
 
 
-def forward_backward(energy: OpenMMEnergy, x: torch.Tensor) -> None:
-    x.grad = None
-    energy(x).sum().backward()
-
-
-def timed(function: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
-
-
 def measure_platform(
     system: openmm.System,
     positions: np.ndarray,
@@ -158,10 +147,7 @@ def measure_platform(
     methods[f"raw_groups{GROUP_COPIES}"] = lambda: evaluate_groups(
         groups_context, GROUP_COPIES, positions, out_e, out_f
     )
-    times = dict.fromkeys(methods, float("inf"))
-    for _ in range(repeats):
-        for name, method in methods.items():
-            times[name] = min(times[name], timed(method))
+    times = best_times(methods, repeats)
     for energy in [*energies.values(), copies_energy]:
         energy.close()
     return times

@@ -25,6 +25,7 @@ import numpy as np
 import openmm
 import torch
 from _machine import alanine_json_line  # benchmarks/ is on the path of a script run from it
+from _timing import best_times, forward_backward, own_loop, timed
 from openmm import unit
 from openmmtools import testsystems
 
@@ -34,12 +35,6 @@ from openmm_nice.openmm_energy import OpenMMEnergy
 KJ_PER_MOL_NM = unit.kilojoule_per_mole / unit.nanometer
 
 
-def own_loop(context: openmm.Context, positions: np.ndarray) -> None:
-    for configuration in positions:
-        context.setPositions(configuration)
-        context.getState(getEnergy=True, getForces=True)
-
-
 def value_in_unit_loop(context: openmm.Context, positions: np.ndarray) -> None:
     energies, forces = np.empty(len(positions)), np.empty(positions.shape)
     for i, configuration in enumerate(positions):
@@ -47,17 +42,6 @@ def value_in_unit_loop(context: openmm.Context, positions: np.ndarray) -> None:
         state = context.getState(getEnergy=True, getForces=True)
         energies[i] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
         forces[i] = state.getForces(asNumpy=True).value_in_unit(KJ_PER_MOL_NM)
-
-
-def forward_backward(energy: OpenMMEnergy, x: torch.Tensor) -> None:
-    x.grad = None
-    energy(x).sum().backward()
-
-
-def timed(function: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 class EvaluationClock:
@@ -111,10 +95,7 @@ def measure_platform(
     }
     for n, energy in energies.items():
         methods[f"openmm_energy_{n}"] = lambda energy=energy: forward_backward(energy, x)
-    times = dict.fromkeys(methods, float("inf"))
-    for _ in range(repeats):
-        for name, method in methods.items():
-            times[name] = min(times[name], timed(method))
+    times = best_times(methods, repeats)
     overheads = {n: overhead(energy, x, repeats) for n, energy in energies.items()}
     for energy in energies.values():
         energy.close()

@@ -22,36 +22,19 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from collections.abc import Callable
 
 import numpy as np
 import openmm
 import torch
 from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
+from _timing import best_times, forward_backward, own_loop, timed
 
 from openmm_nice.openmm_energy import OpenMMEnergy
 from openmm_nice.systems import alanine_dipeptide_implicit, alanine_dipeptide_vacuum
 from openmm_nice.torch_energy import TorchEvaluator
 
 SYSTEMS = {"vacuum": alanine_dipeptide_vacuum, "implicit": alanine_dipeptide_implicit}
-
-
-def own_loop(context: openmm.Context, positions: np.ndarray) -> None:
-    for configuration in positions:
-        context.setPositions(configuration)
-        context.getState(getEnergy=True, getForces=True)
-
-
-def forward_backward(energy: OpenMMEnergy, x: torch.Tensor) -> None:
-    x.grad = None
-    energy(x).sum().backward()
-
-
-def timed(function: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def measure_system(
@@ -97,10 +80,7 @@ def measure_system(
         compile_seconds[key] = timed(lambda e=evaluator: e(positions, out_e, out_f))
         methods[key] = lambda e=evaluator: e(positions, out_e, out_f)
         labels[key] = f"TorchEvaluator alone, compiled, {threads} torch thread(s)"
-    times = dict.fromkeys(methods, float("inf"))
-    for _ in range(repeats):
-        for key, method in methods.items():
-            times[key] = min(times[key], timed(method))
+    times = best_times(methods, repeats)
     for energy in energies:
         energy.close()
     compiled = {k: v for k, v in compile_seconds.items() if "compiled" in k or "evaluator" in k}
