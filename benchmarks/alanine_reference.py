@@ -18,8 +18,13 @@ basins in every window so that one can see that it did.
 It prints a table and one JSON line, and writes --out (npz: `histogram36`, `df_kT`,
 `df_error_kT`, and the run's settings and per-repeat results).
 
+With --combine it runs nothing: it joins the repeats of earlier runs of one protocol (their npz
+files, distinct seeds) into one reference whose dF is the mean of all the repeats' dF with the
+standard error of that mean, and whose map is the mean of the repeats' maps.
+
 Usage:
     python benchmarks/alanine_reference.py [--grid 12x12] [--k 50] [--ps 35] [--repeats 4]
+    python benchmarks/alanine_reference.py --combine A.npz B.npz ... --out REF.npz
 """
 
 from __future__ import annotations
@@ -80,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "molecule (CPU with Threads=1 keeps a worker thread and a waiting main thread busy)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        metavar="NPZ",
+        help="join the repeats of earlier runs of one protocol into --out (runs nothing)",
+    )
     args = p.parse_args(argv)
     try:
         args.shape = tuple(int(n) for n in args.grid.lower().split("x"))
@@ -232,8 +244,67 @@ def save(path: Path, record: dict, histogram: np.ndarray, extra: dict) -> None:
     atomic_write(path, write)
 
 
+PROTOCOL = ("grid", "k_kJ_mol_rad2", "ps_per_window", "equilibrate_ps", "sample_ps")
+
+
+def combine(paths: list[Path], out: Path) -> dict:
+    """One reference from the repeats of several runs of one protocol: dF the mean of every
+    repeat's dF (error: the standard error of that mean), the map the mean of their maps."""
+    records, dfs, maps = [], [], []
+    for path in paths:
+        with np.load(path) as data:
+            records.append(json.loads(str(data["record_json"])))
+            dfs.append(np.asarray(data["per_repeat_df_kT"], dtype=np.float64))
+            maps.append(np.asarray(data["per_repeat_histogram36"], dtype=np.float64))
+    protocol = {key: records[0][key] for key in PROTOCOL}
+    for path, record in zip(paths, records):
+        other = {key: record[key] for key in PROTOCOL}
+        if other != protocol:
+            raise SystemExit(f"{path}: protocol {other} differs from {paths[0]}'s {protocol}")
+    seeds = [seed for record in records for seed in record["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(
+            f"the runs share seeds ({sorted(seeds)}): their repeats are not independent"
+        )
+    dfs, maps = np.concatenate(dfs), np.concatenate(maps)
+    mean, sem = float(dfs.mean()), float(dfs.std(ddof=1) / math.sqrt(len(dfs)))
+    histogram = maps.mean(axis=0)
+    print(
+        f"{len(paths)} runs, {len(dfs)} repeats of one protocol "
+        + ", ".join(f"{key} {value}" for key, value in protocol.items())
+    )
+    print(f"{'seed':>5} {'dF (kT)':>9}")
+    for seed, df in zip(seeds, dfs):
+        print(f"{seed:>5} {df:>9.3f}")
+    print(
+        f"dF = {mean:.3f} +- {sem:.3f} kT (mean of {len(dfs)} repeats and its standard error; "
+        f"repeats' std {dfs.std(ddof=1):.3f}); map: the mean of the repeats' 36 x 36 maps"
+    )
+    record = {
+        "benchmark": "alanine_reference",
+        "system": "alanine_dipeptide_vacuum",
+        "command": shlex.join(["python", *sys.argv]),
+        "temperature_K": TEMPERATURE,
+        **protocol,
+        "combined_from": [str(path) for path in paths],
+        "repeats": len(dfs),
+        "seeds": seeds,
+        "df_kT": mean,
+        "df_error_kT": sem,
+        "per_repeat_df_kT": dfs.tolist(),
+        "md_ns": sum(record["md_ns"] for record in records),
+        **machine_facts(),
+    }
+    save(out, record, histogram, {"per_repeat_df_kT": dfs, "per_repeat_histogram36": maps})
+    print(json.dumps(record))
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.combine:
+        combine(args.combine, args.out)
+        return 0
     import torch
 
     torch.set_num_threads(1)
