@@ -558,6 +558,18 @@ class MolecularTransform(Transform):
       are normal in y whatever their modes (methyl rotors, the backbone's basins), and regions
       the data never visited keep a share of the volume;
 
+    A torsion may have a parent torsion (``torsion_parent``): its density is then conditional
+    on the parent's angle a, :math:`g(\phi \mid a) = (1 - \lambda) g_j(\phi) + \lambda
+    g_{j+1}(\phi)` with :math:`g_j` piecewise constant on the same K bins, one for each of P
+    bins of a, and :math:`\lambda` a's linear position between the centres of bins j and j + 1
+    (periodic). The mixture is again piecewise constant on the K bins, so both directions stay
+    closed-form (a bisection finds the bin) and the map is continuous in a. The Jacobian of
+    (parent, child) is triangular, so the log-determinant keeps its form with
+    :math:`g(\phi \mid a)` in place of :math:`g(\phi)`. The parents form a forest (fitted by
+    :meth:`from_data` with ``torsion_tree``: a maximum-mutual-information spanning forest, the
+    Chow-Liu tree), so that the map's torsion density is a tree-structured joint density: the
+    backbone's (phi, psi) basins, for example, get their own psi distribution for each phi;
+
     and :meth:`InternalCoordinates.to_cartesian` places the atoms in the canonical frame. The
     log-determinant is the sum of :math:`\sum \log \mathrm{scale}`, the domain maps'
     :math:`\sum y_b + \sum [\log\pi + \log\sigma(y_\theta) + \log\sigma(-y_\theta)]
@@ -576,6 +588,12 @@ class MolecularTransform(Transform):
             +1 or -1 for one kept on the half circle of that sign, the handedness of a
             stereocentre (see :func:`handed_torsions`), mapped by
             :math:`\phi = \pm\pi\,\sigma(y)`; None for all 0.
+        torsion_parent: Shape (N - 3,): the index of each torsion's parent torsion, -1 for
+            none; the parents form a forest over whole-circle torsions. None for all -1.
+        conditional_cdf: Shape (C, P, K + 1), for the C torsions with a parent in increasing
+            order: G at the K + 1 bin edges of :math:`g_j` for each of the P parent bins (bin
+            j centred at :math:`-\pi + (j + 1/2) 2\pi / P`), each row rising strictly from 0
+            to 1. None when no torsion has a parent.
 
     Use :meth:`from_data` to set shift, scale and offsets from a structure or a trajectory.
     All four are buffers (saved in the state dict, not trained) and are cast to the input's
@@ -602,6 +620,8 @@ class MolecularTransform(Transform):
         torsion_offset: np.ndarray | Tensor,
         torsion_cdf: np.ndarray | Tensor | None = None,
         torsion_sign: np.ndarray | Tensor | None = None,
+        torsion_parent: np.ndarray | Tensor | None = None,
+        conditional_cdf: np.ndarray | Tensor | None = None,
     ):
         super().__init__()
         self.internal = InternalCoordinates(zmatrix)
@@ -646,6 +666,59 @@ class MolecularTransform(Transform):
                 f"circle; +-1: that half circle, see handed_torsions), got {torsion_sign}"
             )
         self.register_buffer("torsion_sign", sign)
+        parent = torch.full((n_torsions,), -1) if torsion_parent is None else torsion_parent
+        parent = torch.as_tensor(parent).clone()
+        if parent.shape != (n_torsions,) or parent.is_floating_point():
+            raise ValueError(
+                f"torsion_parent must hold {n_torsions} integer indices (-1: no parent), "
+                f"got {torsion_parent}"
+            )
+        parent = parent.long()
+        _check_torsion_forest(parent.tolist(), sign.tolist())
+        self.register_buffer("torsion_parent", parent)
+        n_children = int((parent >= 0).sum())
+        if conditional_cdf is None:
+            if n_children:
+                raise ValueError(f"{n_children} torsions have a parent but conditional_cdf is None")
+            conditional_cdf = torch.linspace(0, 1, cdf.shape[1]).expand(0, 1, -1)
+        conditional = torch.as_tensor(conditional_cdf, dtype=torch.float64).clone()
+        if (
+            conditional.ndim != 3
+            or conditional.shape[0] != n_children
+            or conditional.shape[1] < 1
+            or conditional.shape[2] != cdf.shape[1]
+        ):
+            raise ValueError(
+                f"conditional_cdf must have shape ({n_children}, P, {cdf.shape[1]}) (one row "
+                f"of the torsion_cdf's K + 1 edges for each child and parent bin), got "
+                f"{tuple(conditional.shape)}"
+            )
+        if n_children and not (
+            torch.isfinite(conditional).all()
+            and (conditional[..., 0] == 0).all()
+            and (conditional[..., -1] == 1).all()
+            and (conditional.diff(dim=2) > 0).all()
+        ):
+            raise ValueError("conditional_cdf must rise strictly from 0 to 1 along each row")
+        self.register_buffer("conditional_cdf", conditional)
+        self._plan_torsion_tree()
+
+    def _plan_torsion_tree(self) -> None:
+        """The children of each depth of the torsion forest, with their parents and their rows
+        of ``conditional_cdf``, as Python lists (the forward map sets them level by level)."""
+        parent = self.torsion_parent.tolist()
+        row = {t: i for i, t in enumerate(t for t, p in enumerate(parent) if p >= 0)}
+        depth = []
+        for t in range(len(parent)):
+            d, p = 0, parent[t]
+            while p >= 0:
+                d, p = d + 1, parent[p]
+            depth.append(d)
+        self._tree_levels = [
+            ([t for t in row if depth[t] == d], [row[t] for t in row if depth[t] == d])
+            for d in range(1, max(depth, default=0) + 1)
+        ]
+        self._children = list(row)
 
     @property
     def dim(self) -> int:
@@ -657,7 +730,20 @@ class MolecularTransform(Transform):
         cdf = state_dict.get(prefix + "torsion_cdf")
         if cdf is not None and cdf.shape != self.torsion_cdf.shape:
             self.torsion_cdf = self.torsion_cdf.new_empty(cdf.shape)
+        if cdf is not None and prefix + "torsion_parent" not in state_dict:
+            # saved before conditional torsions existed: every torsion has its own density
+            state_dict[prefix + "torsion_parent"] = torch.full_like(self.torsion_parent, -1)
+            state_dict[prefix + "conditional_cdf"] = torch.linspace(
+                0, 1, cdf.shape[1], dtype=torch.float64
+            ).expand(0, 1, -1)
+        conditional = state_dict.get(prefix + "conditional_cdf")
+        if conditional is not None and conditional.shape != self.conditional_cdf.shape:
+            self.conditional_cdf = self.conditional_cdf.new_empty(conditional.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        parent = state_dict.get(prefix + "torsion_parent")
+        if parent is not None:
+            _check_torsion_forest(parent.tolist(), self.torsion_sign.tolist())
+            self._plan_torsion_tree()
 
     @classmethod
     def from_data(
@@ -676,6 +762,7 @@ class MolecularTransform(Transform):
         scan_angles: int = 72,
         weights: np.ndarray | Tensor | None = None,
         handedness: np.ndarray | Tensor | None = None,
+        torsion_tree: bool = False,
     ) -> MolecularTransform:
         r"""A transform normalised to a trajectory, or to one reference structure.
 
@@ -729,6 +816,11 @@ class MolecularTransform(Transform):
             handedness: Optional ``torsion_sign`` of shape (N - 3,) from
                 :func:`handed_torsions`: torsions with sign +-1 keep that half circle,
                 normalised like angles (no density, no cut); every frame must lie in it.
+            torsion_tree: Condition torsion densities on parent torsions (see the class
+                docstring): the parents are a Chow-Liu forest of the (weighted) frames over
+                the whole-circle torsions without a rotor symmetry, and each child's density
+                in each of :data:`PARENT_BINS` parent bins is its weighted, smoothed histogram
+                there, leaning to its marginal where the bin holds few frames. Needs F >= 2.
 
         Returns:
             A :class:`MolecularTransform` with float64 buffers.
@@ -827,14 +919,32 @@ class MolecularTransform(Transform):
         offset = torch.where(half, 0.0, torch.tensor(offsets, dtype=torch.float64))
         cdf = torch.as_tensor(np.stack(cdfs))
         cdf[half] = torch.linspace(0, 1, bins + 1, dtype=torch.float64)  # unused there
-        y_torsion = torch.where(half, y_half, _torsion_to_normal(torsions, offset, cdf))
+        parent, conditional = None, None
+        if torsion_tree:
+            uniform = np.full(len(x), 1.0 / len(x)) if frame_weights is None else frame_weights
+            values = torsions.numpy()
+            parent = _torsion_tree(values, uniform, (orders == 1) & ~half.numpy())
+            children = np.flatnonzero(parent >= 0)
+            cut = np.asarray(offsets) - math.pi
+            conditional = [
+                _conditional_cdfs(
+                    values[:, t] - cut[t], values[:, parent[t]], bins, widths[t], floor, uniform
+                )
+                for t in children
+            ]
+            conditional = np.stack(conditional) if len(children) else None
+        unit = torch.ones(3 * n - 6, dtype=torch.float64)
+        y_torsion = cls(zmatrix, 0 * unit, unit, offset, cdf, sign, parent, conditional)
+        y_torsion = y_torsion._torsions_to_normal(torsions)[0]
         y = torch.cat([bonds.log(), _logit_angle(angles), y_torsion], dim=1)
         if w is None:
             mean, std = y.mean(0), y.std(0)
         else:
             mean = w @ y
             std = (w @ (y - mean) ** 2).sqrt()
-        transform = cls(zmatrix, mean, std.clamp_min(min_scale), offset, cdf, sign)
+        transform = cls(
+            zmatrix, mean, std.clamp_min(min_scale), offset, cdf, sign, parent, conditional
+        )
         transform.density_smoothing = widths  # what each torsion's density used, in bins
         return transform
 
@@ -873,6 +983,17 @@ class MolecularTransform(Transform):
     def _torsions_from_normal(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Torsions (B, T) from their normalised values y, and log|d torsion / d y|."""
         torsion, log_g = _normal_to_torsion(y, self.torsion_offset, self.torsion_cdf)
+        for children, rows in self._tree_levels:  # parents before their children
+            index = torch.tensor(children, device=y.device)
+            parents = self.torsion_parent[index]
+            new, new_log_g = _conditional_normal_to_torsion(
+                y[:, index],
+                self.torsion_offset[index],
+                self.conditional_cdf[torch.tensor(rows, device=y.device)],
+                torsion[:, parents],
+            )
+            torsion = torsion.index_copy(1, index, new)
+            log_g = log_g.index_copy(1, index, new_log_g)
         log_slope = -0.5 * math.log(2 * math.pi) - 0.5 * y**2 - log_g
         if not self.torsion_sign.any():
             return torsion, log_slope
@@ -889,6 +1010,15 @@ class MolecularTransform(Transform):
         y, log_g = _torsion_to_normal(
             torsion, self.torsion_offset, self.torsion_cdf, with_log_density=True
         )
+        if self._children:
+            index = torch.tensor(self._children, device=torsion.device)
+            new, new_log_g = _conditional_torsion_to_normal(
+                torsion[:, index],
+                self.torsion_offset[index],
+                self.conditional_cdf,
+                torsion[:, self.torsion_parent[index]],
+            )
+            y, log_g = y.index_copy(1, index, new), log_g.index_copy(1, index, new_log_g)
         log_slope = -0.5 * math.log(2 * math.pi) - 0.5 * y**2 - log_g
         if not self.torsion_sign.any():
             return y, log_slope, torch.ones_like(y[:, 0], dtype=torch.bool)
@@ -962,6 +1092,186 @@ def _torsion_to_normal(
     if not with_log_density:
         return y
     return y, (mass / width).log().to(dtype)
+
+
+def _check_torsion_forest(parent: list[int], sign: list[float]) -> None:
+    """Raises ValueError unless ``parent`` is a forest over whole-circle torsions."""
+    n = len(parent)
+    for t, p in enumerate(parent):
+        if not -1 <= p < n or p == t:
+            raise ValueError(f"torsion_parent[{t}] = {p} is not -1 or another torsion's index")
+        if p >= 0 and (sign[t] != 0 or sign[p] != 0):
+            raise ValueError(
+                f"torsion {t} and its parent {p} must both lie on the whole circle "
+                "(torsion_sign 0): a handed torsion has no conditional density"
+            )
+    for t in range(n):
+        p, steps = parent[t], 0
+        while p >= 0:
+            p, steps = parent[p], steps + 1
+            if steps > n:
+                raise ValueError(f"torsion_parent has a cycle through torsion {t}")
+
+
+def _parent_bins(angle: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The two parent bins j, j + 1 (mod P) whose centres enclose each angle, and the angle's
+    linear position lambda in [0, 1) between them."""
+    position = torch.remainder(angle + math.pi, 2 * math.pi) * n_bins / (2 * math.pi) - 0.5
+    low = torch.nan_to_num(position.floor(), nan=0.0)
+    lam = position - low
+    j = torch.remainder(low, n_bins).long()
+    return j, torch.remainder(j + 1, n_bins), lam
+
+
+def _mixed_cdf(cdf: Tensor, j0: Tensor, j1: Tensor, lam: Tensor, k: Tensor) -> Tensor:
+    """(1 - lam) G_j0(edge k) + lam G_j1(edge k) for cdf (C, P, K + 1) and indices (B, C)."""
+    n_children, n_parent, n_edges = cdf.shape
+    flat = cdf.reshape(-1)
+    base = torch.arange(n_children, device=cdf.device) * (n_parent * n_edges)
+    return (1 - lam) * flat[base + j0 * n_edges + k] + lam * flat[base + j1 * n_edges + k]
+
+
+def _conditional_normal_to_torsion(
+    y: Tensor, offset: Tensor, cdf: Tensor, parent_angle: Tensor
+) -> tuple[Tensor, Tensor]:
+    """phi = c + G(. | a)^{-1}(Phi(y)) for y (B, C) with parent angles a (B, C), and
+    log g(phi | a); computed in float64."""
+    dtype = y.dtype
+    y, parent_angle = y.double(), parent_angle.double()
+    n_bins = cdf.shape[2] - 1
+    j0, j1, lam = _parent_bins(parent_angle, cdf.shape[1])
+    v = torch.special.ndtr(y)
+    # bisection for the bin k: the largest k in [0, K - 1] with G(edge k | a) <= v
+    low_k = torch.zeros_like(j0)
+    high_k = torch.full_like(j0, n_bins - 1)
+    for _ in range(max(1, math.ceil(math.log2(n_bins))) + 1):
+        middle = (low_k + high_k + 1) // 2
+        below = _mixed_cdf(cdf, j0, j1, lam, middle) <= v
+        low_k = torch.where(below, middle, low_k)
+        high_k = torch.where(below, high_k, middle - 1)
+    k = low_k
+    low = _mixed_cdf(cdf, j0, j1, lam, k)
+    mass = _mixed_cdf(cdf, j0, j1, lam, k + 1) - low
+    width = 2 * math.pi / n_bins
+    torsion = offset - math.pi + (k + (v - low) / mass) * width
+    return torsion.to(dtype), (mass / width).log().to(dtype)
+
+
+def _conditional_torsion_to_normal(
+    torsion: Tensor, offset: Tensor, cdf: Tensor, parent_angle: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The inverse of :func:`_conditional_normal_to_torsion`: y (B, C) and log g(phi | a)."""
+    dtype = torsion.dtype
+    n_bins = cdf.shape[2] - 1
+    width = 2 * math.pi / n_bins
+    j0, j1, lam = _parent_bins(parent_angle.double(), cdf.shape[1])
+    position = torch.remainder(torsion.double() - (offset - math.pi), 2 * math.pi) / width
+    k = torch.nan_to_num(position.floor(), nan=0.0).clamp(0, n_bins - 1).long()
+    low = _mixed_cdf(cdf, j0, j1, lam, k)
+    mass = _mixed_cdf(cdf, j0, j1, lam, k + 1) - low
+    y = torch.special.ndtri(low + (position - k) * mass)
+    return y.to(dtype), (mass / width).log().to(dtype)
+
+
+PARENT_BINS = 36
+"""Bins of a parent torsion's angle (10 degrees) on which a child's density is conditioned."""
+
+TREE_BINS = 12
+"""Bins (30 degrees) of each torsion in the histograms that estimate mutual information."""
+
+TREE_PRIOR = 2.0
+"""Pseudo-count with which a parent bin's density of its child leans to the child's marginal."""
+
+
+def _torsion_tree(torsions: np.ndarray, weights: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+    """Parents (T,) of a maximum-mutual-information spanning forest (Chow-Liu) over the
+    eligible torsions (F, T) of weighted frames, -1 for a root or an ineligible torsion. Edges
+    whose histogram estimate of the mutual information (TREE_BINS x TREE_BINS bins) does not
+    exceed its bias (TREE_BINS - 1)^2 / (2 ESS) are left out; each tree is rooted at its node of
+    largest total mutual information, which keeps the trees shallow."""
+    n_torsions = torsions.shape[1]
+    p = TREE_BINS
+    ess = 1.0 / float(np.sum(weights**2))
+    bins = np.minimum(
+        (np.remainder(torsions + math.pi, 2 * math.pi) * p / (2 * math.pi)).astype(np.int64),
+        p - 1,
+    )
+    marginals = [np.bincount(bins[:, t], weights, minlength=p) for t in range(n_torsions)]
+    bias = (p - 1) ** 2 / (2 * ess)
+    edges = []
+    nodes = np.flatnonzero(eligible)
+    for a_index, a in enumerate(nodes):
+        for b in nodes[a_index + 1 :]:
+            joint = np.bincount(bins[:, a] * p + bins[:, b], weights, minlength=p * p)
+            joint = joint.reshape(p, p)
+            outer = np.outer(marginals[a], marginals[b])
+            kept = joint > 0
+            information = float(np.sum(joint[kept] * np.log(joint[kept] / outer[kept])))
+            if information > bias:
+                edges.append((information - bias, int(a), int(b)))
+    root = list(range(n_torsions))
+
+    def find(t: int) -> int:
+        while root[t] != t:
+            root[t] = root[root[t]]
+            t = root[t]
+        return t
+
+    neighbours: dict[int, list[tuple[int, float]]] = {t: [] for t in range(n_torsions)}
+    for information, a, b in sorted(edges, reverse=True):  # Kruskal, strongest first
+        if find(a) != find(b):
+            root[find(a)] = find(b)
+            neighbours[a].append((b, information))
+            neighbours[b].append((a, information))
+    parent = -np.ones(n_torsions, dtype=np.int64)
+    seen = np.zeros(n_torsions, dtype=bool)
+    strength = {t: sum(i for _, i in neighbours[t]) for t in range(n_torsions)}
+    for start in sorted(range(n_torsions), key=lambda t: -strength[t]):
+        if seen[start]:
+            continue
+        seen[start] = True
+        queue = [start]
+        while queue:
+            node = queue.pop(0)
+            for child, _ in neighbours[node]:
+                if not seen[child]:
+                    seen[child], parent[child] = True, node
+                    queue.append(child)
+    return parent
+
+
+def _conditional_cdfs(
+    values: np.ndarray,
+    parent_values: np.ndarray,
+    bins: int,
+    smoothing: float,
+    floor: float,
+    weights: np.ndarray,
+) -> np.ndarray:
+    """G (PARENT_BINS, bins + 1) of a child torsion's density in each parent bin: its
+    smoothed histogram (angles measured from its cut) with the frames weighted by their share
+    of that bin (linear between bin centres), leaning to the child's marginal with TREE_PRIOR
+    pseudo-frames where the bin holds few (effective) frames, and mixed with a uniform floor."""
+    ess = 1.0 / float(np.sum(weights**2))
+    j0, j1, lam = (v.numpy() for v in _parent_bins(torch.as_tensor(parent_values), PARENT_BINS))
+    marginal = _smoothed_histogram(values, bins, smoothing, weights)
+    marginal /= marginal.sum()
+    cdfs = np.empty((PARENT_BINS, bins + 1))
+    for j in range(PARENT_BINS):
+        share = weights * ((j0 == j) * (1 - lam) + (j1 == j) * lam)
+        frames = float(share.sum()) * ess
+        density = marginal
+        if share.sum() > 0:
+            density = _smoothed_histogram(values, bins, smoothing, share)
+            density = (frames * density / density.sum() + TREE_PRIOR * marginal) / (
+                frames + TREE_PRIOR
+            )
+        mass = (1 - floor) * density + floor / bins
+        cdf = np.concatenate([[0.0], np.cumsum(mass)])
+        cdf /= cdf[-1]
+        cdf[-1] = 1.0
+        cdfs[j] = cdf
+    return cdfs
 
 
 def _smoothed_histogram(

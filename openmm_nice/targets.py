@@ -156,6 +156,7 @@ def build_generator(
                 energy=target.energy,
                 symmetry=torsion_symmetries(molecule.topology, zmatrix, molecule.system),
                 handedness=handedness,
+                torsion_tree=config.model.torsion_tree,
             )
     m = config.model
     generator = BoltzmannGenerator(
@@ -213,6 +214,7 @@ def map_fitter(config: Config, target: Target, coordinates):
             symmetry=symmetry,
             weights=weights,
             handedness=handedness,
+            torsion_tree=config.model.torsion_tree,
         )
 
     return fit_map

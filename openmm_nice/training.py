@@ -519,11 +519,15 @@ class Trainer:
             if self._walkers is not None:
                 pooled = pooled.join(self._walkers.x, self._walkers.normalized_weights())
             fitted = self.fit_map(pooled.x, pooled.weights)
-            state = {k: v.to(self.generator.device) for k, v in fitted.state_dict().items()}
+            state = fitted.state_dict()
             if dist.is_available() and dist.is_initialized():
-                for value in state.values():  # every rank takes rank 0's map
-                    dist.broadcast(value, 0)
-            self.generator.coordinates.load_state_dict(state)
+                # every rank takes rank 0's map (whose shapes, e.g. the number of conditional
+                # torsions, may differ from the map another rank fitted)
+                box = [state if dist.get_rank() == 0 else None]
+                dist.broadcast_object_list(box, 0)
+                state = box[0]
+            device = self.generator.device
+            self.generator.coordinates.load_state_dict({k: v.to(device) for k, v in state.items()})
         lr = self.learning_rate * self.schedule.lr_factor(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -582,3 +582,101 @@ def test_undefined_positions_give_undefined_flow_coordinates(transform):
     x[1] = math.nan
     s, ladj = transform.inverse_and_ladj(x)
     assert torch.isfinite(s[[0, 2]]).all() and s[1].isnan().any() and ladj[1].isnan()
+
+
+@pytest.fixture(scope="module")
+def tree(zmatrix, reference):
+    """A transform with conditional torsions, fitted to 400 weighted frames in which torsion 5
+    follows the mode of torsion 0 (psi following phi, as in a peptide's backbone basins)."""
+    generator = torch.Generator().manual_seed(3)
+    noise = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=generator)
+    ic = InternalCoordinates(zmatrix)
+    q = ic.to_internal(reference)[0].expand(400, -1).clone()
+    n = ic.n_atoms
+    q[:, : n - 1] *= 1 + 0.02 * noise(400, n - 1)
+    q[:, n - 1 : 2 * n - 3] += 0.05 * noise(400, n - 2)
+    q[:, 2 * n - 3 :] += 0.2 * noise(400, n - 3)
+    first = torch.rand(400, generator=generator, dtype=torch.float64) < 0.3
+    q[:, 2 * n - 3] = torch.where(first, -2.0, 1.5) + 0.2 * noise(400)
+    q[:, 2 * n - 3 + 5] = torch.where(first, 2.5, -1.0) + 0.2 * noise(400)
+    frames = random_rigid_motion(ic.to_cartesian(q)[0])
+    weights = torch.rand(400, generator=generator, dtype=torch.float64) + 0.5
+    return MolecularTransform.from_data(zmatrix, frames, weights=weights, torsion_tree=True)
+
+
+def test_torsion_tree_conditions_the_follower_on_its_leader(tree):
+    parent = tree.torsion_parent.tolist()
+    assert parent[5] == 0 or parent[0] == 5  # the strongest dependence is an edge
+    assert tree.conditional_cdf.shape == (sum(p >= 0 for p in parent), 36, 361)
+    # Given the leader in its first mode, the follower's density sits near 2.5, not near -1.
+    n = tree.internal.n_atoms
+    s = torch.randn(2000, 60)
+    torsions = tree.internal.to_internal(tree(s))[0][:, 2 * n - 3 :]
+    first = torsions[:, 0].sub(-2.0).abs() < 0.3
+    second = torsions[:, 0].sub(1.5).abs() < 0.3
+    follower = torsions[:, 5]
+    assert (follower[first].sub(2.5).abs() < 0.8).float().mean() > 0.9
+    assert (follower[second].sub(-1.0).abs() < 0.8).float().mean() > 0.9
+
+
+def test_torsion_tree_round_trip_and_exact_log_det(tree):
+    s = torch.randn(64, 60)
+    x, ladj = tree.call_and_ladj(s)
+    s_back, ladj_back = tree.inverse_and_ladj(random_rigid_motion(x))
+    assert (s_back - s).abs().max() < 1e-10
+    torch.testing.assert_close(ladj_back, -ladj, rtol=0, atol=1e-10)
+    for s_one, ladj_one in zip(s[:2], ladj[:2], strict=True):
+        rigid = torch.cat([torch.randn(3), torch.tensor([0.3, 1.9, -1.1])])
+        observed = augmented_slogdet(tree, s_one, rigid)
+        assert observed == pytest.approx(math.log(math.sin(1.9)) + ladj_one.item(), abs=1e-9)
+    # gradients reach the parent's latent through the child's conditional map
+    s = torch.randn(4, 60, requires_grad=True)
+    x, ladj = tree.call_and_ladj(s)
+    (x.square().sum() + ladj.sum()).backward()
+    assert torch.isfinite(s.grad).all()
+    x, _ = tree.call_and_ladj(s.detach().float())
+    torch.testing.assert_close(x.double(), tree(s.detach()), rtol=0, atol=1e-5)
+
+
+def test_torsion_tree_state_dict_loads_into_a_plain_transform_and_back(tree, transform):
+    fresh = MolecularTransform.from_data(tree.internal.zmatrix, transform(torch.randn(2, 60)))
+    fresh.load_state_dict(tree.state_dict())
+    s = torch.randn(8, 60)
+    torch.testing.assert_close(fresh.call_and_ladj(s), tree.call_and_ladj(s), rtol=0, atol=0)
+    # a map saved before conditional torsions existed has no parents and loads as such
+    old = {
+        k: v
+        for k, v in transform.state_dict().items()
+        if k not in ("torsion_parent", "conditional_cdf")
+    }
+    fresh.load_state_dict(old)
+    assert (fresh.torsion_parent == -1).all() and fresh.conditional_cdf.shape[0] == 0
+    torch.testing.assert_close(fresh.call_and_ladj(s), transform.call_and_ladj(s), rtol=0, atol=0)
+
+
+def test_torsion_tree_checks(zmatrix):
+    good = (torch.zeros(60), torch.ones(60), torch.zeros(19))
+    parent = torch.full((19,), -1)
+    cdf = torch.linspace(0, 1, 5).expand(1, 3, 5)
+    child_of_0 = parent.clone().index_fill(0, torch.tensor([1]), 0)
+    with pytest.raises(ValueError, match="conditional_cdf is None"):
+        MolecularTransform(zmatrix, *good, None, None, child_of_0)
+    cyclic = parent.clone()
+    cyclic[1], cyclic[2] = 2, 1
+    with pytest.raises(ValueError, match="cycle"):
+        MolecularTransform(
+            zmatrix, *good, None, None, cyclic, torch.linspace(0, 1, 2).expand(2, 3, 2)
+        )
+    with pytest.raises(ValueError, match="another torsion's index"):
+        MolecularTransform(
+            zmatrix, *good, None, None, parent.clone().index_fill(0, torch.tensor([3]), 3), cdf
+        )
+    sign = torch.zeros(19)
+    sign[4] = 1
+    handed_child = parent.clone().index_fill(0, torch.tensor([4]), 0)
+    with pytest.raises(ValueError, match="whole circle"):
+        MolecularTransform(
+            zmatrix, *good, None, sign, handed_child, torch.linspace(0, 1, 2).expand(1, 3, 2)
+        )
+    with pytest.raises(ValueError, match=r"conditional_cdf must have shape \(1, P, 2\)"):
+        MolecularTransform(zmatrix, *good, None, None, child_of_0, cdf)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -22,3 +24,25 @@ def test_a_list_of_frame_files_is_pooled_in_order(tmp_path):
     with pytest.raises(ValueError, match=r"expected \(F, 2\)"):
         np.savez(b, x=np.ones((2, 3)))
         load_frames([a, b], target)
+
+
+def test_torsion_tree_reaches_the_map_fitted_to_frames_and_refits():
+    from openmm_nice.targets import build_generator, map_fitter
+
+    config = config_from_dict(
+        {"system": "alanine_dipeptide_vacuum", "model": {"torsion_tree": True, "layers": 2}}
+    )
+    target = build_target(config)
+    try:
+        data = Path(__file__).parents[1] / "data" / "alanine_dipeptide_md.npz"
+        frames = torch.as_tensor(np.load(data)["x"][:500])
+        generator = build_generator(config, target, frames)
+        assert (generator.coordinates.torsion_parent >= 0).any()
+        weights = torch.rand(len(frames), generator=torch.Generator().manual_seed(0))
+        refitted = map_fitter(config, target, generator.coordinates)(frames, weights)
+        assert (refitted.torsion_parent >= 0).any()
+        generator.coordinates.load_state_dict(refitted.state_dict())
+        x, log_w = generator.sample(4)
+        assert torch.isfinite(x).all() and torch.isfinite(log_w).all()
+    finally:
+        target.close()
