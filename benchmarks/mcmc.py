@@ -15,8 +15,9 @@ each chain the script prints, from its frames' phi:
   C7ax / alpha_L: sign(phi) also flips where the beta basin's tail crosses phi = +-pi, quickly,
   so a chain that never enters C7ax can still show a short autocorrelation time of sign(phi);
 - dF(phi>0 - phi<0) = -log(p / (1 - p)) in kT with its standard error from that
-  autocorrelation time, and its distance from a reference (--reference-df; the default 4.557 kT
-  is the 20 ns well-tempered metadynamics of benchmarks/RESULTS.md);
+  autocorrelation time, and its distance from a reference (--reference-df; by default the dF
+  of benchmarks/reference/alanine_dipeptide_vacuum_300K.npz, the umbrella-sampling reference of
+  benchmarks/alanine_reference.py);
 - the move's acceptance.
 
 Usage:
@@ -29,6 +30,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
@@ -42,6 +44,9 @@ statistical_inefficiency = import_quietly("pymbar.timeseries").statistical_ineff
 C7AX = (0.0, 2.2)  # phi range of the C7ax / alpha_L basins, radians
 
 
+REFERENCE = Path(__file__).parent / "reference" / "alanine_dipeptide_vacuum_300K.npz"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a run folder of alanine dipeptide")
@@ -53,10 +58,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timestep", type=float, help="fs (default: the run's md.timestep_fs)")
     p.add_argument("--collision-rate", type=float, help="1/ps (default: md.friction_per_ps)")
     p.add_argument("--temperature", type=float, help="K (default: the run's)")
-    p.add_argument("--reference-df", type=float, default=4.557, help="reference dF in kT")
+    p.add_argument(
+        "--reference-df",
+        type=float,
+        help="reference dF in kT (default: that of benchmarks/reference/"
+        "alanine_dipeptide_vacuum_300K.npz)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.reference_df is None:
+        with np.load(REFERENCE) as reference:
+            args.reference_df = float(reference["df_kT"])
+    return args
 
 
 def phi_statistics(phi: np.ndarray, evaluations_per_frame: int, reference_df: float) -> dict:
