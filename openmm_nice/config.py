@@ -71,8 +71,9 @@ class ModelConfig(_Section):
     torsion_floor: float = 0.001  # uniform share of each fitted torsion density (molecules)
     # width in degrees smoothing the fitted torsion densities, or "auto" (cross-validated)
     torsion_smoothing: float | str = 10.0
-    # condition torsion densities on parent torsions (a Chow-Liu forest fitted with the map)
-    torsion_tree: bool = False
+    # condition torsion densities on parent torsions (a Chow-Liu forest fitted with the map),
+    # so that e.g. psi's density follows phi's basin; see MolecularTransform
+    torsion_tree: bool = True
 
     @model_validator(mode="after")
     def _ranges(self) -> ModelConfig:
