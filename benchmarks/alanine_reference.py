@@ -244,6 +244,16 @@ def save(path: Path, record: dict, histogram: np.ndarray, extra: dict) -> None:
     atomic_write(path, write)
 
 
+def record_header() -> dict:
+    """The first fields of the JSON record: what ran, on which system, by which command."""
+    return {
+        "benchmark": "alanine_reference",
+        "system": "alanine_dipeptide_vacuum",
+        "command": shlex.join(["python", *sys.argv]),
+        "temperature_K": TEMPERATURE,
+    }
+
+
 PROTOCOL = ("grid", "k_kJ_mol_rad2", "ps_per_window", "equilibrate_ps", "sample_ps")
 
 
@@ -281,10 +291,7 @@ def combine(paths: list[Path], out: Path) -> dict:
         f"repeats' std {dfs.std(ddof=1):.3f}); map: the mean of the repeats' 36 x 36 maps"
     )
     record = {
-        "benchmark": "alanine_reference",
-        "system": "alanine_dipeptide_vacuum",
-        "command": shlex.join(["python", *sys.argv]),
-        "temperature_K": TEMPERATURE,
+        **record_header(),
         **protocol,
         "combined_from": [str(path) for path in paths],
         "repeats": len(dfs),
@@ -374,10 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     record = {
-        "benchmark": "alanine_reference",
-        "system": "alanine_dipeptide_vacuum",
-        "command": shlex.join(["python", *sys.argv]),
-        "temperature_K": TEMPERATURE,
+        **record_header(),
         "grid": args.grid,
         "windows": len(centres),
         "k_kJ_mol_rad2": args.k,
