@@ -238,6 +238,38 @@ def _n_cores() -> int:
     return os.cpu_count() or 1
 
 
+def _cores(n_contexts: int) -> list[int | None]:
+    """The core each Context keeps to while it evaluates: the caller's (first) and each
+    worker's, one allowed core each where there are enough of them; else None (the scheduler
+    decides).
+
+    Left to itself, Linux wakes a worker on the core of the thread that woke it, the caller,
+    which then evaluates its own share of the batch there; for batches of a few milliseconds
+    the two stay on one core. On an idle 2-core machine 2 Contexts ran at 1.09-1.10x of one
+    (benchmarks/RESULTS.md).
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return [None] * n_contexts
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < n_contexts:
+        return [None] * n_contexts
+    return allowed[:n_contexts]
+
+
+@contextlib.contextmanager
+def _kept_to(core: int | None) -> Iterator[None]:
+    """The calling thread kept to ``core`` inside the block (its affinity restored after)."""
+    if core is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def _create_context(system_xml: str, platform: str, properties: dict[str, str]) -> openmm.Context:
     system = openmm.XmlSerializer.deserialize(system_xml)
     integrator = openmm.VerletIntegrator(0.001)
@@ -368,14 +400,18 @@ def _worker_main(
     spec: _EvaluatorSpec,
     n_particles: int,
     n_contexts: int,
+    core: int | None = None,
 ) -> None:
-    """A worker process: one evaluator that shares the rows of each batch in shared memory.
+    """A worker process: one evaluator that shares the rows of each batch in shared memory,
+    kept to ``core`` if one is given (see :func:`_cores`).
 
     A request is ``(memory_name, capacity, n)``: claim and evaluate rows of the n-row batch in
     that block until none are left, then reply None, or a traceback on failure. ``None`` or a
     closed pipe ends the worker.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller decides how to stop us
+    if core is not None:
+        os.sched_setaffinity(0, {core})
     try:
         evaluator = _build_evaluator(spec)
     except Exception:
@@ -462,6 +498,7 @@ class _ContextPool:
         self._views: tuple[np.ndarray, ...] = ()
         self._capacity = 0
         self._lock: Any = None
+        self._caller_core: int | None = None  # set with the workers' cores, see _cores
         self._finalizer = weakref.finalize(
             self, _stop, self._processes, self._connections, self._memory, True
         )
@@ -503,14 +540,15 @@ class _ContextPool:
                 connection.send(request)
             except OSError:
                 raise self._death(i) from None
-        _share_rows(
-            self._evaluator,
-            self._views,
-            n,
-            self._n_contexts,
-            self._lock,
-            self._check_alive,
-        )
+        with _kept_to(self._caller_core):
+            _share_rows(
+                self._evaluator,
+                self._views,
+                n,
+                self._n_contexts,
+                self._lock,
+                self._check_alive,
+            )
         self._collect(list(range(len(self._connections))), timeout=None)
         return energies[:n], forces[:n]
 
@@ -526,11 +564,19 @@ class _ContextPool:
             raise
 
     def _spawn_workers(self, spawn: Any) -> None:
+        self._caller_core, *cores = _cores(self._n_contexts)
         for i in range(self._n_contexts - 1):
             parent_end, child_end = spawn.Pipe()
             process = spawn.Process(
                 target=_worker_main,
-                args=(child_end, self._lock, self._spec, self._n_particles, self._n_contexts),
+                args=(
+                    child_end,
+                    self._lock,
+                    self._spec,
+                    self._n_particles,
+                    self._n_contexts,
+                    cores[i],
+                ),
                 name=f"openmm-nice-worker-{i}",
                 daemon=True,
             )
