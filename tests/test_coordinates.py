@@ -272,6 +272,17 @@ def test_loaded_zmatrix_replaces_the_placement_plan():
 # MolecularTransform
 
 
+def near_reference(ic: InternalCoordinates, reference, count: int, noise) -> torch.Tensor:
+    """``count`` internal coordinates near the reference's: bonds 2%, angles 0.05 rad and
+    torsions 0.2 rad of ``noise(*shape)``, drawn in that order."""
+    q = ic.to_internal(reference)[0].expand(count, -1).clone()
+    n = ic.n_atoms
+    q[:, : n - 1] *= 1 + 0.02 * noise(count, n - 1)
+    q[:, n - 1 : 2 * n - 3] += 0.05 * noise(count, n - 2)
+    q[:, 2 * n - 3 :] += 0.2 * noise(count, n - 3)
+    return q
+
+
 @pytest.fixture(scope="module")
 def frames(zmatrix, reference):
     """200 synthetic frames: thermal-like bonds and angles, the first torsion in two modes."""
@@ -279,11 +290,8 @@ def frames(zmatrix, reference):
     torch.manual_seed(1)
     noise = lambda *shape: torch.randn(*shape, dtype=torch.float64)
     ic = InternalCoordinates(zmatrix)
-    q = ic.to_internal(reference)[0].expand(200, -1).clone()
+    q = near_reference(ic, reference, 200, noise)
     n = ic.n_atoms
-    q[:, : n - 1] *= 1 + 0.02 * noise(200, n - 1)
-    q[:, n - 1 : 2 * n - 3] += 0.05 * noise(200, n - 2)
-    q[:, 2 * n - 3 :] += 0.2 * noise(200, n - 3)
     modes = torch.where(torch.rand(200) < 0.5, -2.0, 2.0)
     q[:, 2 * n - 3] = modes + 0.2 * noise(200)
     return random_rigid_motion(ic.to_cartesian(q)[0])
@@ -525,11 +533,7 @@ def handed(alanine, zmatrix, reference):
     ic = InternalCoordinates(zmatrix)
     generator = torch.Generator().manual_seed(2)
     noise = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=generator)
-    q = ic.to_internal(reference)[0].expand(200, -1).clone()
-    n = ic.n_atoms
-    q[:, : n - 1] *= 1 + 0.02 * noise(200, n - 1)
-    q[:, n - 1 : 2 * n - 3] += 0.05 * noise(200, n - 2)
-    q[:, 2 * n - 3 :] += 0.2 * noise(200, n - 3)
+    q = near_reference(ic, reference, 200, noise)
     frames = random_rigid_motion(ic.to_cartesian(q)[0])
     return MolecularTransform.from_data(zmatrix, frames, handedness=signs), signs, frames
 
@@ -598,11 +602,8 @@ def tree(zmatrix, reference):
     generator = torch.Generator().manual_seed(3)
     noise = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=generator)
     ic = InternalCoordinates(zmatrix)
-    q = ic.to_internal(reference)[0].expand(400, -1).clone()
+    q = near_reference(ic, reference, 400, noise)
     n = ic.n_atoms
-    q[:, : n - 1] *= 1 + 0.02 * noise(400, n - 1)
-    q[:, n - 1 : 2 * n - 3] += 0.05 * noise(400, n - 2)
-    q[:, 2 * n - 3 :] += 0.2 * noise(400, n - 3)
     first = torch.rand(400, generator=generator, dtype=torch.float64) < 0.3
     q[:, 2 * n - 3] = torch.where(first, -2.0, 1.5) + 0.2 * noise(400)
     q[:, 2 * n - 3 + 5] = torch.where(first, 2.5, -1.0) + 0.2 * noise(400)
