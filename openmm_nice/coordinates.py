@@ -1070,9 +1070,27 @@ def _normal_to_torsion(y: Tensor, offset: Tensor, cdf: Tensor) -> tuple[Tensor, 
     k = torch.searchsorted(cdf.contiguous(), v.T.contiguous(), right=True).T - 1
     k = k.clamp(0, n_bins - 1)
     low, mass = _bin_cdf(k, cdf)
+    torsion, log_g = _inside_bin(v, k, low, mass, offset, n_bins)
+    return torsion.to(dtype), log_g.to(dtype)
+
+
+def _inside_bin(
+    v: Tensor, k: Tensor, low: Tensor, mass: Tensor, offset: Tensor, n_bins: int
+) -> tuple[Tensor, Tensor]:
+    """The torsion at which a piecewise-linear G, of value ``low`` at the lower edge of bin k
+    and rising by ``mass`` across it, reaches v; and log g there (the bin's density)."""
     width = 2 * math.pi / n_bins
     torsion = offset - math.pi + (k + (v - low) / mass) * width
-    return torsion.to(dtype), (mass / width).log().to(dtype)
+    return torsion, (mass / width).log()
+
+
+def _bin_position(torsion: Tensor, offset: Tensor, n_bins: int) -> tuple[Tensor, Tensor]:
+    """A torsion's position in bins on the circle cut at offset - pi (float64), and its bin
+    k; an undefined torsion (NaN positions) stays NaN, through a valid bin index."""
+    width = 2 * math.pi / n_bins
+    position = torch.remainder(torsion.double() - (offset - math.pi), 2 * math.pi) / width
+    k = torch.nan_to_num(position.floor(), nan=0.0).clamp(0, n_bins - 1).long()
+    return position, k
 
 
 def _torsion_to_normal(
@@ -1083,9 +1101,7 @@ def _torsion_to_normal(
     dtype = torsion.dtype
     n_bins = cdf.shape[1] - 1
     width = 2 * math.pi / n_bins
-    position = torch.remainder(torsion.double() - (offset - math.pi), 2 * math.pi) / width
-    # an undefined torsion (NaN positions) stays NaN, through a valid bin index
-    k = torch.nan_to_num(position.floor(), nan=0.0).clamp(0, n_bins - 1).long()
+    position, k = _bin_position(torsion, offset, n_bins)
     low, mass = _bin_cdf(k, cdf)
     v = low + (position - k) * mass
     y = torch.special.ndtri(v).to(dtype)
@@ -1152,9 +1168,8 @@ def _conditional_normal_to_torsion(
     k = low_k
     low = _mixed_cdf(cdf, j0, j1, lam, k)
     mass = _mixed_cdf(cdf, j0, j1, lam, k + 1) - low
-    width = 2 * math.pi / n_bins
-    torsion = offset - math.pi + (k + (v - low) / mass) * width
-    return torsion.to(dtype), (mass / width).log().to(dtype)
+    torsion, log_g = _inside_bin(v, k, low, mass, offset, n_bins)
+    return torsion.to(dtype), log_g.to(dtype)
 
 
 def _conditional_torsion_to_normal(
@@ -1165,8 +1180,7 @@ def _conditional_torsion_to_normal(
     n_bins = cdf.shape[2] - 1
     width = 2 * math.pi / n_bins
     j0, j1, lam = _parent_bins(parent_angle.double(), cdf.shape[1])
-    position = torch.remainder(torsion.double() - (offset - math.pi), 2 * math.pi) / width
-    k = torch.nan_to_num(position.floor(), nan=0.0).clamp(0, n_bins - 1).long()
+    position, k = _bin_position(torsion, offset, n_bins)
     low = _mixed_cdf(cdf, j0, j1, lam, k)
     mass = _mixed_cdf(cdf, j0, j1, lam, k + 1) - low
     y = torch.special.ndtri(low + (position - k) * mass)
@@ -1266,11 +1280,7 @@ def _conditional_cdfs(
             density = (frames * density / density.sum() + TREE_PRIOR * marginal) / (
                 frames + TREE_PRIOR
             )
-        mass = (1 - floor) * density + floor / bins
-        cdf = np.concatenate([[0.0], np.cumsum(mass)])
-        cdf /= cdf[-1]
-        cdf[-1] = 1.0
-        cdfs[j] = cdf
+        cdfs[j] = _floored_cdf(density, floor)
     return cdfs
 
 
@@ -1341,8 +1351,13 @@ def _circular_cdf(
 ) -> np.ndarray:
     """G at the bin edges of the (weighted) smoothed histogram of angles measured from the
     cut, mixed with a uniform floor: shape (bins + 1,), from exactly 0 to exactly 1."""
-    smooth = _smoothed_histogram(angles, bins, smoothing, weights)
-    mass = (1 - floor) * smooth / smooth.sum() + floor / bins
+    return _floored_cdf(_smoothed_histogram(angles, bins, smoothing, weights), floor)
+
+
+def _floored_cdf(density: np.ndarray, floor: float) -> np.ndarray:
+    """G at the bin edges of a binned density (any positive scale) mixed with a uniform
+    density of weight ``floor``: shape (bins + 1,), from exactly 0 to exactly 1."""
+    mass = (1 - floor) * density / density.sum() + floor / len(density)
     cdf = np.concatenate([[0.0], np.cumsum(mass)])
     cdf /= cdf[-1]
     cdf[-1] = 1.0
