@@ -69,6 +69,7 @@ def independence_metropolis(
     energy: Callable[[Tensor], Tensor],
     n_steps: int = 1,
     rng: torch.Generator | None = None,
+    refresh_chunk: int = 4,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Metropolis-Hastings steps of B chains with the generator's draws as proposals.
 
@@ -81,8 +82,9 @@ def independence_metropolis(
     whose own weight is undefined (a clash it started in) takes any proposal with a finite one.
 
     The proposals do not depend on the chains, so all ``n_steps * B`` are drawn in one batch,
-    and so are the fresh y of a chain's point for all the steps it may stay there: a batch for
-    the starting points, and one more after each step that some chain accepts.
+    and so are ``refresh_chunk`` fresh y of every proposal, used for the steps after it is
+    accepted (a chain that stays longer gets 8 chunks more at a time); a batch of many small model passes, one
+    per acceptance, would cost far more than the arithmetic.
 
     Arguments:
         generator: The model. Its dtype is the arithmetic's: float64 makes the ratios exact to
@@ -94,6 +96,7 @@ def independence_metropolis(
             temperature.
         n_steps: Steps of each chain.
         rng: Random numbers for y, the proposals and the acceptance tests.
+        refresh_chunk: Fresh y drawn at a time for a chain's current point.
 
     Returns:
         The chains' points and energies after the steps, and how many proposals each chain
@@ -109,6 +112,8 @@ def independence_metropolis(
     """
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    if isinstance(refresh_chunk, bool) or not isinstance(refresh_chunk, int) or refresh_chunk < 1:
+        raise ValueError(f"refresh_chunk must be a positive int, got {refresh_chunk!r}")
     x = x.to(device=generator.device, dtype=generator.dtype)
     u = u.to(device=generator.device, dtype=generator.dtype)
     chains = len(x)
@@ -116,20 +121,33 @@ def independence_metropolis(
     log_w_new = proposals.log_weights().reshape(n_steps, chains)
     x_new = proposals.x.reshape(n_steps, chains, -1)
     u_new = proposals.u.reshape(n_steps, chains)
-    log_w = _refreshed_log_weights(generator, x, u, n_steps, rng)
+    # refresh_chunk fresh weights of each proposal, (refresh_chunk, n_steps, chains)
+    ahead = _refreshed_log_weights(
+        generator, proposals.x, proposals.u, min(refresh_chunk, n_steps - 1) or 1, rng
+    ).reshape(-1, n_steps, chains)
+    log_w = torch.empty(n_steps, chains, dtype=x.dtype, device=x.device)
+    # log_w[s, c] holds the weight of chain c's current point with a fresh y for the steps
+    # s < ready[c]
+    ready = torch.zeros(chains, dtype=torch.int64, device=x.device)
     log_uniform = torch.rand(n_steps, chains, dtype=x.dtype, device=x.device, generator=rng).log()
     accepted = torch.zeros(chains, dtype=torch.int64, device=x.device)
     for step in range(n_steps):
+        stale = ready <= step
+        if stale.any():  # a chain that has stayed refresh_chunk steps tends to stay: 8 chunks
+            n = min(8 * refresh_chunk, n_steps - step)
+            log_w[step : step + n, stale] = _refreshed_log_weights(
+                generator, x[stale], u[stale], n, rng
+            )
+            ready[stale] = step + n
         accept = log_uniform[step] < log_w_new[step] - log_w[step]  # NaN (both zero) rejects
         if not accept.any():
             continue
         x = torch.where(accept[:, None], x_new[step], x)
         u = torch.where(accept, u_new[step], u)
         accepted += accept
-        if step + 1 < n_steps:
-            log_w[step + 1 :, accept] = _refreshed_log_weights(
-                generator, x[accept], u[accept], n_steps - step - 1, rng
-            )
+        k = min(len(ahead), n_steps - step - 1)
+        log_w[step + 1 : step + 1 + k, accept] = ahead[:k, step, accept]
+        ready[accept] = step + 1 + k
     return x, u, accepted
 
 
