@@ -88,7 +88,15 @@ def mala_step(energy, x, u, step: float, rng: torch.Generator):
 
 
 def run_toy_chains(
-    bg, n_chains, n_iterations, proposals=1, mala_steps=0, beta=1.0, start=1.3, seed=1
+    bg,
+    n_chains,
+    n_iterations,
+    proposals=1,
+    mala_steps=0,
+    beta=1.0,
+    start=1.3,
+    seed=1,
+    refresh_chunk=4,
 ):
     """Chains from x = start of ``proposals`` steps of the move then ``mala_steps`` MALA steps
     per iteration; returns x after each iteration, shape (n_iterations, n_chains)."""
@@ -98,7 +106,7 @@ def run_toy_chains(
     u = energy(x)
     trace = np.empty((n_iterations, n_chains))
     for i in range(n_iterations):
-        x, u, _ = independence_metropolis(bg, x, u, energy, proposals, rng)
+        x, u, _ = independence_metropolis(bg, x, u, energy, proposals, rng, refresh_chunk)
         for _ in range(mala_steps):
             x, u = mala_step(energy, x, u, 0.02, rng)
         trace[i] = x[:, 0].numpy()
@@ -123,21 +131,23 @@ def test_exact_population_of_the_toy():
 
 
 @pytest.mark.parametrize(
-    "latent_dim, proposals, mala_steps, beta",
+    "latent_dim, proposals, mala_steps, beta, refresh_chunk",
     [
-        (None, 1, 0, 1.0),
-        (2, 1, 0, 1.0),
-        (2, 4, 0, 1.0),  # several steps per call: batched proposals and refreshes of y
-        (None, 1, 2, 1.0),
-        (2, 1, 2, 1.0),
-        (2, 1, 0, 0.75),
+        (None, 1, 0, 1.0, 4),
+        (2, 1, 0, 1.0, 4),
+        (2, 4, 0, 1.0, 4),  # several steps per call: batched proposals and refreshes of y
+        # fresh y drawn one step ahead: chains that stay get theirs from later batches
+        (2, 6, 0, 1.0, 1),
+        (None, 1, 2, 1.0, 4),
+        (2, 1, 2, 1.0, 4),
+        (2, 1, 0, 0.75, 4),
     ],
 )
 def test_chains_of_a_poor_model_reproduce_the_exact_population(
-    poor_models, latent_dim, proposals, mala_steps, beta
+    poor_models, latent_dim, proposals, mala_steps, beta, refresh_chunk
 ):
     bg = poor_models[latent_dim]
-    trace = run_toy_chains(bg, 64, 300, proposals, mala_steps, beta)
+    trace = run_toy_chains(bg, 64, 300, proposals, mala_steps, beta, refresh_chunk=refresh_chunk)
     exact = probability_below_zero(beta)
     error = check_population((trace[50:] < 0).astype(float), exact)
     # the test has power: the model's own draws miss the answer by many such errors
@@ -158,6 +168,8 @@ def test_a_proposal_replaces_a_chain_stuck_at_an_infinite_energy(poor_models):
     assert (accepted == 1).all() and torch.isfinite(u).all() and torch.isfinite(x).all()
     with pytest.raises(ValueError, match="n_steps"):
         independence_metropolis(bg, x, u, bg.energy, n_steps=0)
+    with pytest.raises(ValueError, match="refresh_chunk"):
+        independence_metropolis(bg, x, u, bg.energy, refresh_chunk=0)
 
 
 # The openmmtools move on an OpenMM system: one particle in the double well
