@@ -19,8 +19,32 @@ def machine_facts() -> dict:
     }
 
 
-def alanine_json_line(benchmark: str, args, loads: tuple[float, float], platforms: dict) -> str:
-    """The JSON line of an alanine-dipeptide energy benchmark (batch, repeats, machine, load)."""
+def cpu_counters() -> list[int] | None:
+    """The machine's CPU time counters (/proc/stat's first line: user, nice, system, idle,
+    iowait, irq, softirq, steal, ...), in clock ticks; None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as stat:
+            return [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def stolen_fraction(before: list[int] | None, after: list[int] | None) -> float | None:
+    """The share of the machine's CPU time between two :func:`cpu_counters` that the
+    hypervisor gave to other guests (steal): a virtual core running other work at the host's
+    call is slower for reasons no process here can see."""
+    if before is None or after is None or len(before) < 8:
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta[:8])
+    return delta[7] / total if total > 0 else None
+
+
+def alanine_json_line(
+    benchmark: str, args, loads: tuple[float, float], platforms: dict, **facts
+) -> str:
+    """The JSON line of an alanine-dipeptide energy benchmark (batch, repeats, machine, load,
+    and any further ``facts``)."""
     return json.dumps(
         {
             "benchmark": benchmark,
@@ -29,6 +53,7 @@ def alanine_json_line(benchmark: str, args, loads: tuple[float, float], platform
             "repeats": args.repeats,
             **machine_facts(),
             "load_average": list(loads),
+            **facts,
             "platforms": platforms,
         }
     )

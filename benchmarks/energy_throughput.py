@@ -24,7 +24,11 @@ from collections.abc import Callable
 import numpy as np
 import openmm
 import torch
-from _machine import alanine_json_line  # benchmarks/ is on the path of a script run from it
+from _machine import (  # benchmarks/ is on the path of a script run from it
+    alanine_json_line,
+    cpu_counters,
+    stolen_fraction,
+)
 from _timing import best_times, forward_backward, own_loop, timed
 from openmm import unit
 from openmmtools import testsystems
@@ -124,6 +128,7 @@ def main() -> None:
     positions = reference + 0.01 * rng.standard_normal((args.batch, *reference.shape))
 
     load_before = os.getloadavg()[0]
+    counters_before = cpu_counters()
     results: dict[str, dict[str, float]] = {}
     rows = []
     for platform in args.platforms.split(","):
@@ -144,10 +149,12 @@ def main() -> None:
             result[f"overhead_fraction_{n}"] = overheads[n] / times[f"openmm_energy_{n}"]
         results[platform] = result
     load_after = os.getloadavg()[0]
+    stolen = stolen_fraction(counters_before, cpu_counters())
 
     print(
         f"alanine dipeptide (22 atoms), batch {args.batch}, best of {args.repeats}; "
-        f"1-minute load average {load_before:.2f} before, {load_after:.2f} after"
+        f"1-minute load average {load_before:.2f} before, {load_after:.2f} after; CPU time "
+        f"stolen by the hypervisor: {'n/a' if stolen is None else f'{100 * stolen:.1f}%'}"
     )
     print(f"{'platform':<10} {'method':<40} {'evals/s':>10} {'x own loop':>11}")
     for platform, label, rate, ratio in rows:
@@ -159,7 +166,15 @@ def main() -> None:
                 f"  {platform:<10} {n} worker(s): {result[f'overhead_ms_{n}']:6.2f} ms per batch "
                 f"({100 * result[f'overhead_fraction_{n}']:.1f}% of it)"
             )
-    print(alanine_json_line("energy_throughput", args, (load_before, load_after), results))
+    print(
+        alanine_json_line(
+            "energy_throughput",
+            args,
+            (load_before, load_after),
+            results,
+            cpu_time_stolen_fraction=stolen,
+        )
+    )
 
 
 if __name__ == "__main__":
