@@ -82,9 +82,10 @@ def independence_metropolis(
     whose own weight is undefined (a clash it started in) takes any proposal with a finite one.
 
     The proposals do not depend on the chains, so all ``n_steps * B`` are drawn in one batch,
-    and so are ``refresh_chunk`` fresh y of every proposal, used for the steps after it is
-    accepted (a chain that stays longer gets 8 chunks more at a time); a batch of many small model passes, one
-    per acceptance, would cost far more than the arithmetic.
+    and so are ``refresh_chunk`` fresh y of every proposal that a later step could use (all
+    but the last step's), for the steps after it is accepted; a chain that stays longer gets
+    8 chunks more at a time. One small model pass per acceptance would cost far more than the
+    arithmetic.
 
     Arguments:
         generator: The model. Its dtype is the arithmetic's: float64 makes the ratios exact to
@@ -121,10 +122,16 @@ def independence_metropolis(
     log_w_new = proposals.log_weights().reshape(n_steps, chains)
     x_new = proposals.x.reshape(n_steps, chains, -1)
     u_new = proposals.u.reshape(n_steps, chains)
-    # refresh_chunk fresh weights of each proposal, (refresh_chunk, n_steps, chains)
-    ahead = _refreshed_log_weights(
-        generator, proposals.x, proposals.u, min(refresh_chunk, n_steps - 1) or 1, rng
-    ).reshape(-1, n_steps, chains)
+    # fresh weights of the proposals of every step but the last, (lookahead, n_steps - 1, chains)
+    lookahead = min(refresh_chunk, n_steps - 1)
+    if lookahead:
+        ahead = _refreshed_log_weights(
+            generator,
+            x_new[:-1].reshape(-1, x_new.shape[-1]),
+            u_new[:-1].reshape(-1),
+            lookahead,
+            rng,
+        ).reshape(lookahead, n_steps - 1, chains)
     log_w = torch.empty(n_steps, chains, dtype=x.dtype, device=x.device)
     # log_w[s, c] holds the weight of chain c's current point with a fresh y for the steps
     # s < ready[c]
@@ -145,8 +152,9 @@ def independence_metropolis(
         x = torch.where(accept[:, None], x_new[step], x)
         u = torch.where(accept, u_new[step], u)
         accepted += accept
-        k = min(len(ahead), n_steps - step - 1)
-        log_w[step + 1 : step + 1 + k, accept] = ahead[:k, step, accept]
+        k = min(lookahead, n_steps - step - 1)
+        if k:
+            log_w[step + 1 : step + 1 + k, accept] = ahead[:k, step, accept]
         ready[accept] = step + 1 + k
     return x, u, accepted
 

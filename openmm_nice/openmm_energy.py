@@ -245,8 +245,7 @@ def _cores(n_contexts: int) -> list[int | None]:
 
     Left to itself, Linux wakes a worker on the core of the thread that woke it, the caller,
     which then evaluates its own share of the batch there; for batches of a few milliseconds
-    the two stay on one core. On an idle 2-core machine 2 Contexts ran at 1.09-1.10x of one
-    (benchmarks/RESULTS.md).
+    the two stay on one core (measured in benchmarks/RESULTS.md, energy throughput).
     """
     if not hasattr(os, "sched_getaffinity"):
         return [None] * n_contexts
