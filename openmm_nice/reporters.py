@@ -26,6 +26,7 @@ METRIC_COLUMNS = (
     "nll_nats",
     "walker_nll_nats",
     "buffer_nll_nats",
+    "buffer_ess",
     "walker_exchange",
     "walker_acceptance",
     "energy_kT",
@@ -95,9 +96,13 @@ class MetricsReporter:
             atomic_write_text(self.path, ",".join(METRIC_COLUMNS) + "\n")
         else:
             with open(self.path, newline="") as handle:
-                rows = list(csv.reader(handle))
-            kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= resume_step]
-            atomic_write_text(self.path, "".join(",".join(r) + "\n" for r in kept))
+                rows = list(csv.DictReader(handle))
+            # rows past the checkpoint are dropped; a file of an older version, with other
+            # columns, is rewritten in today's (a column it lacks stays empty)
+            kept = [r for r in rows if r.get("step") and int(r["step"]) <= resume_step]
+            lines = [",".join(METRIC_COLUMNS)]
+            lines += [",".join(r.get(c) or "" for c in METRIC_COLUMNS) for r in kept]
+            atomic_write_text(self.path, "".join(line + "\n" for line in lines))
 
     def describeNextReport(self, trainer) -> int:  # noqa: N802
         return _steps_to_next_multiple(trainer.step, self.interval)

@@ -100,7 +100,7 @@ class _StepLoss(nn.Module):
     ) -> tuple[Tensor, dict, Tensor | None]:
         t = self._trainer[0]
         if refit_buffer is not None:  # the maximum-likelihood steps that follow a map refit
-            ml = nll(self.generator, t.buffer_batch(beta, refit_buffer), t.rng)
+            ml = t.buffer_nll(beta, refit_buffer)
             return ml, {"buffer_nll": float(ml.detach())}, None
         rkl, d, state = reverse_kl(self.generator, t.batch_size, beta, t.energy_cut, t.rng)
         state["reverse_kl"] = float(rkl.detach())
@@ -115,8 +115,11 @@ class _StepLoss(nn.Module):
             state["nll"] = float(ml.detach())
             loss = loss + t.ml_weight_at(t.step) * ml
         if weight["buffer"] > 0 and len(t.buffer) > 0:
-            ml = nll(self.generator, t.buffer_batch(beta, t.buffer), t.rng)
+            pooled = t.pooled_buffer(beta)
+            ml = t.buffer_nll(beta, pooled)
             state["buffer_nll"] = float(ml.detach())
+            w = pooled.weights[: len(t.buffer)]  # the buffer's share: its Kish size
+            state["buffer_ess"] = float(w.sum() ** 2 / (w**2).sum())
             loss = loss + weight["buffer"] * ml
         if t.walkers > 0 and weight["walker"] > 0:
             walkers, state["walker_exchange"], state["walker_acceptance"] = t.move_walkers(d, beta)
@@ -241,7 +244,8 @@ class Trainer:
     carry what the hot models found to the target: the buffer (:class:`~openmm_nice.buffer.
     SampleBuffer`: ``buffer_draws`` model samples added every ``buffer_interval`` steps, the
     newest ``buffer_size`` kept, whose NLL under importance resampling at the current beta is
-    a mass-covering forward KL), and refits of the coordinate map (at each step listed in
+    a mass-covering forward KL; pooled with the walkers by effective sample size, see
+    :meth:`pooled_buffer`), and refits of the coordinate map (at each step listed in
     ``map_refits``: ``refit_samples`` new samples, ``fit_map(x, weights)`` fitted to the
     weighted buffer, then ``refit_steps`` maximum-likelihood steps, see :meth:`refit_map`),
     which give each torsion a density learned from the model's own weighted samples instead
@@ -484,10 +488,32 @@ class Trainer:
             inside = torch.isfinite(coordinates.inverse_and_ladj(x.to(self.generator.dtype))[1])
         return torch.where(inside, u, math.inf)
 
-    def buffer_batch(self, beta: float, buffer: SampleBuffer) -> Tensor:
+    def buffer_batch(self, beta: float, buffer: SampleBuffer | _PooledSamples) -> Tensor:
         """``buffer_batch_size`` samples of ``buffer`` resampled by their weights at ``beta``."""
         x = buffer.sample(self.buffer_batch_size, beta, self.rng)
         return x.to(self.generator.dtype)
+
+    def buffer_nll(self, beta: float, buffer: SampleBuffer | _PooledSamples) -> Tensor:
+        """The NLL of a :meth:`buffer_batch`; a walker in it where the model's density is
+        undefined (a map refitted since it got there) does not count, as in
+        :func:`weighted_nll`."""
+        x = self.buffer_batch(beta, buffer)
+        return weighted_nll(self.generator, x, torch.ones(len(x), dtype=x.dtype), self.rng)
+
+    def pooled_buffer(self, beta: float, samples: SampleBuffer | None = None) -> _PooledSamples:
+        """The buffer's (or ``samples``') samples weighted for ``beta``, pooled with the walkers (when there are
+        any) in proportion to the two sets' effective sample sizes.
+
+        Both estimate the Boltzmann distribution at ``beta``. While the model is poor, the
+        buffer's weights rest on a handful of samples (tens of effective samples in 50,000)
+        and a forward KL on them alone pulls the model onto those few points; the walkers,
+        an MCMC population at ``beta``, then carry the term. Once the buffer's effective size
+        is far above the walkers' count, the term is the buffer's as before."""
+        samples = self.buffer if samples is None else samples
+        pooled = _PooledSamples(samples.x, samples.normalized_weights(beta))
+        if self._walkers is not None:
+            pooled = pooled.join(self._walkers.x, self._walkers.normalized_weights())
+        return pooled
 
     def refit_map(self, beta: float) -> None:
         """Refit the coordinate map to the model's own samples weighted for ``beta`` and to
@@ -515,9 +541,7 @@ class Trainer:
                 ais_steps=self.buffer_ais_steps,
                 beta=beta,
             )
-            pooled = _PooledSamples(samples.x, samples.normalized_weights(beta))
-            if self._walkers is not None:
-                pooled = pooled.join(self._walkers.x, self._walkers.normalized_weights())
+            pooled = self.pooled_buffer(beta, samples)
             fitted = self.fit_map(pooled.x, pooled.weights)
             state = fitted.state_dict()
             if dist.is_available() and dist.is_initialized():

@@ -81,6 +81,19 @@ def test_metrics_reporter_writes_units_and_truncates_on_resume(tmp_path):
     MetricsReporter(path, interval=5, resume_step=10)
     assert [int(r["step"]) for r in csv.DictReader(open(path))] == [5, 10]
 
+    # a file written before a column was added is rewritten with today's columns
+    rows = list(csv.reader(open(path)))
+    old = [c for c in METRIC_COLUMNS if c != "buffer_ess"]
+    with open(path, "w") as handle:
+        handle.write(",".join(old) + "\n")
+        for r in rows[1:]:
+            handle.write(",".join(v for c, v in zip(METRIC_COLUMNS, r) if c != "buffer_ess"))
+            handle.write("\n")
+    MetricsReporter(path, interval=5, resume_step=5)
+    rows = list(csv.DictReader(open(path)))
+    assert tuple(rows[0].keys()) == METRIC_COLUMNS and [r["step"] for r in rows] == ["5"]
+    assert rows[0]["buffer_ess"] == "" and float(rows[0]["loss"]) == float(rows[0]["loss"])
+
 
 def test_ml_weight_moves_linearly_to_its_final_value():
     data = torch.randn(64, 1)
@@ -123,6 +136,29 @@ def test_buffer_term_trains_the_model_from_its_own_weighted_samples():
     assert len(t.buffer) == 4096 and ess() > before + 0.1  # 0.14 -> 0.37 when written
     with pytest.raises(ValueError, match="buffer_weight > 0 needs buffer_size"):
         _trainer(buffer_weight=1.0)
+
+
+def test_buffer_term_pools_the_walkers_by_effective_sample_size():
+    """A buffer whose weights rest on one sample hands the forward KL to the walkers; a buffer
+    of many even weights keeps it (the walkers' share is ESS_w / (ESS_b + ESS_w))."""
+    t = _trainer(steps=3, buffer_size=1000, buffer_weight=1.0, walkers=32, buffer_interval=1)
+    t.run()
+    assert t._walkers is not None and len(t.buffer) > 0
+    n = len(t.buffer)
+    x = torch.linspace(-2, 2, n).double()[:, None]
+    walker_share = 32 / (1 + 32)  # the walkers start with even weights
+    t.buffer.x, t.buffer.u = x, torch.zeros(n, dtype=torch.float64)
+    t.buffer.log_q = torch.full((n,), 50.0, dtype=torch.float64)
+    t.buffer.log_q[0] = 0.0  # exp(50) times the weight of any other sample
+    pooled = t.pooled_buffer(1.0)
+    assert float(pooled.weights[n:].sum()) == pytest.approx(walker_share, rel=1e-6)
+    t.buffer.log_q = torch.zeros(n, dtype=torch.float64)  # n even weights
+    pooled = t.pooled_buffer(1.0)
+    assert float(pooled.weights[n:].sum()) == pytest.approx(32 / (n + 32), rel=1e-6)
+    assert float(pooled.weights.sum()) == pytest.approx(1.0)
+    # the metrics see the buffer's own effective size
+    state = t._train_step()
+    assert state["buffer_ess"] == pytest.approx(n, rel=1e-6)
 
 
 class _Shift(torch.nn.Module):
