@@ -763,6 +763,7 @@ class MolecularTransform(Transform):
         weights: np.ndarray | Tensor | None = None,
         handedness: np.ndarray | Tensor | None = None,
         torsion_tree: bool = False,
+        cuts: np.ndarray | Tensor | None = None,
     ) -> MolecularTransform:
         r"""A transform normalised to a trajectory, or to one reference structure.
 
@@ -821,6 +822,13 @@ class MolecularTransform(Transform):
                 the whole-circle torsions without a rotor symmetry, and each child's density
                 in each of :data:`PARENT_BINS` parent bins is its weighted, smoothed histogram
                 there, leaning to its marginal where the bin holds few frames. Needs F >= 2.
+            cuts: Optional current cut of each torsion (radians, shape (N - 3,), e.g. a map's
+                ``torsion_offset - pi``), for a refit: a cut is kept wherever the smoothed
+                histogram is as low there as at its least-populated bin, so that a refit
+                moves a cut only when the frames have reached it. Otherwise the choice
+                between two empty regions would follow the noise at their edges, and a cut
+                that jumps to the other one reorders the torsion's basins along the flow's
+                coordinate, which the flow, trained on the old order, does not survive.
 
         Returns:
             A :class:`MolecularTransform` with float64 buffers.
@@ -899,6 +907,12 @@ class MolecularTransform(Transform):
                 f"density_smoothing must be a positive width in bins or 'auto', "
                 f"got {density_smoothing!r}"
             )
+        if cuts is not None:
+            cuts = torch.as_tensor(cuts).detach().to("cpu", torch.float64).reshape(-1).numpy()
+            if cuts.shape != (n - 3,) or not np.isfinite(cuts).all():
+                raise ValueError(
+                    f"cuts must hold {n - 3} finite angles (one per torsion), got {cuts}"
+                )
         widths = []
         for t, values in enumerate(torsions.T.numpy()):
             # each frame's n equivalent angles of an n-fold rotor: shape (n, F)
@@ -908,7 +922,12 @@ class MolecularTransform(Transform):
             if frame_weights is not None:
                 copy_weights = np.tile(frame_weights, orders[t])
             cut = _cut_angle(
-                values, bins, smoothing, None if scan is None else scan[t], copy_weights
+                values,
+                bins,
+                smoothing,
+                None if scan is None else scan[t],
+                copy_weights,
+                None if cuts is None else float(cuts[t]),
             )
             width = density_smoothing
             if width == "auto":
@@ -1394,12 +1413,18 @@ def _cut_angle(
     smoothing: float,
     scan: np.ndarray | None,
     weights: np.ndarray | None = None,
+    keep: float | None = None,
 ) -> float:
     """Where to cut a torsion's circle: in the least-populated region of the (weighted)
-    smoothed histogram; with a scan, at its highest scanned free energy there, else in the
-    middle of the widest such region."""
+    smoothed histogram; at ``keep`` (the current cut) if it lies in that region; otherwise
+    with a scan at its highest scanned free energy there, else in the middle of the widest
+    such region."""
     smooth = _smoothed_histogram(angles + math.pi, bins, smoothing, weights)  # bins from -pi
     lowest = smooth <= smooth.min() * (1 + 1e-9)
+    if keep is not None:
+        kept = math.remainder(keep, 2 * math.pi)
+        if lowest[min(int((kept + math.pi) * bins / (2 * math.pi)), bins - 1)]:
+            return kept
     centres = -math.pi + (np.arange(bins) + 0.5) * 2 * math.pi / bins
     if scan is not None:
         # The scanned value nearest each bin centre (scan values start at -pi, evenly spaced).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,8 @@ def map_fitter(config: Config, target: Target, coordinates):
             weights=weights,
             handedness=handedness,
             torsion_tree=config.model.torsion_tree,
+            # the map's cuts now (a refit keeps those that still lie where samples are thinnest)
+            cuts=coordinates.torsion_offset.detach().cpu() - math.pi,
         )
 
     return fit_map

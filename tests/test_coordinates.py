@@ -437,6 +437,31 @@ def test_energy_places_the_cut_on_a_barrier_inside_an_unvisited_region(zmatrix, 
     assert (s_back - s).abs().max() < 1e-9 and (ladj + ladj_back).abs().max() < 1e-9
 
 
+def test_a_refit_keeps_a_cut_that_still_lies_in_an_empty_region(zmatrix, reference):
+    """Two narrow modes leave two empty arcs. A fit alone cuts in the middle of the wider; a
+    refit given the current cut keeps it in the narrower, and moves it out of a mode."""
+    torch.manual_seed(3)
+    ic = InternalCoordinates(zmatrix)
+    first = 2 * ic.n_atoms - 3
+    q = ic.to_internal(reference)[0].expand(200, -1).clone()
+    modes = torch.where(torch.arange(200) % 2 == 0, -2.0, 1.0).double()
+    q[:, first] = modes + 0.1 * torch.randn(200, dtype=torch.float64)
+    frames = ic.to_cartesian(q)[0]
+    cut = lambda t: math.remainder(t.torsion_offset[0].item() - math.pi, 2 * math.pi)
+    plain = MolecularTransform.from_data(zmatrix, frames)
+    assert abs(abs(cut(plain)) - (math.pi - 0.5)) < 0.3  # the wider arc, through +-pi
+    current = plain.torsion_offset - math.pi
+    for kept in (-0.5, 0.2):  # inside the narrower empty arc (-1.7, 0.7)
+        current[0] = kept
+        refit = MolecularTransform.from_data(zmatrix, frames, cuts=current)
+        assert cut(refit) == pytest.approx(kept)
+        torch.testing.assert_close(refit.torsion_offset[1:], plain.torsion_offset[1:])
+    current[0] = 1.0  # inside a mode: moved to where the fit alone puts it
+    assert cut(MolecularTransform.from_data(zmatrix, frames, cuts=current)) == cut(plain)
+    with pytest.raises(ValueError, match="cuts must hold 19 finite angles"):
+        MolecularTransform.from_data(zmatrix, frames, cuts=current[:3])
+
+
 def test_torsion_density_checks_and_reload(transform, zmatrix, reference):
     good = (torch.zeros(60), torch.ones(60), torch.zeros(19))
     with pytest.raises(ValueError, match=r"torsion_cdf must have shape \(19, K \+ 1\)"):
