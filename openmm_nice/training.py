@@ -501,8 +501,8 @@ class Trainer:
         return weighted_nll(self.generator, x, torch.ones(len(x), dtype=x.dtype), self.rng)
 
     def pooled_buffer(self, beta: float, samples: SampleBuffer | None = None) -> _PooledSamples:
-        """The buffer's (or ``samples``') samples weighted for ``beta``, pooled with the walkers (when there are
-        any) in proportion to the two sets' effective sample sizes.
+        """The buffer's (or ``samples``') samples weighted for ``beta``, pooled with the
+        walkers (when there are any) in proportion to the two sets' effective sample sizes.
 
         Both estimate the Boltzmann distribution at ``beta``. While the model is poor, the
         buffer's weights rest on a handful of samples (tens of effective samples in 50,000)
