@@ -118,8 +118,7 @@ class _StepLoss(nn.Module):
             pooled = t.pooled_buffer(beta)
             ml = t.buffer_nll(beta, pooled)
             state["buffer_nll"] = float(ml.detach())
-            w = pooled.weights[: len(t.buffer)]  # the buffer's share: its Kish size
-            state["buffer_ess"] = float(w.sum() ** 2 / (w**2).sum())
+            state["buffer_ess"] = t.buffer.effective_sample_size(beta)
             loss = loss + weight["buffer"] * ml
         if t.walkers > 0 and weight["walker"] > 0:
             walkers, state["walker_exchange"], state["walker_acceptance"] = t.move_walkers(d, beta)
