@@ -37,7 +37,7 @@ from openmm_nice.observables import ramachandran
 from openmm_nice.reweighting import effective_sample_size, region_free_energy
 from openmm_nice.runs import load_run
 
-DEFAULT_REFERENCE = Path(__file__).parent / "reference" / "alanine_dipeptide_vacuum_300K.npz"
+REFERENCE_DIR = Path(__file__).parent / "reference"
 C7AX = (0.0, 2.2)  # the C7ax / alpha_L region of phi, radians
 
 # Reverse ESS on alanine dipeptide in implicit solvent (openmmtools AlanineDipeptideImplicit),
@@ -56,7 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, type=Path, help="a run folder of `openmm-nice train`")
     p.add_argument(
-        "--reference", type=Path, default=DEFAULT_REFERENCE, help="the reference map (npz)"
+        "--reference",
+        type=Path,
+        help="the reference map (npz); default: benchmarks/reference/SYSTEM_300K.npz for the "
+        "run's system (alanine_dipeptide_vacuum or alanine_dipeptide_implicit)",
     )
     p.add_argument("--n", type=int, default=200_000, help="one-shot samples of the final model")
     p.add_argument("--n-ais", type=int, default=50_000, help="AIS samples of the final model")
@@ -160,9 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"{args.run}`"
         )
     summary = json.loads(summary_path.read_text())
-    reference = load_reference(args.reference)
     config, target, generator = load_run(args.run)
+    if args.reference is None:
+        args.reference = REFERENCE_DIR / f"{target.name}_300K.npz"
     try:
+        reference = load_reference(args.reference)
         if not target.is_molecule:
             raise ValueError(f"{args.run} is a run of the toy {target.name!r}, not a molecule")
         topology = target.mdtraj_topology()

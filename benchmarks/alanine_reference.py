@@ -1,12 +1,22 @@
 """The alanine-dipeptide reference: umbrella sampling on the backbone dihedrals, with MBAR.
 
-Alanine dipeptide in vacuum at 300 K (openmmtools' AlanineDipeptideVacuum without constraints,
-`openmm_nice.systems.alanine_dipeptide_vacuum`). Harmonic restraints with a periodic distance,
-0.5 k min(|theta - theta0|, 2 pi - |theta - theta0|)^2, hold phi (and psi, for a 2-D grid) near
-the centre of each window; Langevin MD (LangevinMiddleIntegrator, 1 fs, friction 1/ps, on
-OpenMM's --platform, one thread) samples each window in turn, each starting from the end of the
-previous one after a short equilibration. MBAR (pymbar 4) over all windows gives each sample its
-weight in the unbiased ensemble, and from these weights:
+Alanine dipeptide at 300 K, in vacuum (openmmtools' AlanineDipeptideVacuum without constraints,
+`openmm_nice.systems.alanine_dipeptide_vacuum`) or with --system implicit in implicit solvent
+(AlanineDipeptideImplicit: the same System plus OBC GBSA). Harmonic restraints with a periodic
+distance, 0.5 k min(|theta - theta0|, 2 pi - |theta - theta0|)^2, hold phi (and psi, for a 2-D
+grid) near the centre of each window. Two engines run the same Langevin MD (the
+LangevinMiddleIntegrator's scheme, 1 fs, friction 1/ps):
+  * --engine openmm (the default): OpenMM's Simulation on --platform, one thread, samples each
+    window in turn, each starting from the end of the previous one after a short equilibration;
+  * --engine torch: every window at once, as one batch, with the System's energy and forces
+    evaluated by `openmm_nice.torch_energy.TorchEvaluator` (agreeing with OpenMM to 1e-9
+    relative; tests/test_torch_energy.py) and the restraints by autograd. Every window starts
+    from the minimised structure and equilibrates three times --equilibrate-ps under its own
+    restraint. On this 2-core machine OpenMM evaluates the implicit-solvent System at about
+    1,000 configurations per second, one per call: the batch is what makes its reference
+    affordable (the vacuum reference checks the engine against OpenMM's).
+MBAR (pymbar 4) over all windows gives each sample its weight in the unbiased ensemble, and
+from these weights:
   * dF = F(phi > 0) - F(phi < 0) = -ln(P(phi > 0) / P(phi < 0)) in kT;
   * the 36 x 36 Ramachandran probabilities, binned by `openmm_nice.free_energy.free_energy_map`
     (phi on the first axis), as the benchmarks bin the flow's samples.
@@ -24,6 +34,7 @@ standard error of that mean, and whose map is the mean of the repeats' maps.
 
 Usage:
     python benchmarks/alanine_reference.py [--grid 12x12] [--k 50] [--ps 35] [--repeats 4]
+    python benchmarks/alanine_reference.py --system implicit --engine torch --grid 18x18 --k 100 ...
     python benchmarks/alanine_reference.py --combine A.npz B.npz ... --out REF.npz
 """
 
@@ -49,9 +60,10 @@ from tqdm.auto import tqdm
 from openmm_nice.free_energy import RAMACHANDRAN_BINS, free_energy_map
 from openmm_nice.io import atomic_write
 from openmm_nice.observables import ramachandran
-from openmm_nice.systems import alanine_dipeptide_vacuum, import_quietly
+from openmm_nice.systems import alanine_dipeptide_implicit, alanine_dipeptide_vacuum, import_quietly
 
-DEFAULT_OUT = Path(__file__).parent / "reference" / "alanine_dipeptide_vacuum_300K.npz"
+SYSTEMS = {"vacuum": alanine_dipeptide_vacuum, "implicit": alanine_dipeptide_implicit}
+REFERENCE_DIR = Path(__file__).parent / "reference"
 TEMPERATURE = 300.0  # K
 KT = (unit.MOLAR_GAS_CONSTANT_R * TEMPERATURE * unit.kelvin).value_in_unit(unit.kilojoule_per_mole)
 RESTRAINT = "0.5*k*min(d, 2*pi - d)^2; d = abs(theta - theta0); pi = 3.141592653589793"
@@ -73,7 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-ps", type=float, default=0.5, help="ps between kept frames")
     p.add_argument("--repeats", type=int, default=4, help="independent runs")
     p.add_argument("--seed", type=int, default=1, help="seed of the first run (must be > 0)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="npz to write")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="npz to write (default: benchmarks/reference/alanine_dipeptide_SYSTEM_300K.npz)",
+    )
     p.add_argument(
         "--samples", type=Path, help="also write every run's phi, psi and window here (npz)"
     )
@@ -83,6 +99,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="Reference",
         help="OpenMM platform; Reference runs on one thread and is the faster for this small "
         "molecule (CPU with Threads=1 keeps a worker thread and a waiting main thread busy)",
+    )
+    p.add_argument(
+        "--system", choices=tuple(SYSTEMS), default="vacuum", help="the molecule's environment"
+    )
+    p.add_argument(
+        "--engine",
+        choices=("openmm", "torch"),
+        default="openmm",
+        help="openmm: OpenMM's Simulation, one window after another; torch: every window at "
+        "once as one batch on the torch energy path",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
@@ -103,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--seed must be positive (OpenMM takes 0 as 'pick a random seed')")
     if args.sample_ps > args.ps or args.ps <= 0 or args.equilibrate_ps < 0:
         p.error("need 0 < --sample-ps <= --ps and --equilibrate-ps >= 0")
+    if args.out is None:
+        args.out = REFERENCE_DIR / f"alanine_dipeptide_{args.system}_300K.npz"
     return args
 
 
@@ -194,6 +222,107 @@ def run_repeat(molecule, mdtop, centres, args, seed: int, bar) -> dict:
     }
 
 
+def dihedral_restraint(positions, atoms: np.ndarray, centres: np.ndarray, k: float):
+    """Restraint energies (B,) in kJ/mol and forces (B, N, 3) of positions (B, N, 3) in nm:
+    the sum over axes of 0.5 k min(d, 2 pi - d)^2 on the dihedral of atoms[axis] (4 indices),
+    centred at centres[:, axis] (B rows), by autograd in float64."""
+    import torch
+
+    x = torch.tensor(positions, dtype=torch.float64, requires_grad=True)
+    energy = x.new_zeros(len(positions))
+    for axis, (a, b, c, d) in enumerate(atoms):
+        b1, b2, b3 = x[:, b] - x[:, a], x[:, c] - x[:, b], x[:, d] - x[:, c]
+        n2 = torch.linalg.cross(b2, b3)
+        # the IUPAC sign, as OpenMM's and mdtraj's dihedrals
+        theta = torch.atan2(
+            torch.linalg.norm(b2, dim=1) * (b1 * n2).sum(1),
+            (torch.linalg.cross(b1, b2) * n2).sum(1),
+        )
+        delta = torch.abs(theta - torch.as_tensor(centres[:, axis]))
+        delta = torch.minimum(delta, 2.0 * math.pi - delta)
+        energy = energy + 0.5 * k * delta**2
+    (grad,) = torch.autograd.grad(energy.sum(), x)
+    return energy.detach().numpy(), -grad.numpy()
+
+
+def run_repeat_batched(molecule, mdtop, centres, args, seed: int, bar) -> dict:
+    """Umbrella sampling of every window at once, one batch row per window, on the torch
+    energy path: the LangevinMiddleIntegrator's scheme (kick, half drift, Ornstein-Uhlenbeck
+    velocities, half drift) in numpy, with the System's forces from a TorchEvaluator."""
+    from openmm_nice.torch_energy import TorchEvaluator
+
+    rng = np.random.default_rng(seed)
+    atoms = np.array([mdtraj_indices(mdtop, "phi"), mdtraj_indices(mdtop, "psi")])
+    atoms = atoms[: centres.shape[1]]
+    evaluate = TorchEvaluator(molecule.system, threads=1)
+
+    context = openmm.Context(
+        molecule.system,
+        openmm.VerletIntegrator(0.001),
+        openmm.Platform.getPlatformByName("Reference"),
+    )
+    context.setPositions(molecule.positions * unit.nanometer)
+    openmm.LocalEnergyMinimizer.minimize(context)
+    start_positions = context.getState(getPositions=True).getPositions(asNumpy=True)
+    start_positions = start_positions.value_in_unit(unit.nanometer)
+    del context
+
+    n_windows, n = len(centres), molecule.n_atoms
+    mass = np.array(
+        [molecule.system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(n)]
+    )[None, :, None]
+    dt, gamma = 0.001, 1.0  # ps, 1/ps
+    decay = math.exp(-gamma * dt)
+    thermal = np.sqrt(KT / mass)  # nm/ps
+    noise = math.sqrt(1.0 - decay**2) * thermal
+    x = np.repeat(start_positions[None], n_windows, axis=0)
+    v = rng.standard_normal(x.shape) * thermal
+    energies, forces = np.empty(n_windows), np.empty_like(x)
+
+    def total_forces(x: np.ndarray) -> np.ndarray:
+        evaluate(x, energies, forces)
+        if not np.all(np.isfinite(energies)):
+            bad = np.flatnonzero(~np.isfinite(energies))
+            raise RuntimeError(f"windows {bad.tolist()} reached a non-finite energy")
+        _, restraint = dihedral_restraint(x, atoms, centres, args.k)
+        return forces + restraint
+
+    def step(x: np.ndarray, v: np.ndarray, f: np.ndarray):
+        v = v + dt * f / mass
+        x = x + 0.5 * dt * v
+        v = decay * v + noise * rng.standard_normal(x.shape)
+        x = x + 0.5 * dt * v
+        return x, v, total_forces(x)
+
+    stride = int(round(args.sample_ps * 1000))
+    n_frames = int(round(args.ps / args.sample_ps))
+    n_equilibrate = 3 * int(round(args.equilibrate_ps * 1000))
+    frames = np.empty((n_frames, n_windows, n * 3))
+    start = time.perf_counter()
+    f = total_forces(x)
+    for _ in range(n_equilibrate):
+        x, v, f = step(x, v, f)
+    for i in range(n_frames):
+        for _ in range(stride):
+            x, v, f = step(x, v, f)
+        frames[i] = x.reshape(n_windows, -1)
+        bar.update(n_windows / n_frames)
+    phi, psi, window, transitions = [], [], [], []
+    for w in range(n_windows):
+        a, b = ramachandran(frames[:, w], mdtop)
+        phi.append(a)
+        psi.append(b)
+        window.append(np.full(n_frames, w))
+        transitions.append(psi_transitions(b))
+    return {
+        "phi": np.concatenate(phi),
+        "psi": np.concatenate(psi),
+        "window": np.concatenate(window),
+        "psi_transitions": np.array(transitions),
+        "wall_s": time.perf_counter() - start,
+    }
+
+
 def mdtraj_indices(mdtop, name: str) -> list[int]:
     """The four atoms of the first phi or psi, as mdtraj (and so `ramachandran`) finds them."""
     import mdtraj
@@ -244,17 +373,26 @@ def save(path: Path, record: dict, histogram: np.ndarray, extra: dict) -> None:
     atomic_write(path, write)
 
 
-def record_header() -> dict:
+def record_header(system: str = "vacuum") -> dict:
     """The first fields of the JSON record: what ran, on which system, by which command."""
     return {
         "benchmark": "alanine_reference",
-        "system": "alanine_dipeptide_vacuum",
+        "system": f"alanine_dipeptide_{system}",
         "command": shlex.join(["python", *sys.argv]),
         "temperature_K": TEMPERATURE,
     }
 
 
 PROTOCOL = ("grid", "k_kJ_mol_rad2", "ps_per_window", "equilibrate_ps", "sample_ps")
+# what the runs must share besides the protocol, with the value of a record written before the
+# field existed
+SAME = {"system": "alanine_dipeptide_vacuum", "engine": "openmm"}
+
+
+def protocol_of(record: dict) -> dict:
+    return {key: record[key] for key in PROTOCOL} | {
+        key: record.get(key, default) for key, default in SAME.items()
+    }
 
 
 def combine(paths: list[Path], out: Path) -> dict:
@@ -266,9 +404,9 @@ def combine(paths: list[Path], out: Path) -> dict:
             records.append(json.loads(str(data["record_json"])))
             dfs.append(np.asarray(data["per_repeat_df_kT"], dtype=np.float64))
             maps.append(np.asarray(data["per_repeat_histogram36"], dtype=np.float64))
-    protocol = {key: records[0][key] for key in PROTOCOL}
+    protocol = protocol_of(records[0])
     for path, record in zip(paths, records):
-        other = {key: record[key] for key in PROTOCOL}
+        other = protocol_of(record)
         if other != protocol:
             raise SystemExit(f"{path}: protocol {other} differs from {paths[0]}'s {protocol}")
     seeds = [seed for record in records for seed in record["seeds"]]
@@ -291,7 +429,7 @@ def combine(paths: list[Path], out: Path) -> dict:
         f"repeats' std {dfs.std(ddof=1):.3f}); map: the mean of the repeats' 36 x 36 maps"
     )
     record = {
-        **record_header(),
+        **record_header(protocol["system"].removeprefix("alanine_dipeptide_")),
         **protocol,
         "combined_from": [str(path) for path in paths],
         "repeats": len(dfs),
@@ -317,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     import mdtraj
 
-    molecule = alanine_dipeptide_vacuum()
+    molecule = SYSTEMS[args.system]()
     mdtop = mdtraj.Topology.from_openmm(molecule.topology)
     centres = window_centres(args.shape)
     seeds = [args.seed + r for r in range(args.repeats)]
@@ -328,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         total=len(centres) * args.repeats, unit="window", disable=args.quiet, desc="umbrella"
     ) as bar:
         for seed in seeds:
-            runs.append(run_repeat(molecule, mdtop, centres, args, seed, bar))
+            run = run_repeat_batched if args.engine == "torch" else run_repeat
+            runs.append(run(molecule, mdtop, centres, args, seed, bar))
     md_wall = time.perf_counter() - start
     if args.samples is not None:
         raw = {f"{key}_{r}": run[key] for r, run in enumerate(runs) for key in ("phi", "psi")}
@@ -348,9 +487,14 @@ def main(argv: list[str] | None = None) -> int:
     sem = float(np.std(dfs, ddof=1) / math.sqrt(len(dfs))) if len(dfs) > 1 else math.nan
     transitions = np.stack([r["psi_transitions"] for r in runs])  # (repeats, windows)
 
-    total_ns = len(centres) * args.repeats * (args.ps + args.equilibrate_ps) / 1000.0
+    # the first window (openmm) or every window (torch) equilibrates three times as long
+    equilibrate_ps = args.equilibrate_ps * (
+        len(centres) + 2 if args.engine == "openmm" else 3 * len(centres)
+    )
+    total_ns = args.repeats * (len(centres) * args.ps + equilibrate_ps) / 1000.0
     print(
-        f"umbrella sampling + MBAR, alanine dipeptide in vacuum, {TEMPERATURE:g} K: grid "
+        f"umbrella sampling + MBAR, alanine dipeptide ({args.system}), {TEMPERATURE:g} K, "
+        f"{args.engine} engine: grid "
         f"{args.grid} ({len(centres)} windows), k = {args.k:g} kJ/mol/rad^2, "
         f"{args.ps:g} ps per window (+{args.equilibrate_ps:g} ps equilibration), frames every "
         f"{args.sample_ps:g} ps; {total_ns:.2f} ns of MD in {md_wall:.0f} s"
@@ -381,14 +525,15 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     record = {
-        **record_header(),
+        **record_header(args.system),
         "grid": args.grid,
         "windows": len(centres),
         "k_kJ_mol_rad2": args.k,
         "ps_per_window": args.ps,
         "equilibrate_ps": args.equilibrate_ps,
         "sample_ps": args.sample_ps,
-        "platform": args.platform,
+        "platform": args.platform if args.engine == "openmm" else None,
+        "engine": args.engine,
         "repeats": args.repeats,
         "seeds": seeds,
         "df_kT": pooled["df_kT"],
