@@ -194,7 +194,7 @@ def run_repeat(molecule, mdtop, centres, args, seed: int, bar) -> dict:
     stride = int(round(args.sample_ps * 1000))
     n_frames = int(round(args.ps / args.sample_ps))
     n_equilibrate = int(round(args.equilibrate_ps * 1000))
-    phi, psi, window, transitions = [], [], [], []
+    frames = []
     start = time.perf_counter()
     for w, centre in enumerate(centres):
         for axis in range(centres.shape[1]):
@@ -202,22 +202,25 @@ def run_repeat(molecule, mdtop, centres, args, seed: int, bar) -> dict:
         restraint.updateParametersInContext(simulation.context)
         # the first window starts from the minimised crystal structure: equilibrate it longer
         simulation.step(n_equilibrate * (3 if w == 0 else 1))
-        frames = np.empty((n_frames, molecule.n_atoms * 3))
+        window = np.empty((n_frames, molecule.n_atoms * 3))
         for i in range(n_frames):
             simulation.step(stride)
             state = simulation.context.getState(getPositions=True)
-            frames[i] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer).ravel()
-        a, b = ramachandran(frames, mdtop)
-        phi.append(a)
-        psi.append(b)
-        window.append(np.full(n_frames, w))
-        transitions.append(psi_transitions(b))
+            window[i] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer).ravel()
+        frames.append(window)
         bar.update(1)
+    return window_samples(frames, mdtop, start)
+
+
+def window_samples(frames, mdtop, start: float) -> dict:
+    """phi, psi and window of every kept frame (frames[w]: window w's frames, (F, 3 N) in nm),
+    psi's transitions in each window, and the seconds since ``start``."""
+    angles = [ramachandran(f, mdtop) for f in frames]
     return {
-        "phi": np.concatenate(phi),
-        "psi": np.concatenate(psi),
-        "window": np.concatenate(window),
-        "psi_transitions": np.array(transitions),
+        "phi": np.concatenate([phi for phi, _ in angles]),
+        "psi": np.concatenate([psi for _, psi in angles]),
+        "window": np.concatenate([np.full(len(f), w) for w, f in enumerate(frames)]),
+        "psi_transitions": np.array([psi_transitions(psi) for _, psi in angles]),
         "wall_s": time.perf_counter() - start,
     }
 
@@ -228,16 +231,12 @@ def dihedral_restraint(positions, atoms: np.ndarray, centres: np.ndarray, k: flo
     centred at centres[:, axis] (B rows), by autograd in float64."""
     import torch
 
+    from openmm_nice.torch_energy import _dihedral  # the torsion terms' angle, OpenMM's sign
+
     x = torch.tensor(positions, dtype=torch.float64, requires_grad=True)
     energy = x.new_zeros(len(positions))
-    for axis, (a, b, c, d) in enumerate(atoms):
-        b1, b2, b3 = x[:, b] - x[:, a], x[:, c] - x[:, b], x[:, d] - x[:, c]
-        n2 = torch.linalg.cross(b2, b3)
-        # the IUPAC sign, as OpenMM's and mdtraj's dihedrals
-        theta = torch.atan2(
-            torch.linalg.norm(b2, dim=1) * (b1 * n2).sum(1),
-            (torch.linalg.cross(b1, b2) * n2).sum(1),
-        )
+    for axis, quad in enumerate(atoms):
+        theta = _dihedral(*(x[:, i] for i in quad))
         delta = torch.abs(theta - torch.as_tensor(centres[:, axis]))
         delta = torch.minimum(delta, 2.0 * math.pi - delta)
         energy = energy + 0.5 * k * delta**2
@@ -307,20 +306,7 @@ def run_repeat_batched(molecule, mdtop, centres, args, seed: int, bar) -> dict:
             x, v, f = step(x, v, f)
         frames[i] = x.reshape(n_windows, -1)
         bar.update(n_windows / n_frames)
-    phi, psi, window, transitions = [], [], [], []
-    for w in range(n_windows):
-        a, b = ramachandran(frames[:, w], mdtop)
-        phi.append(a)
-        psi.append(b)
-        window.append(np.full(n_frames, w))
-        transitions.append(psi_transitions(b))
-    return {
-        "phi": np.concatenate(phi),
-        "psi": np.concatenate(psi),
-        "window": np.concatenate(window),
-        "psi_transitions": np.array(transitions),
-        "wall_s": time.perf_counter() - start,
-    }
+    return window_samples(frames.transpose(1, 0, 2), mdtop, start)
 
 
 def mdtraj_indices(mdtop, name: str) -> list[int]:
