@@ -8,7 +8,8 @@ grid) near the centre of each window. Two engines run the same Langevin MD (the
 LangevinMiddleIntegrator's scheme, 1 fs, friction 1/ps):
   * --engine openmm (the default): OpenMM's Simulation on --platform, one thread, samples each
     window in turn, each starting from the end of the previous one after a short equilibration;
-  * --engine torch: every window at once, as one batch, with the System's energy and forces
+  * --engine torch: every window of every repeat at once, as one batch (larger batches
+    evaluate faster per row), with the System's energy and forces
     evaluated by `openmm_nice.torch_energy.TorchEvaluator` (agreeing with OpenMM to 1e-9
     relative; tests/test_torch_energy.py) and the restraints by autograd. Every window starts
     from the minimised structure and equilibrates three times --equilibrate-ps under its own
@@ -107,8 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--engine",
         choices=("openmm", "torch"),
         default="openmm",
-        help="openmm: OpenMM's Simulation, one window after another; torch: every window at "
-        "once as one batch on the torch energy path",
+        help="openmm: OpenMM's Simulation, one window after another; torch: every window of "
+        "every repeat at once, as one batch, on the torch energy path",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
@@ -244,13 +245,15 @@ def dihedral_restraint(positions, atoms: np.ndarray, centres: np.ndarray, k: flo
     return energy.detach().numpy(), -grad.numpy()
 
 
-def run_repeat_batched(molecule, mdtop, centres, args, seed: int, bar) -> dict:
-    """Umbrella sampling of every window at once, one batch row per window, on the torch
-    energy path: the LangevinMiddleIntegrator's scheme (kick, half drift, Ornstein-Uhlenbeck
-    velocities, half drift) in numpy, with the System's forces from a TorchEvaluator."""
+def run_repeats_batched(molecule, mdtop, centres, args, seeds: list[int], bar) -> list[dict]:
+    """Umbrella sampling of every window of every repeat at once, one batch row per window and
+    repeat (a larger batch evaluates faster per row), on the torch energy path: the
+    LangevinMiddleIntegrator's scheme (kick, half drift, Ornstein-Uhlenbeck velocities, half
+    drift) in numpy, with the System's forces from a TorchEvaluator. Each repeat draws its
+    velocities and noise from its own generator, seeded by its seed."""
     from openmm_nice.torch_energy import TorchEvaluator
 
-    rng = np.random.default_rng(seed)
+    rngs = [np.random.default_rng(seed) for seed in seeds]
     atoms = np.array([mdtraj_indices(mdtop, "phi"), mdtraj_indices(mdtop, "psi")])
     atoms = atoms[: centres.shape[1]]
     evaluate = TorchEvaluator(molecule.system, threads=1)
@@ -266,7 +269,9 @@ def run_repeat_batched(molecule, mdtop, centres, args, seed: int, bar) -> dict:
     start_positions = start_positions.value_in_unit(unit.nanometer)
     del context
 
-    n_windows, n = len(centres), molecule.n_atoms
+    n_windows, n, n_repeats = len(centres), molecule.n_atoms, len(seeds)
+    rows = n_windows * n_repeats
+    row_centres = np.tile(centres, (n_repeats, 1))  # repeat r holds rows r W ... (r + 1) W - 1
     mass = np.array(
         [molecule.system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(n)]
     )[None, :, None]
@@ -274,29 +279,33 @@ def run_repeat_batched(molecule, mdtop, centres, args, seed: int, bar) -> dict:
     decay = math.exp(-gamma * dt)
     thermal = np.sqrt(KT / mass)  # nm/ps
     noise = math.sqrt(1.0 - decay**2) * thermal
-    x = np.repeat(start_positions[None], n_windows, axis=0)
-    v = rng.standard_normal(x.shape) * thermal
-    energies, forces = np.empty(n_windows), np.empty_like(x)
+
+    def normal() -> np.ndarray:
+        return np.concatenate([rng.standard_normal((n_windows, n, 3)) for rng in rngs])
+
+    x = np.repeat(start_positions[None], rows, axis=0)
+    v = normal() * thermal
+    energies, forces = np.empty(rows), np.empty_like(x)
 
     def total_forces(x: np.ndarray) -> np.ndarray:
         evaluate(x, energies, forces)
         if not np.all(np.isfinite(energies)):
             bad = np.flatnonzero(~np.isfinite(energies))
-            raise RuntimeError(f"windows {bad.tolist()} reached a non-finite energy")
-        _, restraint = dihedral_restraint(x, atoms, centres, args.k)
+            raise RuntimeError(f"batch rows {bad.tolist()} reached a non-finite energy")
+        _, restraint = dihedral_restraint(x, atoms, row_centres, args.k)
         return forces + restraint
 
     def step(x: np.ndarray, v: np.ndarray, f: np.ndarray):
         v = v + dt * f / mass
         x = x + 0.5 * dt * v
-        v = decay * v + noise * rng.standard_normal(x.shape)
+        v = decay * v + noise * normal()
         x = x + 0.5 * dt * v
         return x, v, total_forces(x)
 
     stride = int(round(args.sample_ps * 1000))
     n_frames = int(round(args.ps / args.sample_ps))
     n_equilibrate = 3 * int(round(args.equilibrate_ps * 1000))
-    frames = np.empty((n_frames, n_windows, n * 3))
+    frames = np.empty((n_frames, rows, n * 3))
     start = time.perf_counter()
     f = total_forces(x)
     for _ in range(n_equilibrate):
@@ -304,9 +313,13 @@ def run_repeat_batched(molecule, mdtop, centres, args, seed: int, bar) -> dict:
     for i in range(n_frames):
         for _ in range(stride):
             x, v, f = step(x, v, f)
-        frames[i] = x.reshape(n_windows, -1)
-        bar.update(n_windows / n_frames)
-    return window_samples(frames.transpose(1, 0, 2), mdtop, start)
+        frames[i] = x.reshape(rows, -1)
+        bar.update(rows / n_frames)
+    by_row = frames.transpose(1, 0, 2)
+    return [
+        window_samples(by_row[r * n_windows : (r + 1) * n_windows], mdtop, start)
+        for r in range(n_repeats)
+    ]
 
 
 def mdtraj_indices(mdtop, name: str) -> list[int]:
@@ -451,9 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(
         total=len(centres) * args.repeats, unit="window", disable=args.quiet, desc="umbrella"
     ) as bar:
-        for seed in seeds:
-            run = run_repeat_batched if args.engine == "torch" else run_repeat
-            runs.append(run(molecule, mdtop, centres, args, seed, bar))
+        if args.engine == "torch":
+            runs = run_repeats_batched(molecule, mdtop, centres, args, seeds, bar)
+        else:
+            runs = [run_repeat(molecule, mdtop, centres, args, seed, bar) for seed in seeds]
     md_wall = time.perf_counter() - start
     if args.samples is not None:
         raw = {f"{key}_{r}": run[key] for r, run in enumerate(runs) for key in ("phi", "psi")}

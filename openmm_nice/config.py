@@ -117,6 +117,12 @@ def _weight_message(name: str, weight: float | list[list[float]]) -> str:
     )
 
 
+def _weight_minimum(weight: float | list[list[float]]) -> float:
+    if isinstance(weight, (int, float)):
+        return weight
+    return min((point[-1] for point in weight if point), default=0)
+
+
 def _weight_maximum(weight: float | list[list[float]]) -> float:
     if isinstance(weight, (int, float)):
         return weight
@@ -137,6 +143,10 @@ class TrainingConfig(_Section):
     ml_weight_final: float | None = None  # if set, the ML weight moves linearly to it
     # forward KL on the model's own samples, self-normalised weights of the step's batch
     reweighted_fkl_weight: float | list[list[float]] = 1.0
+    # the mass-covering terms (reweighted forward KL, buffer, walkers) follow the gradient of
+    # the alpha-divergence D_alpha(p || q): 1 the forward KL, 2 the chi-square divergence whose
+    # minimum maximises the ESS (FAB's); a number or [[step, alpha], ...] points, each >= 1
+    forward_alpha: float | list[list[float]] = 1.0
     beta_start: float = 0.1  # annealed inverse temperature, relative to the target
     anneal_start: int = 0  # steps held at beta_start before the anneal
     anneal_steps: int = 2000  # steps of the geometric anneal from beta_start to 1
@@ -242,6 +252,11 @@ class TrainingConfig(_Section):
                     0 <= t.walkers <= t.batch_size,
                     "training.walkers must be between 0 and training.batch_size "
                     f"({t.batch_size}), got {t.walkers}",
+                ),
+                (
+                    _weight_ok(t.forward_alpha) and _weight_minimum(t.forward_alpha) >= 1,
+                    "training.forward_alpha must be a number >= 1 or [[step, alpha >= 1], ...] "
+                    f"points with steps that do not decrease, got {t.forward_alpha}",
                 ),
                 (
                     t.walker_steps >= 0,

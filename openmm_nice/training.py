@@ -50,16 +50,18 @@ def reverse_kl(
 
 
 def reweighted_forward_kl(
-    generator: BoltzmannGenerator, d, beta: float, energy_cut: float = 1e3
+    generator: BoltzmannGenerator, d, beta: float, energy_cut: float = 1e3, alpha: float = 1.0
 ) -> Tensor:
     r"""Forward KL estimated on the model's own samples with self-normalised weights.
 
     :math:`-\sum_i \bar w_i \log P(x_i, y_i)` with :math:`\bar w` the normalised weights at
     inverse temperature :math:`\beta` (detached) and the points detached: it is mass-covering,
-    pulling density towards every region the weights find under-populated.
+    pulling density towards every region the weights find under-populated. With ``alpha`` > 1
+    the weights are :math:`w_i^\alpha`, normalised: the gradient of the alpha-divergence
+    :math:`D_\alpha(p \| q)` up to a positive factor (see :func:`alpha_weights`).
     """
     log_w = d.log_weights(beta, u=regularize_energy(d.u.detach(), cut=energy_cut)).detach()
-    w = torch.softmax(log_w, 0)
+    w = torch.softmax(alpha * log_w, 0)
     log_p = generator.flow_log_prob(d.x_flow.detach(), d.y.detach())
     return -(w * log_p).sum()
 
@@ -69,8 +71,19 @@ def nll(generator: BoltzmannGenerator, x_data: Tensor, rng=None) -> Tensor:
     return -generator.log_prob(x_data, rng=rng).mean()
 
 
-def weighted_nll(generator: BoltzmannGenerator, x: Tensor, weights: Tensor, rng=None) -> Tensor:
+def weighted_nll(
+    generator: BoltzmannGenerator,
+    x: Tensor,
+    weights: Tensor,
+    rng=None,
+    alpha: float = 1.0,
+    log_target: Tensor | None = None,
+) -> Tensor:
     """Negative log-likelihood of weighted samples (e.g. the walkers), weights renormalised.
+
+    With ``alpha`` > 1 each weight is multiplied by the sample's own importance weight under
+    the model, :math:`(p / q_\theta)^{\alpha - 1}` with ``log_target`` the log of p (up to a
+    constant) at x: the gradient of the alpha-divergence (:func:`alpha_weights`).
 
     A sample where the model's density is undefined (a map refitted since it got there) does
     not count; its infinite log density stays out of the graph, whose gradient it would make
@@ -79,9 +92,36 @@ def weighted_nll(generator: BoltzmannGenerator, x: Tensor, weights: Tensor, rng=
     defined = torch.isfinite(log_p)
     if not defined.all():
         x, weights = x[defined], weights[defined]
+        log_target = None if log_target is None else log_target[defined]
         log_p = generator.log_prob(x, rng=rng)
+    if alpha != 1.0:
+        if log_target is None:
+            raise ValueError("alpha != 1 needs log_target, the target's log density at x")
+        weights = weights * alpha_weights(log_target.to(log_p) - log_p.detach(), alpha)
     weights = (weights / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)).to(log_p)
     return -(weights * log_p).sum()
+
+
+def alpha_weights(log_w: Tensor, alpha: float) -> Tensor:
+    r"""The factors :math:`w^{\alpha - 1}` (rescaled by a constant, detached) that turn a
+    forward-KL gradient on samples of p into the gradient of the alpha-divergence.
+
+    :math:`D_\alpha(p \| q_\theta) \propto \int p^\alpha q_\theta^{1-\alpha}` has the gradient
+    :math:`-(\alpha - 1) \mathbb E_p[w^{\alpha-1} \nabla \log q_\theta]` with
+    :math:`w = p / q_\theta`: the forward KL's (alpha = 1) with each sample of p weighted by
+    its importance weight to the power alpha - 1. Alpha = 2 is the divergence whose minimum
+    maximises the importance-sampling ESS (:math:`ESS/N = 1 / (1 + \chi^2)`) and that FAB
+    minimises: it leans on the samples the model under-weights most, the tail that decides
+    the ESS of many samples.
+
+    Example:
+        >>> alpha_weights(torch.tensor([0.0, 1.0, -math.inf]), 2.0)
+        tensor([0.3679, 1.0000, 0.0000])
+    """
+    scaled = (alpha - 1.0) * log_w.detach()
+    finite = torch.isfinite(scaled)
+    top = scaled[finite].max() if finite.any() else scaled.new_zeros(())
+    return torch.exp(torch.where(finite | (scaled < 0), scaled - top, scaled.new_tensor(-math.inf)))
 
 
 class _StepLoss(nn.Module):
@@ -105,10 +145,11 @@ class _StepLoss(nn.Module):
         rkl, d, state = reverse_kl(self.generator, t.batch_size, beta, t.energy_cut, t.rng)
         state["reverse_kl"] = float(rkl.detach())
         weight = {name: schedule(t.step) for name, schedule in t.weights.items()}
+        alpha = t.forward_alpha(t.step)
         loss = weight["kl"] * rkl
         if weight["reweighted_fkl"] > 0:
             loss = loss + weight["reweighted_fkl"] * reweighted_forward_kl(
-                self.generator, d, beta, t.energy_cut
+                self.generator, d, beta, t.energy_cut, alpha
             )
         if data is not None:
             ml = nll(self.generator, data.to(d.x.device), t.rng)
@@ -116,14 +157,19 @@ class _StepLoss(nn.Module):
             loss = loss + t.ml_weight_at(t.step) * ml
         if weight["buffer"] > 0 and len(t.buffer) > 0:
             pooled = t.pooled_buffer(beta)
-            ml = t.buffer_nll(beta, pooled)
+            ml = t.buffer_nll(beta, pooled, alpha)
             state["buffer_nll"] = float(ml.detach())
             state["buffer_ess"] = t.buffer.effective_sample_size(beta)
             loss = loss + weight["buffer"] * ml
         if t.walkers > 0 and weight["walker"] > 0:
             walkers, state["walker_exchange"], state["walker_acceptance"] = t.move_walkers(d, beta)
             ml = weighted_nll(
-                self.generator, walkers.x.to(d.x.dtype), walkers.normalized_weights(), t.rng
+                self.generator,
+                walkers.x.to(d.x.dtype),
+                walkers.normalized_weights(),
+                t.rng,
+                alpha,
+                log_target=-beta * walkers.u.to(d.x.dtype),
             )
             state["walker_nll"] = float(ml.detach())
             loss = loss + weight["walker"] * ml
@@ -201,12 +247,13 @@ _DEFAULTS = TrainingConfig()  # one set of defaults: the config's, the ones that
 
 
 class _PooledSamples:
-    """Weighted samples of one distribution from several estimators, resampled by weight."""
+    """Weighted samples x of one distribution from several estimators, with their reduced
+    energies u (at the target's temperature), resampled by weight."""
 
-    def __init__(self, x: Tensor, weights: Tensor):
-        self.x, self.weights = x, weights / weights.sum()
+    def __init__(self, x: Tensor, u: Tensor, weights: Tensor):
+        self.x, self.u, self.weights = x, u.to(x), weights / weights.sum()
 
-    def join(self, x: Tensor, weights: Tensor) -> _PooledSamples:
+    def join(self, x: Tensor, u: Tensor, weights: Tensor) -> _PooledSamples:
         """Both sets, each with a share of the mass proportional to its effective sample
         size (Kish), so that the set that knows more counts more."""
         weights = (weights / weights.sum()).to(self.weights)
@@ -214,12 +261,14 @@ class _PooledSamples:
         share = ess[1] / (ess[0] + ess[1])
         return _PooledSamples(
             torch.cat([self.x, x.to(self.x)]),
+            torch.cat([self.u, u.to(self.x)]),
             torch.cat([(1 - share) * self.weights, share * weights]),
         )
 
-    def sample(self, n: int, beta: float, rng: torch.Generator | None = None) -> Tensor:
-        """n samples resampled by weight (the weights are already those at ``beta``)."""
-        return self.x[torch.multinomial(self.weights, n, True, generator=rng)]
+    def sample(self, n: int, rng: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """n samples (and their energies) resampled by weight."""
+        index = torch.multinomial(self.weights, n, True, generator=rng)
+        return self.x[index], self.u[index]
 
 
 class Trainer:
@@ -261,6 +310,10 @@ class Trainer:
         learning_rate: Adam's step size before the schedule.
         data: Optional MD frames (F, energy.dim) for the ML term.
         ml_weight_final: Optional ML weight at the last step (linear from ``ml_weight``).
+        forward_alpha: The mass-covering terms (reweighted forward KL, buffer, walkers)
+            follow the gradient of the alpha-divergence :math:`D_\alpha(p \| q)`: 1 is the
+            forward KL, 2 the chi-square divergence, whose minimum maximises the ESS
+            (:func:`alpha_weights`). A number or ``(step, alpha)`` points, as the weights.
         seed: Seed of the latent draws (and data minibatches).
         walkers: Number of MCMC walkers (0: none); at most ``batch_size``.
         walker_weight: Weight of their negative log-likelihood in the loss.
@@ -296,6 +349,7 @@ class Trainer:
         ml_weight: float = _DEFAULTS.ml_weight,
         ml_weight_final: float | None = _DEFAULTS.ml_weight_final,
         reweighted_fkl_weight: float | Sequence[Sequence[float]] = _DEFAULTS.reweighted_fkl_weight,
+        forward_alpha: float | Sequence[Sequence[float]] = _DEFAULTS.forward_alpha,
         beta_start: float = _DEFAULTS.beta_start,
         anneal_steps: int = _DEFAULTS.anneal_steps,
         data: Tensor | None = None,
@@ -326,6 +380,9 @@ class Trainer:
             "buffer": WeightSchedule(buffer_weight),
             "walker": WeightSchedule(walker_weight),
         }
+        self.forward_alpha = WeightSchedule(forward_alpha)
+        if min(v for _, v in self.forward_alpha.points) < 1:
+            raise ValueError(f"forward_alpha must be >= 1 (1: the forward KL), got {forward_alpha}")
         self.ml_weight = float(ml_weight)
         self.ml_weight_final = self.ml_weight if ml_weight_final is None else float(ml_weight_final)
         if self.ml_weight_final < 0:
@@ -487,17 +544,26 @@ class Trainer:
             inside = torch.isfinite(coordinates.inverse_and_ladj(x.to(self.generator.dtype))[1])
         return torch.where(inside, u, math.inf)
 
-    def buffer_batch(self, beta: float, buffer: SampleBuffer | _PooledSamples) -> Tensor:
-        """``buffer_batch_size`` samples of ``buffer`` resampled by their weights at ``beta``."""
-        x = buffer.sample(self.buffer_batch_size, beta, self.rng)
-        return x.to(self.generator.dtype)
+    def buffer_batch(
+        self, beta: float, buffer: SampleBuffer | _PooledSamples
+    ) -> tuple[Tensor, Tensor]:
+        """``buffer_batch_size`` samples of ``buffer`` resampled by their weights at ``beta``,
+        and their reduced energies at the target's temperature."""
+        if isinstance(buffer, SampleBuffer):
+            buffer = _PooledSamples(buffer.x, buffer.u, buffer.normalized_weights(beta))
+        x, u = buffer.sample(self.buffer_batch_size, self.rng)
+        return x.to(self.generator.dtype), u.to(self.generator.dtype)
 
-    def buffer_nll(self, beta: float, buffer: SampleBuffer | _PooledSamples) -> Tensor:
-        """The NLL of a :meth:`buffer_batch`; a walker in it where the model's density is
-        undefined (a map refitted since it got there) does not count, as in
-        :func:`weighted_nll`."""
-        x = self.buffer_batch(beta, buffer)
-        return weighted_nll(self.generator, x, torch.ones(len(x), dtype=x.dtype), self.rng)
+    def buffer_nll(
+        self, beta: float, buffer: SampleBuffer | _PooledSamples, alpha: float = 1.0
+    ) -> Tensor:
+        """The NLL of a :meth:`buffer_batch` (with ``alpha`` > 1 each sample weighted by
+        :func:`alpha_weights` of its weight under the model, at ``beta``); a walker in it where
+        the model's density is undefined (a map refitted since it got there) does not count,
+        as in :func:`weighted_nll`."""
+        x, u = self.buffer_batch(beta, buffer)
+        ones = torch.ones(len(x), dtype=x.dtype)
+        return weighted_nll(self.generator, x, ones, self.rng, alpha, log_target=-beta * u)
 
     def pooled_buffer(self, beta: float, samples: SampleBuffer | None = None) -> _PooledSamples:
         """The buffer's (or ``samples``') samples weighted for ``beta``, pooled with the
@@ -509,9 +575,10 @@ class Trainer:
         an MCMC population at ``beta``, then carry the term. Once the buffer's effective size
         is far above the walkers' count, the term is the buffer's as before."""
         samples = self.buffer if samples is None else samples
-        pooled = _PooledSamples(samples.x, samples.normalized_weights(beta))
+        pooled = _PooledSamples(samples.x, samples.u, samples.normalized_weights(beta))
         if self._walkers is not None:
-            pooled = pooled.join(self._walkers.x, self._walkers.normalized_weights())
+            walkers = self._walkers
+            pooled = pooled.join(walkers.x, walkers.u, walkers.normalized_weights())
         return pooled
 
     def refit_map(self, beta: float) -> None:

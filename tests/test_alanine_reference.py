@@ -61,7 +61,8 @@ def test_restraint_is_zero_at_mdtraj_angles_and_its_forces_are_minus_its_gradien
 
 def test_batched_windows_hold_their_angles(molecule):
     """Four windows on (phi, psi), one of them across phi's barrier from the minimised start
-    (phi > 0), all equilibrated at once: every kept frame lies near its window's centre."""
+    (phi > 0), two repeats, all equilibrated at once: every kept frame of each repeat lies near
+    its window's centre, and the repeats' noise differs."""
     m, mdtop = molecule
 
     class Bar:
@@ -70,9 +71,12 @@ def test_batched_windows_hold_their_angles(molecule):
 
     args = argparse.Namespace(k=100.0, ps=0.5, sample_ps=0.1, equilibrate_ps=0.5)
     centres = np.array([[-1.4, 1.2], [-1.4, -0.7], [1.1, -0.8], [-2.6, 2.7]])
-    run = reference.run_repeat_batched(m, mdtop, centres, args, seed=3, bar=Bar())
-    assert run["phi"].shape == run["window"].shape == (4 * 5,)
-    angles = np.stack([run["phi"], run["psi"]], axis=1)
-    distance = reference.periodic_distance(angles, centres[run["window"]])
-    # the restraint's standard deviation is sqrt(kT / k) = 0.16 rad
-    assert distance.max() < 0.8, distance.max()
+    runs = reference.run_repeats_batched(m, mdtop, centres, args, seeds=[3, 4], bar=Bar())
+    assert len(runs) == 2
+    for run in runs:
+        assert run["phi"].shape == run["window"].shape == (4 * 5,)
+        angles = np.stack([run["phi"], run["psi"]], axis=1)
+        distance = reference.periodic_distance(angles, centres[run["window"]])
+        # the restraint's standard deviation is sqrt(kT / k) = 0.16 rad
+        assert distance.max() < 0.8, distance.max()
+    assert not np.allclose(runs[0]["phi"], runs[1]["phi"])

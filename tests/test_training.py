@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
@@ -12,7 +13,15 @@ from openmm_nice.generator import BoltzmannGenerator
 from openmm_nice.io import load_checkpoint
 from openmm_nice.reporters import METRIC_COLUMNS, CheckpointReporter, MetricsReporter
 from openmm_nice.reweighting import effective_sample_size
-from openmm_nice.training import Trainer, TrainingSchedule, nll, reverse_kl
+from openmm_nice.training import (
+    Trainer,
+    TrainingSchedule,
+    alpha_weights,
+    nll,
+    reverse_kl,
+    reweighted_forward_kl,
+    weighted_nll,
+)
 
 
 def _trainer(reporters=(), steps=20, **kw):
@@ -159,6 +168,75 @@ def test_buffer_term_pools_the_walkers_by_effective_sample_size():
     # the metrics see the buffer's own effective size
     state = t._train_step()
     assert state["buffer_ess"] == pytest.approx(n, rel=1e-6)
+
+
+def test_alpha_weighted_nll_is_the_gradient_of_the_alpha_divergence():
+    """On a grid (exact quadrature, D = d so that log q is exact, float64), the NLL of samples
+    of p weighted by alpha_weights has the gradient of log int p^alpha q^(1 - alpha) divided
+    by alpha - 1, for alpha = 2 and 1.5; alpha = 1 is the forward KL's."""
+    torch.manual_seed(0)
+    target = DoubleWell1D()
+    bg = BoltzmannGenerator(target, latent_dim=1, layers=2, hidden=[8]).double()
+    x = torch.linspace(-3.0, 3.0, 2001, dtype=torch.float64)[:, None]
+    log_p = -target(x)
+    p = torch.softmax(log_p, 0)  # quadrature weights of p on the grid
+    params = list(bg.parameters())
+    for alpha in (2.0, 1.5, 1.0):
+        loss = weighted_nll(bg, x, p, alpha=alpha, log_target=log_p)
+        got = torch.autograd.grad(loss, params)
+        log_q = bg.log_prob(x)
+        if alpha == 1.0:
+            exact = -(p * log_q).sum()
+        else:
+            divergence = torch.logsumexp(alpha * log_p + (1 - alpha) * log_q, 0)
+            exact = divergence / (alpha - 1)
+        want = torch.autograd.grad(exact, params)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="log_target"):
+        weighted_nll(bg, x, p, alpha=2.0)
+
+
+def test_alpha_weights_are_powers_of_the_weights_and_ignore_undefined_samples():
+    log_w = torch.tensor([0.0, 2.0, -1.0, -math.inf, math.nan], dtype=torch.float64)
+    w = alpha_weights(log_w, 1.5)
+    expected = torch.exp(0.5 * (log_w[:3] - 2.0))
+    torch.testing.assert_close(w[:3], expected)
+    assert w[3] == 0 and w[4] == 0
+    torch.testing.assert_close(alpha_weights(log_w[:3], 1.0), torch.ones(3, dtype=torch.float64))
+
+
+def test_reweighted_forward_kl_with_alpha_weights_the_batch_by_w_to_the_alpha():
+    t = _trainer()
+    _, d, _ = reverse_kl(t.generator, 256, 1.0, rng=torch.Generator().manual_seed(0))
+    log_w = d.log_weights(1.0).detach()
+    log_p = t.generator.flow_log_prob(d.x_flow.detach(), d.y.detach())
+    want = -(torch.softmax(2.0 * log_w, 0) * log_p).sum()
+    torch.testing.assert_close(reweighted_forward_kl(t.generator, d, 1.0, alpha=2.0), want)
+
+
+def test_forward_alpha_trains_every_mass_covering_term_and_is_checked():
+    """forward_alpha 2 on the reweighted forward KL, the buffer and the walkers: steps run
+    and the loss stays finite; alpha below 1 is refused, by the trainer and the config."""
+    t = _trainer(
+        steps=6,
+        buffer_size=1000,
+        buffer_weight=1.0,
+        buffer_interval=2,
+        walkers=32,
+        forward_alpha=[[0, 1.0], [3, 2.0]],
+    )
+    t.run()
+    assert t.forward_alpha(5) == 2.0 and t.forward_alpha(0) == 1.0
+    state = t._train_step()
+    assert math.isfinite(state["loss"]) and math.isfinite(state["buffer_nll"])
+    with pytest.raises(ValueError, match="forward_alpha must be >= 1"):
+        _trainer(forward_alpha=0.5)
+    from openmm_nice.config import TrainingConfig
+
+    with pytest.raises(ValueError, match="forward_alpha"):
+        TrainingConfig(forward_alpha=[[0, 2.0], [10, 0.5]])
+    assert Trainer.from_config(t.generator, TrainingConfig(forward_alpha=2.0)).forward_alpha(0) == 2
 
 
 class _Shift(torch.nn.Module):
