@@ -12,11 +12,14 @@ LangevinMiddleIntegrator's scheme, 1 fs, friction 1/ps):
     evaluate faster per row), with the System's energy and forces
     evaluated by `openmm_nice.torch_energy.TorchEvaluator` (agreeing with OpenMM to 1e-9
     relative; tests/test_torch_energy.py) and the restraints by autograd. Every window starts
-    from the minimised structure and equilibrates three times --equilibrate-ps under its own
-    restraint. On this 2-core machine OpenMM evaluates the implicit-solvent System at about
+    from the minimised structure with phi and psi turned to its centre (the atoms on one side
+    of each bond rotated about it), minimised under its restraint, and equilibrates three
+    times --equilibrate-ps. On this 2-core machine OpenMM evaluates the implicit-solvent System at about
     1,000 configurations per second, one per call: the batch is what makes its reference
     affordable (the vacuum reference checks the engine against OpenMM's).
-MBAR (pymbar 4) over all windows gives each sample its weight in the unbiased ensemble, and
+The reference is of the trans-amide ensemble: frames with a cis amide bond (which MD at 300 K
+never reaches from trans, 20 kcal/mol of barrier away; pulled windows can be forced into it)
+are counted and left out. MBAR (pymbar 4) over all windows gives each sample its weight in the unbiased ensemble, and
 from these weights:
   * dF = F(phi > 0) - F(phi < 0) = -ln(P(phi > 0) / P(phi < 0)) in kT;
   * the 36 x 36 Ramachandran probabilities, binned by `openmm_nice.free_energy.free_energy_map`
@@ -215,15 +218,47 @@ def run_repeat(molecule, mdtop, centres, args, seed: int, bar) -> dict:
 
 def window_samples(frames, mdtop, start: float) -> dict:
     """phi, psi and window of every kept frame (frames[w]: window w's frames, (F, 3 N) in nm),
-    psi's transitions in each window, and the seconds since ``start``."""
+    whether it has a cis amide bond, psi's transitions in each window, and the seconds since
+    ``start``."""
     angles = [ramachandran(f, mdtop) for f in frames]
+    amides = amide_torsions(mdtop)
     return {
         "phi": np.concatenate([phi for phi, _ in angles]),
         "psi": np.concatenate([psi for _, psi in angles]),
         "window": np.concatenate([np.full(len(f), w) for w, f in enumerate(frames)]),
         "psi_transitions": np.array([psi_transitions(psi) for _, psi in angles]),
+        "cis": np.concatenate([cis_amide(f, amides, mdtop).any(axis=1) for f in frames]),
         "wall_s": time.perf_counter() - start,
     }
+
+
+def amide_torsions(mdtop) -> np.ndarray:
+    """(A, 4) atoms of each peptide bond's torsion X-C-N-Y (C bonded to an O, N in another
+    residue, X and Y the other heavy atoms bonded to C and N): omega."""
+    neighbours: dict[int, list] = {a.index: [] for a in mdtop.atoms}
+    for a, b in mdtop.bonds:
+        neighbours[a.index].append(b)
+        neighbours[b.index].append(a)
+    quads = []
+    for c in mdtop.atoms:
+        if c.element.symbol != "C" or not any(n.element.symbol == "O" for n in neighbours[c.index]):
+            continue
+        for n in neighbours[c.index]:
+            if n.element.symbol != "N" or n.residue.index == c.residue.index:
+                continue
+            x = [a for a in neighbours[c.index] if a.element.symbol not in ("O", "N", "H")]
+            y = [a for a in neighbours[n.index] if a.element.symbol != "H" and a.index != c.index]
+            if x and y:
+                quads.append([x[0].index, c.index, n.index, y[0].index])
+    return np.array(quads, dtype=np.int64).reshape(-1, 4)
+
+
+def cis_amide(frames: np.ndarray, amides: np.ndarray, mdtop) -> np.ndarray:
+    """(F, A) whether each peptide bond of frames (F, 3 N) in nm is cis (|omega| < 90 deg)."""
+    import mdtraj
+
+    traj = mdtraj.Trajectory(frames.reshape(len(frames), -1, 3), mdtop)
+    return np.abs(mdtraj.compute_dihedrals(traj, amides)) < 0.5 * math.pi
 
 
 def dihedral_restraint(positions, atoms: np.ndarray, centres: np.ndarray, k: float):
@@ -257,17 +292,7 @@ def run_repeats_batched(molecule, mdtop, centres, args, seeds: list[int], bar) -
     atoms = np.array([mdtraj_indices(mdtop, "phi"), mdtraj_indices(mdtop, "psi")])
     atoms = atoms[: centres.shape[1]]
     evaluate = TorchEvaluator(molecule.system, threads=1)
-
-    context = openmm.Context(
-        molecule.system,
-        openmm.VerletIntegrator(0.001),
-        openmm.Platform.getPlatformByName("Reference"),
-    )
-    context.setPositions(molecule.positions * unit.nanometer)
-    openmm.LocalEnergyMinimizer.minimize(context)
-    start_positions = context.getState(getPositions=True).getPositions(asNumpy=True)
-    start_positions = start_positions.value_in_unit(unit.nanometer)
-    del context
+    starts = window_starts(molecule, mdtop, centres, args.k)
 
     n_windows, n, n_repeats = len(centres), molecule.n_atoms, len(seeds)
     rows = n_windows * n_repeats
@@ -283,7 +308,7 @@ def run_repeats_batched(molecule, mdtop, centres, args, seeds: list[int], bar) -
     def normal() -> np.ndarray:
         return np.concatenate([rng.standard_normal((n_windows, n, 3)) for rng in rngs])
 
-    x = np.repeat(start_positions[None], rows, axis=0)
+    x = np.tile(starts, (n_repeats, 1, 1))
     v = normal() * thermal
     energies, forces = np.empty(rows), np.empty_like(x)
 
@@ -320,6 +345,88 @@ def run_repeats_batched(molecule, mdtop, centres, args, seeds: list[int], bar) -
         window_samples(by_row[r * n_windows : (r + 1) * n_windows], mdtop, start)
         for r in range(n_repeats)
     ]
+
+
+def window_starts(molecule, mdtop, centres: np.ndarray, k: float) -> np.ndarray:
+    """(W, N, 3) start structures in nm, one per window: the minimised structure with phi (and
+    psi) turned to the window's centre by rotating the atoms on one side of the bond about it,
+    then minimised under the window's restraint with every amide bond held trans. Pulling every window from one structure to
+    its centre by the restraint alone forces the backbone across its barriers and flipped
+    about one window in ten into a cis amide bond, which MD does not undo."""
+    system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(molecule.system))
+    restraint = openmm.CustomTorsionForce(RESTRAINT)
+    restraint.addPerTorsionParameter("k")
+    restraint.addPerTorsionParameter("theta0")
+    quads = [mdtraj_indices(mdtop, "phi"), mdtraj_indices(mdtop, "psi")][: centres.shape[1]]
+    for quad in quads:
+        restraint.addTorsion(*quad, [0.0, 0.0])
+    system.addForce(restraint)
+    # holds every amide bond trans while minimising
+    trans = openmm.CustomTorsionForce(RESTRAINT.replace("k", "k_trans").replace("theta0", "pi"))
+    trans.addGlobalParameter("k_trans", 1000.0)
+    for quad in amide_torsions(mdtop):
+        trans.addTorsion(*(int(i) for i in quad), [])
+    system.addForce(trans)
+    context = openmm.Context(
+        system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference")
+    )
+    context.setPositions(molecule.positions * unit.nanometer)
+    openmm.LocalEnergyMinimizer.minimize(context)
+    x0 = (
+        context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+    )
+
+    neighbours: dict[int, set[int]] = {a.index: set() for a in mdtop.atoms}
+    for a, b in mdtop.bonds:
+        neighbours[a.index].add(b.index)
+        neighbours[b.index].add(a.index)
+    moving = []  # the atoms on the far side of each restrained torsion's central bond
+    for _, j, kk, _ in quads:
+        seen, stack = {kk}, [kk]
+        while stack:
+            for b in neighbours[stack.pop()] - seen - {j}:
+                seen.add(b)
+                stack.append(b)
+        moving.append(np.array(sorted(seen - {kk})))
+
+    starts = np.empty((len(centres), *x0.shape))
+    for w, centre in enumerate(centres):
+        x = x0.copy()
+        for axis, quad in enumerate(quads):
+            angle = ramachandran_angle(x, quad)
+            x = rotate_about_bond(x, quad[1], quad[2], moving[axis], centre[axis] - angle)
+            restraint.setTorsionParameters(axis, *quad, [k, centre[axis]])
+        restraint.updateParametersInContext(context)
+        context.setPositions(x * unit.nanometer)
+        openmm.LocalEnergyMinimizer.minimize(context)
+        starts[w] = (
+            context.getState(getPositions=True)
+            .getPositions(asNumpy=True)
+            .value_in_unit(unit.nanometer)
+        )
+    return starts
+
+
+def ramachandran_angle(x: np.ndarray, quad) -> float:
+    """The dihedral (rad, OpenMM's sign) of four atoms of x (N, 3)."""
+    import torch
+
+    from openmm_nice.torch_energy import _dihedral
+
+    t = torch.as_tensor(x[None], dtype=torch.float64)
+    return float(_dihedral(*(t[:, i] for i in quad))[0])
+
+
+def rotate_about_bond(x: np.ndarray, j: int, k: int, atoms: np.ndarray, angle: float):
+    """x (N, 3) with ``atoms`` rotated by ``angle`` (rad) about the axis from atom j to k, which
+    turns the dihedral i-j-k-l of any l among them by ``angle``."""
+    axis = (x[k] - x[j]) / np.linalg.norm(x[k] - x[j])
+    c, s = math.cos(angle), math.sin(angle)
+    v = x[atoms] - x[k]
+    rotated = v * c + np.cross(axis, v) * s + np.outer(v @ axis, axis) * (1 - c)
+    out = x.copy()
+    out[atoms] = rotated + x[k]
+    return out
 
 
 def mdtraj_indices(mdtop, name: str) -> list[int]:
@@ -473,6 +580,12 @@ def main(argv: list[str] | None = None) -> int:
         raw = {f"{key}_{r}": run[key] for r, run in enumerate(runs) for key in ("phi", "psi")}
         atomic_write(args.samples, lambda handle: np.savez(handle, centres=centres, **raw))
 
+    # the reference is of the trans-amide ensemble (a cis amide bond, 20 kcal/mol of barrier
+    # away, is never reached by MD at 300 K): frames with one are counted and left out
+    cis_windows = np.stack(
+        [np.bincount(r["window"][r["cis"]], minlength=len(centres)) for r in runs]
+    )
+    runs = [{**r, **{key: r[key][~r["cis"]] for key in ("phi", "psi", "window")}} for r in runs]
     per_repeat = [mbar_estimate(r["phi"], r["psi"], r["window"], centres, args.k) for r in runs]
     pooled_samples = {key: np.concatenate([r[key] for r in runs]) for key in ("phi", "psi")}
     pooled = mbar_estimate(
@@ -523,6 +636,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{np.median(transitions):g}; windows with none in some repeat: "
         f"{int(np.sum(transitions.min(axis=0) == 0))} of {len(centres)}"
     )
+    print(
+        f"frames with a cis amide bond (left out): {int(cis_windows.sum())}, in "
+        f"{int(np.sum(cis_windows.sum(axis=0) > 0))} of {len(centres)} windows"
+    )
 
     record = {
         **record_header(args.system),
@@ -544,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_repeat_mbar_error_kT": [e["df_mbar_error_kT"] for e in per_repeat],
         "psi_transitions_min": int(transitions.min()),
         "psi_transitions_median": float(np.median(transitions)),
+        "cis_frames": int(cis_windows.sum()),
         "md_ns": total_ns,
         "md_wall_s": md_wall,
         "wall_s": wall,

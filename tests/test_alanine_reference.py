@@ -80,3 +80,33 @@ def test_batched_windows_hold_their_angles(molecule):
         # the restraint's standard deviation is sqrt(kT / k) = 0.16 rad
         assert distance.max() < 0.8, distance.max()
     assert not np.allclose(runs[0]["phi"], runs[1]["phi"])
+
+
+def test_rotation_about_a_bond_turns_the_dihedral_and_keeps_the_geometry(molecule):
+    m, mdtop = molecule
+    x = m.positions
+    phi = reference.mdtraj_indices(mdtop, "phi")
+    moving = np.arange(8, m.n_atoms)  # CA and everything after it: the CA side of N-CA
+    turned = reference.rotate_about_bond(x, phi[1], phi[2], moving, 1.3)
+    before, after = (reference.ramachandran_angle(y, phi) for y in (x, turned))
+    assert math.remainder(after - before - 1.3, 2 * math.pi) == pytest.approx(0.0, abs=1e-10)
+    for a, b in mdtop.bonds:
+        d0 = np.linalg.norm(x[a.index] - x[b.index])
+        assert np.linalg.norm(turned[a.index] - turned[b.index]) == pytest.approx(d0, rel=1e-10)
+
+
+def test_window_starts_sit_at_their_centres_with_every_amide_trans(molecule):
+    """Start structures on phi's barrier (phi = 0) and across it from the minimised structure
+    (phi > 0): near each centre, no amide bond cis (pulling by the restraint alone flipped
+    about one window in ten); the cis test itself on a structure with an amide turned."""
+    m, mdtop = molecule
+    centres = np.array([[-1.4, 1.2], [0.0, 0.0], [1.1, -0.8], [1.0, 2.8], [3.0, -3.0]])
+    starts = reference.window_starts(m, mdtop, centres, 100.0)
+    phi, psi = reference.ramachandran(starts.reshape(len(starts), -1), mdtop)
+    distance = reference.periodic_distance(np.stack([phi, psi], axis=1), centres)
+    assert distance.max() < 0.8, distance
+    amides = reference.amide_torsions(mdtop)
+    assert amides.tolist() == [[1, 4, 6, 8], [8, 14, 16, 18]]
+    assert not reference.cis_amide(starts.reshape(len(starts), -1), amides, mdtop).any()
+    cis = reference.rotate_about_bond(m.positions, 4, 6, np.arange(6, m.n_atoms), math.pi)
+    assert reference.cis_amide(cis.reshape(1, -1), amides, mdtop).tolist() == [[True, False]]
