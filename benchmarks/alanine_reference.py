@@ -14,13 +14,13 @@ LangevinMiddleIntegrator's scheme, 1 fs, friction 1/ps):
     relative; tests/test_torch_energy.py) and the restraints by autograd. Every window starts
     from the minimised structure with phi and psi turned to its centre (the atoms on one side
     of each bond rotated about it), minimised under its restraint, and equilibrates three
-    times --equilibrate-ps. On this 2-core machine OpenMM evaluates the implicit-solvent System at about
-    1,000 configurations per second, one per call: the batch is what makes its reference
-    affordable (the vacuum reference checks the engine against OpenMM's).
+    times --equilibrate-ps. On this 2-core machine OpenMM evaluates the implicit-solvent
+    System at about 1,000 configurations per second, one per call: the batch is what makes its
+    reference affordable (the vacuum reference checks the engine against OpenMM's).
 The reference is of the trans-amide ensemble: frames with a cis amide bond (which MD at 300 K
 never reaches from trans, 20 kcal/mol of barrier away; pulled windows can be forced into it)
-are counted and left out. MBAR (pymbar 4) over all windows gives each sample its weight in the unbiased ensemble, and
-from these weights:
+are counted and left out. MBAR (pymbar 4) over all windows gives each sample its weight in the
+unbiased ensemble, and from these weights:
   * dF = F(phi > 0) - F(phi < 0) = -ln(P(phi > 0) / P(phi < 0)) in kT;
   * the 36 x 36 Ramachandran probabilities, binned by `openmm_nice.free_energy.free_energy_map`
     (phi on the first axis), as the benchmarks bin the flow's samples.
@@ -61,6 +61,7 @@ from _machine import machine_facts  # benchmarks/ is on the path of a script run
 from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
+from openmm_nice.coordinates import _bond_graph  # element symbols and neighbour sets
 from openmm_nice.free_energy import RAMACHANDRAN_BINS, free_energy_map
 from openmm_nice.io import atomic_write
 from openmm_nice.observables import ramachandran
@@ -176,13 +177,7 @@ def psi_transitions(psi: np.ndarray) -> int:
 def run_repeat(molecule, mdtop, centres, args, seed: int, bar) -> dict:
     """Umbrella sampling of every window once: phi, psi and window of each kept frame."""
     indices = [mdtraj_indices(mdtop, "phi"), mdtraj_indices(mdtop, "psi")]
-    system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(molecule.system))
-    restraint = openmm.CustomTorsionForce(RESTRAINT)
-    restraint.addPerTorsionParameter("k")
-    restraint.addPerTorsionParameter("theta0")
-    for axis in range(centres.shape[1]):
-        restraint.addTorsion(*indices[axis], [args.k, centres[0, axis]])
-    system.addForce(restraint)
+    system, restraint = restrained_system(molecule, indices[: centres.shape[1]], args.k, centres[0])
 
     integrator = openmm.LangevinMiddleIntegrator(
         TEMPERATURE * unit.kelvin, 1.0 / unit.picosecond, 1.0 * unit.femtosecond
@@ -216,6 +211,20 @@ def run_repeat(molecule, mdtop, centres, args, seed: int, bar) -> dict:
     return window_samples(frames, mdtop, start)
 
 
+def restrained_system(molecule, quads, k: float, centre):
+    """A copy of the molecule's System with the window restraint (RESTRAINT, per-torsion k and
+    theta0) on each torsion of ``quads`` (4 atom indices each) at ``centre`` (one angle per
+    torsion), and that CustomTorsionForce."""
+    system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(molecule.system))
+    restraint = openmm.CustomTorsionForce(RESTRAINT)
+    restraint.addPerTorsionParameter("k")
+    restraint.addPerTorsionParameter("theta0")
+    for quad, theta0 in zip(quads, centre):
+        restraint.addTorsion(*quad, [k, float(theta0)])
+    system.addForce(restraint)
+    return system, restraint
+
+
 def window_samples(frames, mdtop, start: float) -> dict:
     """phi, psi and window of every kept frame (frames[w]: window w's frames, (F, 3 N) in nm),
     whether it has a cis amide bond, psi's transitions in each window, and the seconds since
@@ -235,21 +244,19 @@ def window_samples(frames, mdtop, start: float) -> dict:
 def amide_torsions(mdtop) -> np.ndarray:
     """(A, 4) atoms of each peptide bond's torsion X-C-N-Y (C bonded to an O, N in another
     residue, X and Y the other heavy atoms bonded to C and N): omega."""
-    neighbours: dict[int, list] = {a.index: [] for a in mdtop.atoms}
-    for a, b in mdtop.bonds:
-        neighbours[a.index].append(b)
-        neighbours[b.index].append(a)
+    element, neighbours = _bond_graph(mdtop)
+    residue = [a.residue.index for a in mdtop.atoms]
     quads = []
-    for c in mdtop.atoms:
-        if c.element.symbol != "C" or not any(n.element.symbol == "O" for n in neighbours[c.index]):
+    for c, bonded in enumerate(neighbours):
+        if element[c] != "C" or not any(element[o] == "O" for o in bonded):
             continue
-        for n in neighbours[c.index]:
-            if n.element.symbol != "N" or n.residue.index == c.residue.index:
+        for n in sorted(bonded):
+            if element[n] != "N" or residue[n] == residue[c]:
                 continue
-            x = [a for a in neighbours[c.index] if a.element.symbol not in ("O", "N", "H")]
-            y = [a for a in neighbours[n.index] if a.element.symbol != "H" and a.index != c.index]
+            x = sorted(a for a in bonded if element[a] not in ("O", "N", "H"))
+            y = sorted(a for a in neighbours[n] if element[a] != "H" and a != c)
             if x and y:
-                quads.append([x[0].index, c.index, n.index, y[0].index])
+                quads.append([x[0], c, n, y[0]])
     return np.array(quads, dtype=np.int64).reshape(-1, 4)
 
 
@@ -350,17 +357,12 @@ def run_repeats_batched(molecule, mdtop, centres, args, seeds: list[int], bar) -
 def window_starts(molecule, mdtop, centres: np.ndarray, k: float) -> np.ndarray:
     """(W, N, 3) start structures in nm, one per window: the minimised structure with phi (and
     psi) turned to the window's centre by rotating the atoms on one side of the bond about it,
-    then minimised under the window's restraint with every amide bond held trans. Pulling every window from one structure to
-    its centre by the restraint alone forces the backbone across its barriers and flipped
-    about one window in ten into a cis amide bond, which MD does not undo."""
-    system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(molecule.system))
-    restraint = openmm.CustomTorsionForce(RESTRAINT)
-    restraint.addPerTorsionParameter("k")
-    restraint.addPerTorsionParameter("theta0")
+    then minimised under the window's restraint with every amide bond held trans. Pulling
+    every window from one structure to its centre by the restraint alone forces the backbone
+    across its barriers and flipped about one window in ten into a cis amide bond, which MD
+    does not undo."""
     quads = [mdtraj_indices(mdtop, "phi"), mdtraj_indices(mdtop, "psi")][: centres.shape[1]]
-    for quad in quads:
-        restraint.addTorsion(*quad, [0.0, 0.0])
-    system.addForce(restraint)
+    system, restraint = restrained_system(molecule, quads, 0.0, centres[0])
     # holds every amide bond trans while minimising
     trans = openmm.CustomTorsionForce(RESTRAINT.replace("k", "k_trans").replace("theta0", "pi"))
     trans.addGlobalParameter("k_trans", 1000.0)
@@ -376,10 +378,7 @@ def window_starts(molecule, mdtop, centres: np.ndarray, k: float) -> np.ndarray:
         context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
     )
 
-    neighbours: dict[int, set[int]] = {a.index: set() for a in mdtop.atoms}
-    for a, b in mdtop.bonds:
-        neighbours[a.index].add(b.index)
-        neighbours[b.index].add(a.index)
+    _, neighbours = _bond_graph(mdtop)
     moving = []  # the atoms on the far side of each restrained torsion's central bond
     for _, j, kk, _ in quads:
         seen, stack = {kk}, [kk]
@@ -393,7 +392,7 @@ def window_starts(molecule, mdtop, centres: np.ndarray, k: float) -> np.ndarray:
     for w, centre in enumerate(centres):
         x = x0.copy()
         for axis, quad in enumerate(quads):
-            angle = ramachandran_angle(x, quad)
+            angle = dihedral_angle(x, quad)
             x = rotate_about_bond(x, quad[1], quad[2], moving[axis], centre[axis] - angle)
             restraint.setTorsionParameters(axis, *quad, [k, centre[axis]])
         restraint.updateParametersInContext(context)
@@ -407,7 +406,7 @@ def window_starts(molecule, mdtop, centres: np.ndarray, k: float) -> np.ndarray:
     return starts
 
 
-def ramachandran_angle(x: np.ndarray, quad) -> float:
+def dihedral_angle(x: np.ndarray, quad) -> float:
     """The dihedral (rad, OpenMM's sign) of four atoms of x (N, 3)."""
     import torch
 

@@ -88,7 +88,7 @@ def test_rotation_about_a_bond_turns_the_dihedral_and_keeps_the_geometry(molecul
     phi = reference.mdtraj_indices(mdtop, "phi")
     moving = np.arange(8, m.n_atoms)  # CA and everything after it: the CA side of N-CA
     turned = reference.rotate_about_bond(x, phi[1], phi[2], moving, 1.3)
-    before, after = (reference.ramachandran_angle(y, phi) for y in (x, turned))
+    before, after = (reference.dihedral_angle(y, phi) for y in (x, turned))
     assert math.remainder(after - before - 1.3, 2 * math.pi) == pytest.approx(0.0, abs=1e-10)
     for a, b in mdtop.bonds:
         d0 = np.linalg.norm(x[a.index] - x[b.index])
