@@ -68,9 +68,11 @@ class ModelConfig(_Section):
     hidden: list[int] = Field(default_factory=lambda: [64, 64])
     conditional_hidden: list[int] = Field(default_factory=lambda: [64, 64])
     scale: float = 1.0  # initial diagonal of S
-    torsion_floor: float = 0.001  # uniform share of each fitted torsion density (molecules)
-    # width in degrees smoothing the fitted torsion densities, or "auto" (cross-validated)
-    torsion_smoothing: float | str = 10.0
+    torsion_floor: float = 0.005  # uniform share of each fitted torsion density (molecules)
+    # width in degrees smoothing the fitted torsion densities, or "auto" (cross-validated);
+    # narrower than the wells, so that the map's standardisation does not squeeze the torsion
+    # and the floor's share of an unvisited arc (a cis amide bond) stays within reach
+    torsion_smoothing: float | str = 2.0
     # condition torsion densities on parent torsions (a Chow-Liu forest fitted with the map),
     # so that e.g. psi's density follows phi's basin; see MolecularTransform
     torsion_tree: bool = True

@@ -409,6 +409,37 @@ def test_torsion_densities_make_every_torsion_normal(transform, frames, zmatrix)
     assert transform.torsion_cdf.diff(dim=1).min() >= 0.001 / 360 * (1 - 1e-9)
 
 
+def test_the_floor_reaches_the_maps_samples_where_the_smoothing_is_narrow(zmatrix, reference):
+    """Frames that never leave a narrow well (0.1 rad): the map alone (s ~ N(0, I)) draws the
+    unvisited arc at about the floor's share when the density is smoothed less than the well is
+    wide. Smoothed wider, the density's well is wider than the frames', the standardisation
+    squeezes the torsion (scale < 1), and the floor's arc lands in the normal's far tail: an
+    arc the frames missed (a cis amide bond, a minor basin) is then out of the flow's reach."""
+    torch.manual_seed(3)
+    noise = lambda *shape: torch.randn(*shape, dtype=torch.float64)
+    ic = InternalCoordinates(zmatrix)
+    n = ic.n_atoms
+    first = 2 * n - 3
+    q = near_reference(ic, reference, 20000, noise)
+    q[:, first] = -2.0 + 0.1 * noise(20000)
+    frames = ic.to_cartesian(q)[0]
+    floor = 0.005
+    arc = 2 * math.pi - 1.2  # farther than 0.6 rad (6 standard deviations) from the well
+    expected = floor * arc / (2 * math.pi)
+
+    def unvisited_share(smoothing: float) -> float:
+        t = MolecularTransform.from_data(zmatrix, frames, floor=floor, density_smoothing=smoothing)
+        torsion = t.internal.to_internal(t(torch.randn(200000, 60)))[0][:, first]
+        return (torch.remainder(torsion + 2.0 + math.pi, 2 * math.pi) - math.pi).abs().gt(
+            0.6
+        ).double().mean().item()
+
+    # about half the floor's share: the standardisation still squeezes a little (scale 0.95),
+    # and the floor's arc sits in the normal's tails, beyond |s| = 3 (measured 0.0021 of 0.0040)
+    assert 0.3 * expected < unvisited_share(2.0) < 1.2 * expected
+    assert unvisited_share(10.0) < 0.05 * expected  # measured 0
+
+
 def test_energy_places_the_cut_on_a_barrier_inside_an_unvisited_region(zmatrix, reference):
     """Data in one narrow mode leave a wide empty arc; without an energy the cut goes to its
     middle, with one to the scanned barrier."""
