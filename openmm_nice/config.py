@@ -21,6 +21,14 @@ from pydantic import (
 
 from openmm_nice.errors import ConfigError
 
+# The torsion densities of a molecule's coordinate map: the uniform floor's share, and the width
+# in degrees (bins of 1 degree) of the Gaussian that smooths the histograms. Narrower than the
+# wells, so that the map's standardisation does not squeeze a torsion and the floor's share of an
+# arc the samples missed (a cis amide bond) stays within the flow's reach (benchmarks/RESULTS.md).
+# ModelConfig and MolecularTransform.from_data share them.
+TORSION_FLOOR = 0.005
+TORSION_SMOOTHING = 2.0
+
 __all__ = [
     "Config",
     "ModelConfig",
@@ -68,11 +76,9 @@ class ModelConfig(_Section):
     hidden: list[int] = Field(default_factory=lambda: [64, 64])
     conditional_hidden: list[int] = Field(default_factory=lambda: [64, 64])
     scale: float = 1.0  # initial diagonal of S
-    torsion_floor: float = 0.005  # uniform share of each fitted torsion density (molecules)
-    # width in degrees smoothing the fitted torsion densities, or "auto" (cross-validated);
-    # narrower than the wells, so that the map's standardisation does not squeeze the torsion
-    # and the floor's share of an unvisited arc (a cis amide bond) stays within reach
-    torsion_smoothing: float | str = 2.0
+    torsion_floor: float = TORSION_FLOOR  # uniform share of each fitted torsion density
+    # width in degrees smoothing the fitted torsion densities, or "auto" (cross-validated)
+    torsion_smoothing: float | str = TORSION_SMOOTHING
     # condition torsion densities on parent torsions (a Chow-Liu forest fitted with the map),
     # so that e.g. psi's density follows phi's basin; see MolecularTransform
     torsion_tree: bool = True

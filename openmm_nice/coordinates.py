@@ -14,6 +14,7 @@ import openmm.unit
 import torch
 from torch import Tensor, nn
 
+from openmm_nice.config import TORSION_FLOOR, TORSION_SMOOTHING
 from openmm_nice.transforms import Transform
 
 __all__ = [
@@ -754,8 +755,8 @@ class MolecularTransform(Transform):
         reference_scale: tuple[float, float, float] = (0.05, 0.15, 1.0),
         bins: int = 360,
         smoothing: float = 5.0,
-        floor: float = 0.001,
-        density_smoothing: float | str = 10.0,
+        floor: float = TORSION_FLOOR,
+        density_smoothing: float | str = TORSION_SMOOTHING,
         energy: Callable[[Tensor], Tensor] | None = None,
         symmetry: np.ndarray | Tensor | None = None,
         scan_frames: int = 32,
