@@ -15,8 +15,12 @@ It prints the tables and one JSON line with every number.
 The reference is the umbrella-sampling + MBAR result of benchmarks/alanine_reference.py,
 committed in benchmarks/reference/ (an npz with `histogram36`, `df_kT`, `df_error_kT`).
 
+With --samples it draws nothing and measures the same figures on sample files that
+`openmm-nice sample RUN` wrote (e.g. 200,000 AIS samples with the example's levels).
+
 Usage:
     python benchmarks/alanine_dipeptide.py --run RUN [--n 200000] [--n-ais 50000]
+    python benchmarks/alanine_dipeptide.py --run RUN --samples RUN/flow.npz RUN/ais.npz
 """
 
 from __future__ import annotations
@@ -71,6 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-snapshots", action="store_true", help="evaluate the final model only")
     p.add_argument("--n-bootstrap", type=int, default=200, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--samples",
+        nargs="+",
+        type=Path,
+        metavar="NPZ",
+        help="measure these sample files of `openmm-nice sample RUN` instead of drawing",
+    )
     return p.parse_args(argv)
 
 
@@ -171,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not target.is_molecule:
             raise ValueError(f"{args.run} is a run of the toy {target.name!r}, not a molecule")
         topology = target.mdtraj_topology()
+        if args.samples:
+            return _measure_files(args, summary, target.name, topology, reference)
         ais_steps = config.sampling.ais_steps if args.ais_steps is None else args.ais_steps
         final_state = {k: v.clone() for k, v in generator.state_dict().items()}
         rows = (
@@ -213,6 +226,36 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def _measure_files(args, summary: dict, system: str, topology, reference: dict) -> dict:
+    """The final model's figures measured on sample files rather than on new draws."""
+    from openmm_nice.io import load_samples
+
+    files = []
+    for path in args.samples:
+        x, log_w, _ = load_samples(path)
+        drawn = {"x": x, "log_w": log_w, "seconds": math.nan, "evaluations": math.nan}
+        e = estimates({**drawn, "acceptance": math.nan}, topology, reference, args.n_bootstrap)
+        files.append({"file": str(path), "n": len(x), **e})
+    result = {
+        "benchmark": "alanine_dipeptide_samples",
+        "run": str(args.run),
+        "system": system,
+        "reference": str(args.reference),
+        "reference_df_kT": reference["df_kT"],
+        "reference_df_error_kT": reference["df_error_kT"],
+        "training_s": summary["training_time_s"],
+        "training_steps": summary["steps"],
+        "samples": files,
+    }
+    print(
+        f"Reference dF = {reference['df_kT']:.3f} +- {reference['df_error_kT']:.3f} kT "
+        f"({args.reference})"
+    )
+    _print_columns([(Path(f["file"]).name, f, f["n"]) for f in files], timed=False)
+    print(json.dumps(_finite(result)))
+    return result
+
+
 def _finite(value):
     """JSON-safe copy: non-finite floats become null."""
     if isinstance(value, dict):
@@ -246,6 +289,15 @@ def print_tables(r: dict) -> None:
     columns = [("flow alone", r["flow"], r["n"])]
     if r["ais"] is not None:
         columns.append((f"AIS, {r['ais_steps']} levels", r["ais"], r["n_ais"]))
+    _print_columns(columns)
+    print()
+    print("Published reverse ESS, implicit solvent, about 1e8 evaluations (CMT, ICLR 2026):")
+    for name, ess, data in PUBLISHED:
+        print(f"  {name:34} {ess:.3f} ({data})")
+
+
+def _print_columns(columns: list[tuple[str, dict, int]], timed: bool = True) -> None:
+    """One column of estimates per (name, estimates, samples)."""
     print(f"{'':28}" + "".join(f"{name:>30}" for name, _, _ in columns))
     lines = [
         ("samples", lambda e, n: f"{n}"),
@@ -257,15 +309,14 @@ def print_tables(r: dict) -> None:
             "p(C7ax), weighted / direct",
             lambda e, n: f"{e['p_c7ax']:.4f} / {e['p_c7ax_direct']:.4f}",
         ),
-        ("sampling s", lambda e, n: f"{e['seconds']:.1f}"),
-        ("energy evaluations", lambda e, n: f"{e['evaluations']:.3g}"),
     ]
+    if timed:
+        lines += [
+            ("sampling s", lambda e, n: f"{e['seconds']:.1f}"),
+            ("energy evaluations", lambda e, n: f"{e['evaluations']:.3g}"),
+        ]
     for name, cell in lines:
         print(f"{name:28}" + "".join(f"{cell(e, n):>30}" for _, e, n in columns))
-    print()
-    print("Published reverse ESS, implicit solvent, about 1e8 evaluations (CMT, ICLR 2026):")
-    for name, ess, data in PUBLISHED:
-        print(f"  {name:34} {ess:.3f} ({data})")
 
 
 if __name__ == "__main__":
