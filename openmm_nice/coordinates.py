@@ -1231,6 +1231,10 @@ def _torsion_tree(torsions: np.ndarray, weights: np.ndarray, eligible: np.ndarra
         p - 1,
     )
     marginals = [np.bincount(bins[:, t], weights, minlength=p) for t in range(n_torsions)]
+    # in logs: the product of two marginals' tiny masses (importance weights of 1e-200) would
+    # underflow to 0 and make the information infinite
+    with np.errstate(divide="ignore"):
+        log_marginals = [np.log(m) for m in marginals]
     bias = (p - 1) ** 2 / (2 * ess)
     edges = []
     nodes = np.flatnonzero(eligible)
@@ -1238,9 +1242,9 @@ def _torsion_tree(torsions: np.ndarray, weights: np.ndarray, eligible: np.ndarra
         for b in nodes[a_index + 1 :]:
             joint = np.bincount(bins[:, a] * p + bins[:, b], weights, minlength=p * p)
             joint = joint.reshape(p, p)
-            outer = np.outer(marginals[a], marginals[b])
+            log_outer = log_marginals[a][:, None] + log_marginals[b][None, :]
             kept = joint > 0
-            information = float(np.sum(joint[kept] * np.log(joint[kept] / outer[kept])))
+            information = float(np.sum(joint[kept] * (np.log(joint[kept]) - log_outer[kept])))
             if information > bias:
                 edges.append((information - bias, int(a), int(b)))
     root = list(range(n_torsions))

@@ -21,6 +21,7 @@ from openmm_nice.coordinates import (
     MolecularTransform,
     _circular_cdf,
     _cross_validated_smoothing,
+    _torsion_tree,
     build_zmatrix,
     handed_torsions,
     torsion_symmetries,
@@ -708,6 +709,30 @@ def test_torsion_tree_state_dict_loads_into_a_plain_transform_and_back(tree, tra
     fresh.load_state_dict(old)
     assert (fresh.torsion_parent == -1).all() and fresh.conditional_cdf.shape[0] == 0
     torch.testing.assert_close(fresh.call_and_ladj(s), transform.call_and_ladj(s), rtol=0, atol=0)
+
+
+def test_torsion_tree_ignores_a_frame_of_negligible_weight():
+    """A frame whose importance weight is 1e-200, alone in its bins: the product of its two
+    marginal masses underflows, yet its share of the mutual information stays negligible, so
+    the forest is the one of the other frames (it was an infinite information, hence an edge)."""
+    rng = np.random.default_rng(0)
+    leader = rng.uniform(-math.pi, math.pi, 5000)
+    torsions = np.stack(
+        [leader, rng.uniform(-math.pi, math.pi, 5000), leader + rng.normal(0, 0.2, 5000)], axis=1
+    )
+    torsions = np.remainder(torsions + math.pi, 2 * math.pi) - math.pi
+    # the other frames keep torsions 1 and 2 out of their last 30-degree bin; the odd frame sits there
+    torsions[:, 1:] = np.where(torsions[:, 1:] > 2.6, 2.0, torsions[:, 1:])
+    odd = np.array([[0.0, 3.0, 3.0]])
+    weights = np.full(5000, 1 / 5000)
+    eligible = np.ones(3, dtype=bool)
+    alone = _torsion_tree(torsions, weights, eligible)
+    assert alone[2] == 0 or alone[0] == 2
+    with np.errstate(divide="raise", invalid="raise"):
+        joined = _torsion_tree(
+            np.concatenate([torsions, odd]), np.append(weights, 1e-200), eligible
+        )
+    np.testing.assert_array_equal(joined, alone)
 
 
 def test_torsion_tree_checks(zmatrix):
