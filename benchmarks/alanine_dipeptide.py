@@ -36,7 +36,7 @@ import torch
 
 from openmm_nice.ais import annealed_importance_sampling
 from openmm_nice.free_energy import free_energy_map, jensen_shannon_divergence
-from openmm_nice.io import load_checkpoint
+from openmm_nice.io import load_checkpoint, load_samples
 from openmm_nice.observables import ramachandran
 from openmm_nice.reweighting import effective_sample_size, region_free_energy
 from openmm_nice.runs import load_run
@@ -228,13 +228,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _measure_files(args, summary: dict, system: str, topology, reference: dict) -> dict:
     """The final model's figures measured on sample files rather than on new draws."""
-    from openmm_nice.io import load_samples
-
     files = []
     for path in args.samples:
         x, log_w, _ = load_samples(path)
-        drawn = {"x": x, "log_w": log_w, "seconds": math.nan, "evaluations": math.nan}
-        e = estimates({**drawn, "acceptance": math.nan}, topology, reference, args.n_bootstrap)
+        # not drawn here: no sampling time, evaluations or acceptance to report
+        read = {"x": x, "log_w": log_w}
+        read.update(seconds=math.nan, evaluations=math.nan, acceptance=math.nan)
+        e = estimates(read, topology, reference, args.n_bootstrap)
         files.append({"file": str(path), "n": len(x), **e})
     result = {
         "benchmark": "alanine_dipeptide_samples",
