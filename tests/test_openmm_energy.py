@@ -292,12 +292,14 @@ def test_clash_gives_infinite_energy_and_zero_gradient(
     )
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # inf - inf in a batch is expected
 @pytest.mark.parametrize("workers", ["alanine_two_workers", "alanine_copies_two_workers"])
 def test_non_finite_coordinates_are_counted(workers, alanine_batch, request):
     energy = request.getfixturevalue(workers)
     x = torch.tensor(alanine_batch[:9].reshape(9, -1))
     x[0, 4] = math.nan
     x[2, 0] = math.inf
+    x[2, 1] = -math.inf
     x.requires_grad_(True)
     before = int(energy.non_finite_count)
     u = energy(x)
