@@ -7,7 +7,9 @@ mode-collapse remedies on the note's example. Prints a table, then one JSON line
 "model ESS/N" is that of the model's own one-shot weights (and the KL bound is the model's);
 "ESS/N", log Z and the populations come from the samples as `openmm-nice sample` would draw
 them, i.e. after `sampling.ais_steps` levels of latent-space AIS when that is set (the "AIS"
-column; 0 means the model's weights again).
+column; 0 means the model's weights again). "max w" is the largest normalised weight of those
+samples: where one sample carries a share of the total far above 1/ESS's typical value, that
+sample alone sets the ESS/N (a heavy tail; a rerun with another seed may read very differently).
 
     python benchmarks/double_well.py                # the standard table
     python benchmarks/double_well.py --remedies     # plain vs annealed vs annealed + reweighted FKL
@@ -113,6 +115,8 @@ def run_case(
         "model_ess": effective_sample_size(model_log_w) / n_samples,
         "ais_steps": ais_steps,
         "ess": effective_sample_size(log_w) / n_samples,
+        # the heaviest sample's share of the total weight
+        "max_weight": float(1.0 / np.exp(log_w - log_w.max()).sum()),
         "log_z_abs_error": abs(log_partition_function(log_w) - log_z),
         "train_s": wall if load is None else None,  # None: loaded, not trained
         "sampling_s": sampling_s,
@@ -133,7 +137,8 @@ def run_case(
 
 def _print(rows: list[dict]) -> None:
     header = (
-        f"{'case':<38}{'KL bound':>10}{'model ESS/N':>12}{'AIS':>5}{'ESS/N':>8}{'|dlogZ|':>9}"
+        f"{'case':<38}{'KL bound':>10}{'model ESS/N':>12}{'AIS':>5}{'ESS/N':>8}{'max w':>8}"
+        f"{'|dlogZ|':>9}"
         f"{'train s':>9}{'sample s':>9}   P(x_i < barrier): exact / direct / reweighted"
     )
     print(header)
@@ -150,7 +155,7 @@ def _print(rows: list[dict]) -> None:
         )
         print(
             f"{r['case']:<38}{r['kl_bound']:>10.4f}{r['model_ess']:>12.3f}{r['ais_steps']:>5d}"
-            f"{r['ess']:>8.3f}{r['log_z_abs_error']:>9.4f}"
+            f"{r['ess']:>8.3f}{r['max_weight']:>8.4f}{r['log_z_abs_error']:>9.4f}"
             f"{'-' if r['train_s'] is None else format(r['train_s'], '.1f'):>9}"
             f"{r['sampling_s']:>9.1f}   {wells}{more}"
         )
