@@ -32,7 +32,12 @@ import yaml
 
 from openmm_nice.ais import sample_as_configured
 from openmm_nice.config import config_from_dict
-from openmm_nice.reweighting import effective_sample_size, log_partition_function, probability
+from openmm_nice.reweighting import (
+    effective_sample_size,
+    log_partition_function,
+    normalized_weights,
+    probability,
+)
 from openmm_nice.targets import build_target, build_trainer
 
 NOTE = {
@@ -115,8 +120,7 @@ def run_case(
         "model_ess": effective_sample_size(model_log_w) / n_samples,
         "ais_steps": ais_steps,
         "ess": effective_sample_size(log_w) / n_samples,
-        # the heaviest sample's share of the total weight
-        "max_weight": float(1.0 / np.exp(log_w - log_w.max()).sum()),
+        "max_weight": float(normalized_weights(log_w).max()),  # the heaviest sample's share
         "log_z_abs_error": abs(log_partition_function(log_w) - log_z),
         "train_s": wall if load is None else None,  # None: loaded, not trained
         "sampling_s": sampling_s,
