@@ -90,9 +90,7 @@ def test_kill_minus_nine_of_one_rank_stops_the_job_and_resume_completes(tmp_path
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    # a wait, not a time limit: on a loaded machine torchrun's start and the first 50 steps of
-    # two ranks can take minutes; the loop ends as soon as the checkpoint is there
-    deadline = time.time() + 600
+    deadline = time.time() + 120
     while time.time() < deadline and not (run / "checkpoint.pt").exists():
         time.sleep(0.2)
     assert (run / "checkpoint.pt").exists(), "training never wrote a checkpoint"
@@ -102,7 +100,7 @@ def test_kill_minus_nine_of_one_rank_stops_the_job_and_resume_completes(tmp_path
     pids = [int(p) for p in workers.stdout.split()]
     assert len(pids) == 2, workers.stdout
     os.kill(pids[1], signal.SIGKILL)
-    assert proc.wait(timeout=300) != 0  # an error, not a hang
+    assert proc.wait(timeout=120) != 0  # an error, not a hang
     killed_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     resume = _torchrun(
         "train", "--resume", "--out", str(run), "--quiet", "--steps", str(killed_at + 100)
