@@ -61,11 +61,11 @@ from _machine import machine_facts  # benchmarks/ is on the path of a script run
 from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
-from openmm_nice.coordinates import _bond_graph  # element symbols and neighbour sets
 from openmm_nice.free_energy import RAMACHANDRAN_BINS, free_energy_map
 from openmm_nice.io import atomic_write
 from openmm_nice.observables import ramachandran
 from openmm_nice.systems import alanine_dipeptide_implicit, alanine_dipeptide_vacuum, import_quietly
+from openmm_nice.zmatrix import bond_graph  # element symbols and neighbour sets
 
 SYSTEMS = {"vacuum": alanine_dipeptide_vacuum, "implicit": alanine_dipeptide_implicit}
 REFERENCE_DIR = Path(__file__).parent / "reference"
@@ -244,7 +244,7 @@ def window_samples(frames, mdtop, start: float) -> dict:
 def amide_torsions(mdtop) -> np.ndarray:
     """(A, 4) atoms of each peptide bond's torsion X-C-N-Y (C bonded to an O, N in another
     residue, X and Y the other heavy atoms bonded to C and N): omega."""
-    element, neighbours = _bond_graph(mdtop)
+    element, neighbours = bond_graph(mdtop)
     residue = [a.residue.index for a in mdtop.atoms]
     quads = []
     for c, bonded in enumerate(neighbours):
@@ -378,7 +378,7 @@ def window_starts(molecule, mdtop, centres: np.ndarray, k: float) -> np.ndarray:
         context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
     )
 
-    _, neighbours = _bond_graph(mdtop)
+    _, neighbours = bond_graph(mdtop)
     moving = []  # the atoms on the far side of each restrained torsion's central bond
     for _, j, kk, _ in quads:
         seen, stack = {kk}, [kk]

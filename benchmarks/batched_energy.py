@@ -28,7 +28,7 @@ from _machine import alanine_json_line  # benchmarks/ is on the path of a script
 from _timing import best_times, forward_backward
 from openmm import unit
 
-from openmm_nice import openmm_energy
+from openmm_nice import openmm_contexts
 from openmm_nice.openmm_energy import OpenMMEnergy
 from openmm_nice.replicas import replicate_system
 from openmm_nice.systems import alanine_dipeptide_vacuum
@@ -91,12 +91,14 @@ def evaluate_groups(
     n_particles = positions.shape[1]
     buffer = np.empty((copies * n_particles, 3))
     for start in range(0, len(positions), copies):
-        openmm_energy._set_positions(context, positions[start : start + copies].reshape(-1, 3))
+        openmm_contexts._set_positions(context, positions[start : start + copies].reshape(-1, 3))
         for k in range(copies):
             mask = 1 << k if k < 31 else -(1 << 31)  # OpenMM takes the mask as a signed int
-            state = openmm_energy._get_state(context, openmm_energy._ENERGY_AND_FORCES, False, mask)
-            energies[start + k] = openmm_energy._get_potential_energy(state)
-            openmm_energy._get_vector_as_numpy(state, openmm.State.Forces, buffer)
+            state = openmm_contexts._get_state(
+                context, openmm_contexts._ENERGY_AND_FORCES, False, mask
+            )
+            energies[start + k] = openmm_contexts._get_potential_energy(state)
+            openmm_contexts._get_vector_as_numpy(state, openmm.State.Forces, buffer)
             forces[start + k] = buffer[k * n_particles : (k + 1) * n_particles]
 
 
@@ -140,8 +142,8 @@ def measure_platform(
         loop_energy._pool._evaluator.context,
         copies_energy._pool._evaluator.context,
     )
-    methods["raw_loop"] = lambda: openmm_energy._evaluate(loop_context, positions, out_e, out_f)
-    methods[f"raw_copies{GROUP_COPIES}"] = lambda: openmm_energy._evaluate_copies(
+    methods["raw_loop"] = lambda: openmm_contexts._evaluate(loop_context, positions, out_e, out_f)
+    methods[f"raw_copies{GROUP_COPIES}"] = lambda: openmm_contexts._evaluate_copies(
         copies_context, GROUP_COPIES, positions, out_e, out_f
     )
     methods[f"raw_groups{GROUP_COPIES}"] = lambda: evaluate_groups(

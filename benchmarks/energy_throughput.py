@@ -33,7 +33,7 @@ from _timing import best_times, forward_backward, own_loop, timed
 from openmm import unit
 from openmmtools import testsystems
 
-from openmm_nice import openmm_energy
+from openmm_nice import openmm_contexts
 from openmm_nice.openmm_energy import OpenMMEnergy
 
 KJ_PER_MOL_NM = unit.kilojoule_per_mole / unit.nanometer
@@ -53,7 +53,7 @@ class EvaluationClock:
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._evaluate = openmm_energy._evaluate
+        self._evaluate = openmm_contexts._evaluate
 
     def __call__(self, *args) -> None:
         start = time.perf_counter()
@@ -64,14 +64,14 @@ class EvaluationClock:
 def overhead(energy: OpenMMEnergy, x: torch.Tensor, repeats: int) -> float:
     """Least time (s) per forward + backward that the caller spends outside OpenMM's work."""
     clock = EvaluationClock()
-    openmm_energy._evaluate = clock
+    openmm_contexts._evaluate = clock
     try:
         best = float("inf")
         for _ in range(repeats):
             clock.seconds = 0.0
             best = min(best, timed(lambda: forward_backward(energy, x)) - clock.seconds)
     finally:
-        openmm_energy._evaluate = clock._evaluate
+        openmm_contexts._evaluate = clock._evaluate
     return best
 
 
@@ -95,7 +95,7 @@ def measure_platform(
     methods: dict[str, Callable[[], None]] = {
         "own_loop": lambda: own_loop(context, positions),
         "value_in_unit_loop": lambda: value_in_unit_loop(context, positions),
-        "openmm_work": lambda: openmm_energy._evaluate(single, positions, out_e, out_f),
+        "openmm_work": lambda: openmm_contexts._evaluate(single, positions, out_e, out_f),
     }
     for n, energy in energies.items():
         methods[f"openmm_energy_{n}"] = lambda energy=energy: forward_backward(energy, x)

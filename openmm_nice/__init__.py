@@ -5,7 +5,7 @@ from __future__ import annotations
 from openmm_nice.ais import annealed_importance_sampling
 from openmm_nice.conditional import ConditionalGaussian
 from openmm_nice.config import Config, ConfigError, config_from_dict, load_config
-from openmm_nice.coordinates import InternalCoordinates, MolecularTransform, build_zmatrix
+from openmm_nice.coordinates import MolecularTransform
 from openmm_nice.energies import (
     DoubleWell1D,
     DoubleWell2D,
@@ -23,6 +23,7 @@ from openmm_nice.free_energy import (
     jensen_shannon_divergence,
 )
 from openmm_nice.generator import BoltzmannGenerator
+from openmm_nice.internal_coordinates import InternalCoordinates
 from openmm_nice.observables import compute_observable, ramachandran
 from openmm_nice.openmm_energy import OpenMMEnergy
 from openmm_nice.reweighting import (
@@ -47,6 +48,7 @@ from openmm_nice.systems import (
 from openmm_nice.torch_energy import TorchSystemEnergy
 from openmm_nice.training import Trainer
 from openmm_nice.transforms import AdditiveCoupling, LULinear, nice_flow
+from openmm_nice.zmatrix import build_zmatrix
 
 __all__ = [
     "AdditiveCoupling",

@@ -133,12 +133,8 @@ def build_generator(
     or, without frames, normalised around the reference structure."""
     coordinates = None
     if target.is_molecule:
-        from openmm_nice.coordinates import (
-            MolecularTransform,
-            build_zmatrix,
-            handed_torsions,
-            torsion_symmetries,
-        )
+        from openmm_nice.coordinates import MolecularTransform
+        from openmm_nice.zmatrix import build_zmatrix, handed_torsions, torsion_symmetries
 
         molecule = target.molecule
         zmatrix = build_zmatrix(molecule.topology)
@@ -199,7 +195,8 @@ def map_fitter(config: Config, target: Target, coordinates):
     refits a molecule's coordinate map to weighted samples: the same Z-matrix, handedness and
     rotor symmetries as ``coordinates``, torsion densities smoothed and floored as
     ``config.model`` says."""
-    from openmm_nice.coordinates import MolecularTransform, torsion_symmetries
+    from openmm_nice.coordinates import MolecularTransform
+    from openmm_nice.zmatrix import torsion_symmetries
 
     molecule = target.molecule
     zmatrix = coordinates.internal.zmatrix.cpu().numpy()

@@ -15,17 +15,15 @@ import torch
 from openmmtools import testsystems
 
 from openmm_nice.config import TORSION_FLOOR
-from openmm_nice.coordinates import (
+from openmm_nice.coordinates import MolecularTransform
+from openmm_nice.internal_coordinates import InternalCoordinates
+from openmm_nice.torsion_densities import (
     SMOOTHING_CANDIDATES,
-    InternalCoordinates,
-    MolecularTransform,
-    _circular_cdf,
-    _cross_validated_smoothing,
-    _torsion_tree,
-    build_zmatrix,
-    handed_torsions,
-    torsion_symmetries,
+    circular_cdf,
+    cross_validated_smoothing,
+    fit_torsion_tree,
 )
+from openmm_nice.zmatrix import build_zmatrix, handed_torsions, torsion_symmetries
 
 
 @pytest.fixture(scope="module")
@@ -533,13 +531,13 @@ def test_auto_smoothing_is_narrow_for_well_sampled_and_wide_for_sparse_torsions(
     rng = np.random.default_rng(0)
     narrow = np.radians(3.0) * rng.standard_normal((1, 4000))  # a stiff torsion, many frames
     sparse = np.radians(40.0) * rng.standard_normal((1, 40))  # a soft one, few frames
-    assert _cross_validated_smoothing(narrow, 360, 0.001) <= 3.0
-    assert _cross_validated_smoothing(sparse, 360, 0.001) >= 10.0
+    assert cross_validated_smoothing(narrow, 360, 0.001) <= 3.0
+    assert cross_validated_smoothing(sparse, 360, 0.001) >= 10.0
     # The chosen width predicts new data better than a fixed 10 degrees.
     fresh = np.radians(3.0) * rng.standard_normal(4000)
     held_out = {}
-    for width in (_cross_validated_smoothing(narrow, 360, 0.001), 10.0):
-        cdf = _circular_cdf(narrow[0] + math.pi, 360, width, 0.001)
+    for width in (cross_validated_smoothing(narrow, 360, 0.001), 10.0):
+        cdf = circular_cdf(narrow[0] + math.pi, 360, width, 0.001)
         index = ((fresh + math.pi) * 360 / (2 * math.pi)).astype(int)
         held_out[width] = np.log(np.diff(cdf)[index]).mean()
     assert max(held_out, key=held_out.get) != 10.0
@@ -726,10 +724,10 @@ def test_torsion_tree_ignores_a_frame_of_negligible_weight():
     odd = np.array([[0.0, 3.0, 3.0]])
     weights = np.full(5000, 1 / 5000)
     eligible = np.ones(3, dtype=bool)
-    alone = _torsion_tree(torsions, weights, eligible)
+    alone = fit_torsion_tree(torsions, weights, eligible)
     assert alone[2] == 0 or alone[0] == 2
     with np.errstate(divide="raise", invalid="raise"):
-        joined = _torsion_tree(
+        joined = fit_torsion_tree(
             np.concatenate([torsions, odd]), np.append(weights, 1e-200), eligible
         )
     np.testing.assert_array_equal(joined, alone)

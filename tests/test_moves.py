@@ -13,7 +13,7 @@ from openmm import unit
 from pymbar.timeseries import statistical_inefficiency_multiple
 
 from openmm_nice import BoltzmannGenerator, BoltzmannGeneratorMove, DoubleWell1D, OpenMMEnergy
-from openmm_nice.coordinates import InternalCoordinates, build_zmatrix
+from openmm_nice.internal_coordinates import InternalCoordinates
 from openmm_nice.mala import mala_proposal_log_ratio
 from openmm_nice.moves import (
     SeededLangevinDynamicsMove,
@@ -25,6 +25,7 @@ from openmm_nice.moves import (
 )
 from openmm_nice.runs import load_run
 from openmm_nice.training import Trainer
+from openmm_nice.zmatrix import build_zmatrix
 
 EXACT_LEFT = 0.93273  # P(x < 0) of the note's double well, DoubleWell1D().probability_below(0, 0)
 

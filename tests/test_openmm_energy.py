@@ -16,7 +16,7 @@ import torch
 from openmm import unit
 from openmmtools import testsystems
 
-from openmm_nice import openmm_energy
+from openmm_nice import openmm_contexts
 from openmm_nice.openmm_energy import OpenMMEnergy
 
 
@@ -162,7 +162,7 @@ def test_grad_not_required(alanine_two_workers, alanine_batch, alanine_reference
 
 def test_public_api_fallback_agrees(monkeypatch, alanine, alanine_batch, alanine_reference):
     """The path for OpenMM releases without the in-place force reader gives the same numbers."""
-    monkeypatch.setattr(openmm_energy, "_get_vector_as_numpy", None)
+    monkeypatch.setattr(openmm_contexts, "_get_vector_as_numpy", None)
     check_alanine(OpenMMEnergy(alanine.system, 300.0), alanine_batch, alanine_reference)
 
 
@@ -175,7 +175,7 @@ def test_cpu_platform(batching, alanine, alanine_batch, alanine_reference):
 
 
 def _has_cuda() -> tuple[bool, str]:
-    platforms = openmm_energy._available_platforms()
+    platforms = openmm_contexts._available_platforms()
     if "CUDA" not in platforms:
         return False, f"OpenMM has no CUDA platform here (platforms: {platforms})"
     if not torch.cuda.is_available():
@@ -227,7 +227,7 @@ def test_copies_two_workers(alanine_copies_two_workers, alanine_batch, alanine_r
 
 
 def test_copies_public_api_fallback(monkeypatch, alanine, alanine_batch, alanine_reference):
-    monkeypatch.setattr(openmm_energy, "_get_vector_as_numpy", None)
+    monkeypatch.setattr(openmm_contexts, "_get_vector_as_numpy", None)
     energy = OpenMMEnergy(alanine.system, 300.0, batching="copies", copies=8)
     check_alanine(energy, alanine_batch[:11], tuple(a[:11] for a in alanine_reference))
 
