@@ -220,6 +220,9 @@ class MolecularTransform(Transform):
         cdf = state_dict.get(prefix + "torsion_cdf")
         if cdf is not None and cdf.shape != self.torsion_cdf.shape:
             self.torsion_cdf = self.torsion_cdf.new_empty(cdf.shape)
+        if cdf is not None and prefix + "torsion_sign" not in state_dict:
+            # saved before handed torsions existed: every torsion covers the whole circle
+            state_dict[prefix + "torsion_sign"] = torch.zeros_like(self.torsion_sign)
         if cdf is not None and prefix + "torsion_parent" not in state_dict:
             # saved before conditional torsions existed: every torsion has its own density
             state_dict[prefix + "torsion_parent"] = torch.full_like(self.torsion_parent, -1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -591,6 +592,19 @@ def handed(alanine, zmatrix, reference):
     q = near_reference(ic, reference, 200, noise)
     frames = random_rigid_motion(ic.to_cartesian(q)[0])
     return MolecularTransform.from_data(zmatrix, frames, handedness=signs), signs, frames
+
+
+def test_a_map_saved_before_handed_torsions_loads_on_the_whole_circle(handed, transform):
+    """A state dict without torsion_sign (runs trained before stereocentres were kept) loads
+    into a map built with handed torsions as the map it was: every torsion on the whole circle."""
+    module = handed[0]
+    assert (module.torsion_sign != 0).any()
+    old = {k: v for k, v in transform.state_dict().items() if k != "torsion_sign"}
+    module = copy.deepcopy(module)
+    module.load_state_dict(old)
+    assert (module.torsion_sign == 0).all()
+    s = torch.randn(8, 60, dtype=torch.float64)
+    torch.testing.assert_close(module.call_and_ladj(s), transform.call_and_ladj(s), rtol=0, atol=0)
 
 
 def assert_exact_bijection(transform: MolecularTransform, euler: tuple[float, float, float]):
