@@ -60,23 +60,25 @@ class MolecularTransform(Transform):
     Chow-Liu tree), so that the map's torsion density is a tree-structured joint density: the
     backbone's (phi, psi) basins, for example, get their own psi distribution for each phi;
 
-    and :meth:`InternalCoordinates.to_cartesian` places the atoms in the canonical frame. The
-    log-determinant is the sum of :math:`\sum \log \mathrm{scale}`, the domain maps'
+    and :meth:`~openmm_nice.internal_coordinates.InternalCoordinates.to_cartesian` places
+    the atoms in the canonical frame. The log-determinant is the sum of
+    :math:`\sum \log \mathrm{scale}`, the domain maps'
     :math:`\sum y_b + \sum [\log\pi + \log\sigma(y_\theta) + \log\sigma(-y_\theta)]
     + \sum [\log \mathcal N(y_\phi; 0, 1) - \log g(\phi)]` and :math:`\log J(q)`, so that with
     the rigid motion integrated out, :math:`\log p_X(x) = \log p_S(s) - \mathrm{ladj}`.
 
     Arguments:
-        zmatrix: Integer array of shape (N, 4) from :func:`build_zmatrix`.
+        zmatrix: Integer array of shape (N, 4) from :func:`~openmm_nice.zmatrix.build_zmatrix`.
         shift: The normalisation's shift, shape (3N - 6,), in the order of
-            :class:`InternalCoordinates` (log nm for bonds, logit(theta / pi) for angles).
+            :class:`~openmm_nice.internal_coordinates.InternalCoordinates` (log nm for bonds,
+            logit(theta / pi) for angles).
         scale: The normalisation's positive scale, shape (3N - 6,).
         torsion_offset: The torsions' cuts plus pi, shape (N - 3,), in radians.
         torsion_cdf: G at the K + 1 bin edges from the cut, shape (N - 3, K + 1), rising
             strictly from 0 to 1; None for uniform torsions (K = 1).
         torsion_sign: Shape (N - 3,): 0 for a torsion on the whole circle (the map above),
             +1 or -1 for one kept on the half circle of that sign, the handedness of a
-            stereocentre (see :func:`handed_torsions`), mapped by
+            stereocentre (see :func:`~openmm_nice.zmatrix.handed_torsions`), mapped by
             :math:`\phi = \pm\pi\,\sigma(y)`; None for all 0.
         torsion_parent: Shape (N - 3,): the index of each torsion's parent torsion, -1 for
             none; the parents form a forest over whole-circle torsions. None for all -1.
@@ -263,11 +265,12 @@ class MolecularTransform(Transform):
         With F >= 2 frames, each torsion's density g is its circular histogram (``bins`` bins,
         smoothed by a circular Gaussian of ``density_smoothing`` bins) mixed with a uniform
         density of weight ``floor``, and its cut lies in the least-populated region of the
-        histogram smoothed by ``smoothing`` bins, so that no data mode is split. Where that region is wide (a basin the data
-        never visited may lie in it), an ``energy`` chooses the cut inside it: each torsion is
-        set to ``scan_angles`` values in ``scan_frames`` evenly spaced frames, and the cut goes
-        where :math:`-\log \langle e^{-U} \rangle_\mathrm{frames}` is highest, a barrier
-        rather than an unvisited basin. Shift and scale are then the mean and standard deviation
+        histogram smoothed by ``smoothing`` bins, so that no data mode is split. Where that
+        region is wide (a basin the data never visited may lie in it), an ``energy`` chooses
+        the cut inside it: each torsion is set to ``scan_angles`` values in ``scan_frames``
+        evenly spaced frames, and the cut goes where
+        :math:`-\log \langle e^{-U} \rangle_\mathrm{frames}` is highest, a barrier rather
+        than an unvisited basin. Shift and scale are then the mean and standard deviation
         (at least ``min_scale``) of each coordinate in its transformed space: log b,
         logit(theta / pi) and the torsion's :math:`y = \Phi^{-1}(G(\phi - c))`. The cut and g
         only decide how well the flow can fit; every choice is an exact bijection.
@@ -280,7 +283,7 @@ class MolecularTransform(Transform):
         uniform torsion.
 
         Arguments:
-            zmatrix: Integer array of shape (N, 4) from :func:`build_zmatrix`.
+            zmatrix: Integer array of shape (N, 4) from :func:`~openmm_nice.zmatrix.build_zmatrix`.
             x_frames: Positions in nm of shape (F, 3N) or (F, N, 3), numpy or torch.
             min_scale: Floor on the data's scale, so that a stiff coordinate stays invertible.
             reference_scale: Scales (bond, angle, torsion) used for a single frame.
@@ -298,9 +301,9 @@ class MolecularTransform(Transform):
             energy: Optional reduced energy of Cartesian positions (B, 3N) in nm, used to
                 place cuts inside wide unvisited regions.
             symmetry: Optional rotational symmetry order of each torsion, shape (N - 3,),
-                from :func:`torsion_symmetries`; an n-fold torsion's histogram counts each
-                frame at its n equivalent angles, so that a rotor's wells get equal shares
-                even where short MD visited them unequally.
+                from :func:`~openmm_nice.zmatrix.torsion_symmetries`; an n-fold torsion's
+                histogram counts each frame at its n equivalent angles, so that a rotor's
+                wells get equal shares even where short MD visited them unequally.
             scan_frames: Number of frames the energy scan uses.
             scan_angles: Number of torsion values the energy scan tries.
             weights: Optional non-negative weights of the frames, shape (F,), e.g. the
@@ -308,8 +311,9 @@ class MolecularTransform(Transform):
                 densities, cuts, shifts and scales are those of the weighted ensemble
                 (data-free training refits the map this way). Frames of weight 0 are unused.
             handedness: Optional ``torsion_sign`` of shape (N - 3,) from
-                :func:`handed_torsions`: torsions with sign +-1 keep that half circle,
-                normalised like angles (no density, no cut); every frame must lie in it.
+                :func:`~openmm_nice.zmatrix.handed_torsions`: torsions with sign +-1 keep that
+                half circle, normalised like angles (no density, no cut); every frame must
+                lie in it.
             torsion_tree: Condition torsion densities on parent torsions (see the class
                 docstring): the parents are a Chow-Liu forest of the (weighted) frames over
                 the whole-circle torsions without a rotor symmetry, and each child's density

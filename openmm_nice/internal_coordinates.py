@@ -90,8 +90,8 @@ def check_batch(x: Tensor, dim: int, name: str) -> None:
 class InternalCoordinates(nn.Module):
     r"""The exact map between Cartesian positions and Z-matrix internal coordinates.
 
-    For a Z-matrix with rows :math:`r = 0, \dots, N-1` (see :func:`build_zmatrix`) the
-    internal coordinates are, in this order,
+    For a Z-matrix with rows :math:`r = 0, \dots, N-1` (see
+    :func:`~openmm_nice.zmatrix.build_zmatrix`) the internal coordinates are, in this order,
 
     .. math:: q = (b_1, \dots, b_{N-1},\ \theta_2, \dots, \theta_{N-1},\ \phi_3, \dots, \phi_{N-1})
 
@@ -112,7 +112,7 @@ class InternalCoordinates(nn.Module):
     density :math:`e^{-U(x)}` becomes :math:`e^{-U(x(q))} J(q)` over q.
 
     Arguments:
-        zmatrix: Integer array of shape (N, 4) from :func:`build_zmatrix`.
+        zmatrix: Integer array of shape (N, 4) from :func:`~openmm_nice.zmatrix.build_zmatrix`.
 
     Example:
         >>> ic = InternalCoordinates([[0, -1, -1, -1], [1, 0, -1, -1], [2, 1, 0, -1]])

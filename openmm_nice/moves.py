@@ -205,10 +205,10 @@ class BoltzmannGeneratorMove(mcmc.MCMCMove):
     For molecules the model lives in internal coordinates, without the rigid motion. The
     move keeps the current state's rotation and translation (the placement of the Z-matrix's
     canonical frame, :meth:`InternalCoordinates.rigid_motion
-    <openmm_nice.internal_coordinates.InternalCoordinates.rigid_motion>`) and changes only the internal
-    coordinates: an accepted proposal is placed where the molecule stood, so the positions stay
-    continuous for the chain's other moves, and the target of the step, the conditional of
-    the internal coordinates given the placement, is exact. Velocities are kept (they are
+    <openmm_nice.internal_coordinates.InternalCoordinates.rigid_motion>`) and changes only the
+    internal coordinates: an accepted proposal is placed where the molecule stood, so the
+    positions stay continuous for the chain's other moves, and the target of the step, the
+    conditional of the internal coordinates given the placement, is exact. Velocities are kept (they are
     independent of positions under the Boltzmann distribution).
 
     The generator's arithmetic runs in float64 on the CPU (a copy, if it is not already so):

@@ -108,15 +108,15 @@ def torsion_symmetries(
     r"""The rotational symmetry order of each Z-matrix torsion (1 where there is none).
 
     A proper torsion row r = (i, j, k, l) (l bonded to k) turns the atoms bonded to j (other
-    than k) about the j-k bond. When those are n >= 2 atoms of one element with equal nonbonded parameters in
-    ``system`` (if given), such as the hydrogens of a methyl group, the rotor is n-fold
+    than k) about the j-k bond. When those are n >= 2 atoms of one element with equal
+    nonbonded parameters in ``system`` (if given), such as the hydrogens of a methyl group, the rotor is n-fold
     symmetric: the Boltzmann density of the torsion repeats every :math:`2\pi / n`, whatever
     the data happened to visit. :meth:`MolecularTransform.from_data` uses this to symmetrise
     the torsion's fitted density (a better proposal; any density keeps the map exact).
 
     Returns:
         An int64 array of shape (N - 3,), in the order of the torsions of
-        :class:`InternalCoordinates`.
+        :class:`~openmm_nice.internal_coordinates.InternalCoordinates`.
 
     Example:
         >>> top = app.Topology()
@@ -184,7 +184,8 @@ def handed_torsions(
         positions: One reference structure, shape (N, 3) or (3N,) or (1, 3N), in nm.
 
     Returns:
-        An array of shape (N - 3,) of -1, 0 or +1 per torsion of :class:`InternalCoordinates`.
+        An array of shape (N - 3,) of -1, 0 or +1 per torsion of
+        :class:`~openmm_nice.internal_coordinates.InternalCoordinates`.
 
     Example:
         >>> top = app.Topology()
