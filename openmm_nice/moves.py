@@ -202,14 +202,14 @@ class BoltzmannGeneratorMove(mcmc.MCMCMove):
     generator was trained on (up to thermostat and barostat, as
     ``ThermodynamicState.is_state_compatible`` decides); another is a ``ValueError``.
 
-    For molecules the model lives in internal coordinates, without the rigid motion. The
-    move keeps the current state's rotation and translation (the placement of the Z-matrix's
-    canonical frame, :meth:`InternalCoordinates.rigid_motion
+    For molecules the model lives in internal coordinates, without the rigid motion. The move keeps
+    the current state's rotation and translation (the placement of the Z-matrix's canonical frame,
+    :meth:`InternalCoordinates.rigid_motion
     <openmm_nice.internal_coordinates.InternalCoordinates.rigid_motion>`) and changes only the
-    internal coordinates: an accepted proposal is placed where the molecule stood, so the
-    positions stay continuous for the chain's other moves, and the target of the step, the
-    conditional of the internal coordinates given the placement, is exact. Velocities are kept (they are
-    independent of positions under the Boltzmann distribution).
+    internal coordinates: an accepted proposal is placed where the molecule stood, so the positions
+    stay continuous for the chain's other moves, and the target of the step, the conditional of the
+    internal coordinates given the placement, is exact. Velocities are kept (they are independent of
+    positions under the Boltzmann distribution).
 
     The generator's arithmetic runs in float64 on the CPU (a copy, if it is not already so):
     one point at a time, the CPU is faster than a GPU, and the acceptance ratios are exact to

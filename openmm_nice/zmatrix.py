@@ -107,12 +107,12 @@ def torsion_symmetries(
 ) -> np.ndarray:
     r"""The rotational symmetry order of each Z-matrix torsion (1 where there is none).
 
-    A proper torsion row r = (i, j, k, l) (l bonded to k) turns the atoms bonded to j (other
-    than k) about the j-k bond. When those are n >= 2 atoms of one element with equal
-    nonbonded parameters in ``system`` (if given), such as the hydrogens of a methyl group, the rotor is n-fold
-    symmetric: the Boltzmann density of the torsion repeats every :math:`2\pi / n`, whatever
-    the data happened to visit. :meth:`MolecularTransform.from_data` uses this to symmetrise
-    the torsion's fitted density (a better proposal; any density keeps the map exact).
+    A proper torsion row r = (i, j, k, l) (l bonded to k) turns the atoms bonded to j (other than k)
+    about the j-k bond. When those are n >= 2 atoms of one element with equal nonbonded parameters
+    in ``system`` (if given), such as the hydrogens of a methyl group, the rotor is n-fold
+    symmetric: the Boltzmann density of the torsion repeats every :math:`2\pi / n`, whatever the
+    data happened to visit. :meth:`~openmm_nice.coordinates.MolecularTransform.from_data` uses this
+    to symmetrise the torsion's fitted density (a better proposal; any density keeps the map exact).
 
     Returns:
         An int64 array of shape (N - 3,), in the order of the torsions of
@@ -168,15 +168,15 @@ def handed_torsions(
     r"""The handedness of each stereocentre torsion of a structure, 0 for the other torsions.
 
     A Z-matrix row (i, j, k, l) whose torsion partner l is bonded to j (a sibling of i, see
-    :func:`build_zmatrix`) at a centre j with four bonded neighbours fixes on which side of
-    the plane (k, j, l) atom i lies: the sign of that torsion is the centre's handedness
-    (about +-120 degrees at an sp3 carbon). No thermal motion changes it (inverting a
-    tetrahedral centre breaks bonds), and the mirror image of a molecule has the same energy,
-    so a generator that may place i on either side can learn the other enantiomer, or mix
-    both. :class:`MolecularTransform` keeps such torsions on the reference's half circle,
-    so that the Boltzmann distribution sampled is that of the given stereoisomer, as MD
-    from the same structure samples it. Centres with three neighbours (planar sp2 atoms,
-    amines, which invert) are left free.
+    :func:`build_zmatrix`) at a centre j with four bonded neighbours fixes on which side of the
+    plane (k, j, l) atom i lies: the sign of that torsion is the centre's handedness (about +-120
+    degrees at an sp3 carbon). No thermal motion changes it (inverting a tetrahedral centre breaks
+    bonds), and the mirror image of a molecule has the same energy, so a generator that may place i
+    on either side can learn the other enantiomer, or mix both.
+    :class:`~openmm_nice.coordinates.MolecularTransform` keeps such torsions on the reference's half
+    circle, so that the Boltzmann distribution sampled is that of the given stereoisomer, as MD from
+    the same structure samples it. Centres with three neighbours (planar sp2 atoms, amines, which
+    invert) are left free.
 
     Arguments:
         topology: The molecule's ``openmm.app.Topology`` or ``mdtraj.Topology``.
