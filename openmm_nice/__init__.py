@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import metadata as _metadata
+
 from openmm_nice.ais import annealed_importance_sampling
 from openmm_nice.conditional import ConditionalGaussian
 from openmm_nice.config import Config, ConfigError, config_from_dict, load_config
@@ -48,6 +50,13 @@ from openmm_nice.systems import (
 from openmm_nice.torch_energy import TorchSystemEnergy
 from openmm_nice.training import Trainer
 from openmm_nice.transforms import AdditiveCoupling, LULinear, nice_flow
+from openmm_nice.weight_diagnostics import (
+    WeightDiagnostics,
+    block_ess,
+    diagnose_weights,
+    max_weight_share,
+    pareto_k,
+)
 from openmm_nice.zmatrix import build_zmatrix
 
 __all__ = [
@@ -75,13 +84,16 @@ __all__ = [
     "TorchSystemEnergy",
     "Trainer",
     "UserInputError",
+    "WeightDiagnostics",
     "alanine_dipeptide_implicit",
     "alanine_dipeptide_vacuum",
     "annealed_importance_sampling",
+    "block_ess",
     "bootstrap_error",
     "build_zmatrix",
     "compute_observable",
     "config_from_dict",
+    "diagnose_weights",
     "effective_sample_size",
     "expectation",
     "free_energy_map",
@@ -93,7 +105,9 @@ __all__ = [
     "load_molecular_system",
     "load_run",
     "log_partition_function",
+    "max_weight_share",
     "nice_flow",
+    "pareto_k",
     "probability",
     "ramachandran",
     "region_free_energy",
@@ -103,7 +117,11 @@ __all__ = [
     "sweep_latent_dims",
     "train_run",
 ]
-__version__ = "0.1.0"
+
+try:  # one source: the installed package's metadata (pyproject.toml)
+    __version__ = _metadata.version("openmm-nice")
+except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 
 def __getattr__(name: str):

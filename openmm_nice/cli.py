@@ -19,17 +19,16 @@ __all__ = ["main", "build_parser"]
 def _cmd_train(args) -> int:
     out = Path(args.out)
     if args.resume:
-        if args.set:
+        if not (out / "checkpoint.pt").exists():
             raise UserInputError(
-                "--set changes the config of a new run; a resumed run keeps its own "
-                f"({out / 'config.yaml'})"
+                f"--resume: no checkpoint in {out}; start the run without --resume"
             )
-        config = load_config(out / "config.yaml")
+        # the run's own config unless another is given; train_run refuses any difference that
+        # changes the result (--set, --steps, --seed, another CONFIG), never rewriting config.yaml
+        config = load_config(args.config or out / "config.yaml", args.set)
     else:
         config = load_config(args.config, args.set)
-    if args.steps is not None and args.resume:
-        config.training.steps = args.steps  # the schedule already under way stays as it is
-    elif args.steps is not None:
+    if args.steps is not None:
         config.set_steps(args.steps)
     if args.seed is not None:
         config.seed = args.seed
@@ -53,13 +52,21 @@ def _cmd_sample(args) -> int:
         device=args.device,
         progress=not args.quiet,
     )
+    diagnostics = samples.diagnostics
     if not args.quiet:
-        report = {"n": args.n, "ess": samples.ess, "log_z": samples.log_z}
+        report = {"n": args.n, **diagnostics.as_dict(), "log_z": samples.log_z}
         if samples.ais_steps:
             report["ais_steps"] = samples.ais_steps
             report["ais_acceptance"] = float(samples.ais_acceptance.mean())
         print(json.dumps({**report, "out": args.out}))
+    _warn_if_unreliable(diagnostics.reliable, diagnostics.verdict)
     return 0
+
+
+def _warn_if_unreliable(reliable: bool, verdict: str) -> None:
+    """The weights' verdict on stderr where it says they cannot be trusted (even with --quiet)."""
+    if not reliable:
+        print(f"openmm-nice: warning: importance weights {verdict}", file=sys.stderr)
 
 
 def _latent_dims(text: str) -> list[int]:
@@ -79,7 +86,8 @@ def _cmd_sweep(args) -> int:
         if not args.quiet:
             print(
                 f"D = {row['latent_dim']}: J_R = {row['j_r']:.4f} +- {row['j_r_error']:.4f}  "
-                f"ESS/N = {row['ess']:.3f}"
+                f"ESS/N = {row['ess']:.3f}, largest weight {row['max_weight_share']:.2g}, "
+                f"Pareto k {row['pareto_k']:.2f}"
             )
 
     result = sweep_latent_dims(
@@ -91,9 +99,12 @@ def _cmd_sweep(args) -> int:
         quiet=args.quiet,
         on_result=report,
     )
-    print(f"{'D':>4} {'J_R (nats)':>12} {'error':>8} {'ESS/N':>7}")
+    print(f"{'D':>4} {'J_R (nats)':>12} {'error':>8} {'ESS/N':>7} {'max w':>7} {'k':>5}")
     for r in result["results"]:
-        print(f"{r['latent_dim']:>4} {r['j_r']:>12.4f} {r['j_r_error']:>8.4f} {r['ess']:>7.3f}")
+        print(
+            f"{r['latent_dim']:>4} {r['j_r']:>12.4f} {r['j_r_error']:>8.4f} {r['ess']:>7.3f} "
+            f"{r['max_weight_share']:>7.2g} {r['pareto_k']:>5.2f}"
+        )
     print(f"chosen latent_dim: {result['chosen_latent_dim']} (smallest J_R)")
     return 0
 
@@ -146,7 +157,7 @@ def _cmd_reweight(args) -> int:
     configs = [load_config(path, args.set) for path in args.config]
     statistics = {"n_bootstrap": args.n_bootstrap, "observables": args.observable}
     if args.traj:
-        reweight_trajectories(
+        summary = reweight_trajectories(
             args.traj,
             configs,
             args.out,
@@ -158,7 +169,7 @@ def _cmd_reweight(args) -> int:
             **statistics,
         )
     else:
-        reweight_samples(
+        summary = reweight_samples(
             args.samples,
             args.out,
             run=args.run,
@@ -169,6 +180,7 @@ def _cmd_reweight(args) -> int:
             **statistics,
         )
     print((Path(args.out) / "summary.json").read_text(), end="")
+    _warn_if_unreliable(summary["reliable"], summary["verdict"])
     return 0
 
 
@@ -249,14 +261,28 @@ def _add_set(p: argparse.ArgumentParser, configs: str = "the config") -> None:
     )
 
 
+def _version() -> str:
+    from openmm_nice import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openmm-nice", description=__doc__)
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a Boltzmann generator from a YAML config")
     p.add_argument("config", nargs="?", help="the YAML config (not needed with --resume)")
     p.add_argument("--out", required=True, help="the run folder (checkpoint.pt, metrics.csv, ...)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out with its own config; a CONFIG, --set, "
+        "--steps or --seed that changes it is refused (--device may differ)",
+    )
     p.add_argument(
         "--steps",
         type=int,
@@ -268,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="override seed")
     p.add_argument("--device", help="override device (cpu, cuda, cuda:1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    _add_set(p, "CONFIG (not with --resume)")
+    _add_set(p, "CONFIG")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="draw samples with importance weights from a trained run")

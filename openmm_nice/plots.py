@@ -120,10 +120,21 @@ def _profile_offset(profile: FreeEnergyProfile, potential, log_z: float) -> floa
     return float(log_mass - log_z)
 
 
+def _caption(fig: Figure, caption: str | None) -> None:
+    """A line of small text under the axes (e.g. how far the weights behind the figure hold)."""
+    if caption:
+        fig.text(0.5, -0.02, caption, ha="center", va="top", fontsize=8, wrap=True)
+
+
 def plot_profiles(
-    profiles: dict[str, FreeEnergyProfile], path: str | os.PathLike, xlabel: str = "s", exact=None
+    profiles: dict[str, FreeEnergyProfile],
+    path: str | os.PathLike,
+    xlabel: str = "s",
+    exact=None,
+    caption: str | None = None,
 ) -> None:
-    """Free-energy profiles F(s) (kT) with error bars; ``exact`` is an optional (s, F) pair."""
+    """Free-energy profiles F(s) (kT) with error bars; ``exact`` is an optional (s, F) pair,
+    ``caption`` a line under the plot."""
     fig = _figure((6, 4))
     ax = fig.subplots()
     for i, (label, p) in enumerate(profiles.items()):
@@ -141,6 +152,7 @@ def plot_profiles(
     ax.set_xlabel(xlabel)
     ax.set_ylabel("free energy (kT)")
     ax.legend()
+    _caption(fig, caption)
     save_figure(fig, path)
 
 
@@ -150,8 +162,10 @@ def plot_free_energy_map(
     xlabel: str = "phi (rad)",
     ylabel: str = "psi (rad)",
     vmax: float = 10.0,
+    caption: str | None = None,
 ) -> None:
-    """Two-dimensional free-energy maps side by side, each (x edges, y edges, F (nx, ny) in kT)."""
+    """Two-dimensional free-energy maps side by side, each (x edges, y edges, F (nx, ny) in kT),
+    with ``caption`` as a line under them."""
     fig = _figure((5 * len(maps), 4.2))
     axes = fig.subplots(1, len(maps), squeeze=False)
     for ax, (title, (xe, ye, f)) in zip(axes[0], maps.items()):
@@ -162,4 +176,5 @@ def plot_free_energy_map(
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         fig.colorbar(mesh, ax=ax, label="free energy (kT)")
+    _caption(fig, caption)
     save_figure(fig, path)

@@ -33,6 +33,8 @@ METRIC_COLUMNS = (
     "log_det_S",
     "conditional_nats",
     "ess",
+    "max_weight_share",
+    "pareto_k",
     "beta",
     "learning_rate",
     "elapsed_s",
@@ -53,7 +55,8 @@ def _steps_to_next_multiple(step: int, interval: int) -> int:
 
 
 class ProgressReporter:
-    """A tqdm progress bar over the training steps, showing loss and ESS/N.
+    """A tqdm progress bar over the training steps, showing the loss, and the batch's ESS/N,
+    largest weight's share and Pareto k-hat (:mod:`~openmm_nice.weight_diagnostics`).
 
     Arguments:
         total: Total number of steps (the bar's length).
@@ -76,7 +79,11 @@ class ProgressReporter:
         self._bar.update(state["step"] - self._last)
         self._last = state["step"]
         self._bar.set_postfix(
-            loss=f"{state['loss']:.4g}", ess=f"{state['ess']:.3f}", beta=f"{state['beta']:.3g}"
+            loss=f"{state['loss']:.4g}",
+            ess=f"{state['ess']:.3f}",
+            max_w=f"{state['max_weight_share']:.2g}",
+            k=f"{state['pareto_k']:.2f}",
+            beta=f"{state['beta']:.3g}",
         )
         if state["step"] >= self._bar.total:
             self._bar.close()

@@ -25,13 +25,13 @@ from openmm_nice.observables import (
 from openmm_nice.reweighting import (
     bootstrap,
     bootstrap_spread,
-    effective_sample_size,
     expectation,
     log_partition_function,
     region_free_energy,
 )
 from openmm_nice.runs import Run, load_run, load_target
 from openmm_nice.state_reweighting import reweight_frames
+from openmm_nice.weight_diagnostics import WeightDiagnostics, diagnose_weights
 
 __all__ = ["reweight_samples", "reweight_trajectories"]
 
@@ -65,13 +65,24 @@ def _check_statistics(n_bootstrap: int, block_size: int | None) -> None:
         raise UserInputError(f"block_size must be at least 1, got {block_size}")
 
 
+def _weights_summary(diagnostics: WeightDiagnostics) -> dict:
+    """The weights' figures at the top of summary.json (``ess``, ``max_weight_share``,
+    ``pareto_k``: a contract), and a warning where they cannot be trusted."""
+    summary = diagnostics.as_dict()
+    if not diagnostics.reliable:
+        summary["warning"] = (
+            "the importance-sampled estimates below rest on weights that fail the tail "
+            f"diagnostic: {diagnostics.verdict}"
+        )
+    return summary
+
+
 def _log_z_summary(log_w: np.ndarray, n_bootstrap: int, block_size: int) -> dict:
     def log_z(i: np.ndarray) -> float:
         return log_partition_function(log_w[i]) if np.isfinite(log_w[i]).any() else math.nan
 
     return {
-        "n": int(len(log_w)),
-        "ess": effective_sample_size(log_w) / len(log_w),
+        **_weights_summary(diagnose_weights(log_w)),
         "log_z": log_partition_function(log_w),
         "log_z_error": bootstrap_spread(bootstrap(log_z, len(log_w), n_bootstrap, block_size)),
     }
@@ -86,6 +97,7 @@ def _toy_report(
     bins: int,
     n_bootstrap: int,
     block_size: int,
+    diagnostics: WeightDiagnostics,
 ) -> dict:
     """Free-energy profiles of each coordinate, and the populations of the target's wells."""
     from openmm_nice.plots import plot_profiles
@@ -104,14 +116,20 @@ def _toy_report(
         direct.to_csv(out / f"profile_x{i}_direct.csv", header=f"x{i}")
         weighted.to_csv(out / f"profile_x{i}_reweighted.csv", header=f"x{i}")
         plot_profiles(
-            {"direct": direct, "importance-sampled": weighted}, out / f"profile_x{i}.png", f"x{i}"
+            {"direct": direct, "importance-sampled": weighted},
+            out / f"profile_x{i}.png",
+            f"x{i}",
+            caption=f"importance weights: {diagnostics.caption()}",
         )
     for index, barrier in getattr(target.energy, "wells", ()) if target else ():
         inside = x[:, index] < barrier
         stats = {"n_bootstrap": n_bootstrap, "block_size": block_size}
         report[f"p(x{index}<{barrier:g})"] = {
             "direct": region_free_energy(inside, **stats),
-            "reweighted": region_free_energy(inside, log_w, **stats),
+            "reweighted": {
+                **region_free_energy(inside, log_w, **stats),
+                "reliable": diagnostics.reliable,
+            },
             "exact": target.energy.probability_below(index, barrier),
         }
     return report
@@ -126,6 +144,7 @@ def _molecule_report(
     n_bootstrap: int,
     block_size: int,
     labels: dict[str, str],
+    diagnostics: WeightDiagnostics,
 ) -> dict:
     """Ramachandran maps, phi > 0 population and free energy, and observables, both ways."""
     from openmm_nice.plots import plot_free_energy_map
@@ -145,7 +164,10 @@ def _molecule_report(
             fmap.to_csv(out / f"ramachandran_{label}.csv")
             maps[labels[label]] = (fmap.edges, fmap.edges, fmap.free_energy)
             populations[label] = region_free_energy(phi > 0, lw, **stats)
-        plot_free_energy_map(maps, out / "ramachandran.png")
+        populations["reweighted"]["reliable"] = diagnostics.reliable
+        plot_free_energy_map(
+            maps, out / "ramachandran.png", caption=f"importance weights: {diagnostics.caption()}"
+        )
         report["ramachandran"] = {
             "bins": RAMACHANDRAN_BINS,
             "files": ["ramachandran_direct.csv", "ramachandran_reweighted.csv", "ramachandran.png"],
@@ -158,6 +180,7 @@ def _molecule_report(
         for label, lw in weightings.items():
             mean, error = expectation(values, lw, circular=kind == "dihedral", **stats)
             report["observables"][spec][label] = {"mean": mean, "error": error}
+        report["observables"][spec]["reweighted"]["reliable"] = diagnostics.reliable
     return report
 
 
@@ -213,6 +236,7 @@ def reweight_samples(
     try:
         summary = {"mode": "samples", "samples": str(samples)}
         summary.update(_log_z_summary(log_w, n_bootstrap, block_size))
+        diagnostics = diagnose_weights(log_w)
         if target is not None and target.is_molecule:
             topology = target.mdtraj_topology()
             if x.shape[1] != 3 * topology.n_atoms:
@@ -223,14 +247,16 @@ def reweight_samples(
                 )
             labels = {"direct": "direct", "reweighted": "importance-sampled"}
             report = _molecule_report(
-                x, log_w, topology, out, observables, n_bootstrap, block_size, labels
+                x, log_w, topology, out, observables, n_bootstrap, block_size, labels, diagnostics
             )
         else:
             if observables:
                 raise UserInputError(
                     "observables need a molecular system; give the sample file's run or config"
                 )
-            report = _toy_report(x, log_w, out, target, coordinates, bins, n_bootstrap, block_size)
+            report = _toy_report(
+                x, log_w, out, target, coordinates, bins, n_bootstrap, block_size, diagnostics
+            )
         summary.update(report)
     finally:
         if owned:
@@ -376,6 +402,7 @@ def reweight_trajectories(
     )
     target_name = target.name if target is not None else states[0].name
     log_z_ratio, log_z_ratio_error = weights.log_z_ratio(n_bootstrap, block_size)
+    diagnostics = diagnose_weights(weights.log_w)
     summary = {
         "mode": "trajectory",
         "estimator": weights.estimator,
@@ -392,8 +419,7 @@ def reweight_trajectories(
             for k, (state, config) in enumerate(zip(states, configs))
         ],
         "target": {"system": target_name, "temperature_K": t_target},
-        "n": int(len(x)),
-        "ess": effective_sample_size(weights.log_w) / len(x),
+        **_weights_summary(diagnostics),
         "log_z_ratio": log_z_ratio,
         "log_z_ratio_error": log_z_ratio_error,
         "delta_f_kT": 0.0 - log_z_ratio,
@@ -408,7 +434,15 @@ def reweight_trajectories(
     }
     summary.update(
         _molecule_report(
-            x, weights.log_w, topology, out, observables, n_bootstrap, block_size, labels
+            x,
+            weights.log_w,
+            topology,
+            out,
+            observables,
+            n_bootstrap,
+            block_size,
+            labels,
+            diagnostics,
         )
     )
     return _write_summary(out, summary)

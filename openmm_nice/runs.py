@@ -27,12 +27,14 @@ from openmm_nice.reporters import (
 )
 from openmm_nice.reweighting import bootstrap_error, effective_sample_size, log_partition_function
 from openmm_nice.targets import Target, build_generator, build_target, build_trainer, load_frames
+from openmm_nice.weight_diagnostics import WeightDiagnostics, diagnose_weights
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "Run",
     "Samples",
     "check_device",
+    "config_differences",
     "evaluate",
     "load_run",
     "load_target",
@@ -99,17 +101,20 @@ def evaluate(model: BoltzmannGenerator, n: int, seed: int = 12345) -> dict:
         seed: Seed of the latents.
 
     Returns:
-        ``{"n", "ess", "log_z", "log_z_error", "j_r", "j_r_error"}``; ``j_r`` is
-        :math:`E[-\log w]` in nats, inf when a sample has zero weight.
+        ``{"n", "ess", "max_weight_share", "pareto_k", "pareto_k_threshold", "block_ess",
+        "reliable", "verdict", "n_zero_weight", "log_z", "log_z_error", "j_r", "j_r_error"}``
+        (the weights' figures as :func:`~openmm_nice.weight_diagnostics.diagnose_weights`
+        gives them); ``j_r`` is :math:`E[-\log w]` in nats, inf when a sample has zero weight.
     """
     rng = torch.Generator(device=model.device).manual_seed(seed)
     _, log_w = model.sample(n, rng=rng)
     log_w = log_w.double().cpu().numpy()
     neg = -log_w
     finite = bool(np.isfinite(neg).all())
+    weights = diagnose_weights(log_w).as_dict()
     return {
         "n": n,
-        "ess": effective_sample_size(log_w) / n,
+        **{key: value for key, value in weights.items() if key != "n"},
         "log_z": log_partition_function(log_w),
         "log_z_error": bootstrap_error(log_partition_function, log_w, n_bootstrap=100),
         "j_r": float(neg.mean()) if finite else math.inf,
@@ -174,11 +179,14 @@ def _train_ranked(
     try:
         frames = _frames(config, target)
         state = load_checkpoint(checkpoint) if resume else None
+        if state is not None:
+            _check_resumed_config(config, state, checkpoint)
         start = int(state["step"]) if state else 0
         reporters = []
         if ranks.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            config.save(out / "config.yaml")
+            if not resume:  # a resumed run keeps the config.yaml that produced it
+                config.save(out / "config.yaml")
             reporters = [
                 MetricsReporter(
                     out / "metrics.csv",
@@ -224,6 +232,48 @@ def _train_ranked(
         return summary
     finally:
         target.close()
+
+
+RESUME_MAY_DIFFER = frozenset({"device", "n_workers"})
+"""Config keys a resumed run may change: where it runs, not what it computes."""
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ("system", "platform_properties"):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(a: Config | dict, b: Config | dict) -> list[str]:
+    """The dotted keys whose values differ between two configs (sections compared key by key).
+
+    Example:
+        >>> config_differences(Config(seed=1), Config(seed=2, device="cpu"))
+        ['seed']
+    """
+    flat_a = _flat(a.to_dict() if isinstance(a, Config) else a)
+    flat_b = _flat(b.to_dict() if isinstance(b, Config) else b)
+    return sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k) != flat_b.get(k))
+
+
+def _check_resumed_config(config: Config, state: dict, checkpoint: Path) -> None:
+    """A resumed run is exact or refused: its config may differ from the checkpoint's only in
+    where it runs (:data:`RESUME_MAY_DIFFER`)."""
+    saved = state.get("config")
+    if saved is None:
+        return  # a checkpoint of an older version stored no config
+    differ = [k for k in config_differences(config, saved) if k not in RESUME_MAY_DIFFER]
+    if differ:
+        raise ConfigError(
+            f"--resume: the config differs from the one {checkpoint} was trained with in "
+            f"{', '.join(differ)}; a resumed run continues with its own config "
+            "(`openmm-nice train --resume --out RUN`), or train the new config into a new run "
+            "folder"
+        )
 
 
 def _checkpoint_extra(config: Config) -> dict:
@@ -351,6 +401,11 @@ class Samples:
         return effective_sample_size(self.log_w) / len(self.log_w)
 
     @property
+    def diagnostics(self) -> WeightDiagnostics:
+        """ESS/N in blocks, the largest weight's share, the Pareto k-hat, and their verdict."""
+        return diagnose_weights(self.log_w)
+
+    @property
     def log_z(self) -> float:
         """The importance estimate of the target's log Z."""
         return log_partition_function(self.log_w)
@@ -423,6 +478,8 @@ SWEEP_COLUMNS = (
     "j_r",
     "j_r_error",
     "ess",
+    "max_weight_share",
+    "pareto_k",
     "log_z",
     "log_z_error",
     "kl_bound",

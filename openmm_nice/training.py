@@ -19,6 +19,7 @@ from openmm_nice.energies import regularize_energy
 from openmm_nice.generator import BoltzmannGenerator
 from openmm_nice.reweighting import effective_sample_size
 from openmm_nice.walkers import Walkers
+from openmm_nice.weight_diagnostics import max_weight_share, pareto_k
 
 __all__ = ["Trainer", "TrainingSchedule", "reverse_kl", "nll", "reweighted_forward_kl"]
 
@@ -495,6 +496,8 @@ class Trainer:
         self.optimizer.step()
         state["loss"] = float(loss.detach())
         state["ess"] = effective_sample_size(log_w) / len(log_w)
+        state["max_weight_share"] = max_weight_share(log_w)
+        state["pareto_k"] = pareto_k(log_w)
         return state
 
     @property

@@ -39,7 +39,7 @@ def tiny_config(tmp_path):
     return path
 
 
-def test_train_sample_reweight(tmp_path, tiny_config):
+def test_train_sample_reweight(tmp_path, tiny_config, capsys):
     run = tmp_path / "run"
     assert main(["train", str(tiny_config), "--out", str(run), "--quiet"]) == 0
     for name in (
@@ -55,10 +55,16 @@ def test_train_sample_reweight(tmp_path, tiny_config):
     assert state["step"] == 40
     summary = json.loads((run / "summary.json").read_text())
     assert {"ess", "log_z", "log_z_error", "j_r", "j_r_error", "kl_bound"} <= set(summary)
+    # the weights' tail diagnostic (a contract in DESIGN.md)
+    assert {"max_weight_share", "pareto_k", "block_ess", "reliable"} <= set(summary)
+    assert 0 < summary["max_weight_share"] <= 1 and len(summary["block_ess"]) == 4
     assert summary["kl_bound"] > -3 * summary["j_r_error"]  # a KL bound is non-negative
 
     samples = tmp_path / "s.npz"
-    assert main(["sample", str(run), "--n", "5000", "--out", str(samples), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "--n", "5000", "--out", str(samples)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {"ess", "max_weight_share", "pareto_k", "block_ess", "reliable"} <= set(printed)
     with np.load(samples) as data:
         assert data["x"].shape == (5000, 1) and data["x"].dtype == np.float64
         assert data["log_w"].shape == (5000,) and data["u"].shape == (5000,)
@@ -109,7 +115,43 @@ def test_existing_run_needs_resume_and_bad_configs_are_named(tmp_path, tiny_conf
     assert main([*argv, "--set", "training.batch=3"]) == 2
     assert "training.batch; valid keys in training are" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", str(run), "--set", "seed=1", "--quiet"]) == 2
-    assert "a resumed run keeps its own" in capsys.readouterr().err
+    assert "differs from the one" in capsys.readouterr().err
+
+
+def test_resume_is_exact_or_refused_and_keeps_config_yaml(tmp_path, tiny_config, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_config), "--out", str(run), "--quiet", "--steps", "5"]) == 0
+    saved = (run / "config.yaml").read_text()
+    other = tmp_path / "other.yaml"
+    config = yaml.safe_load(tiny_config.read_text())
+    config["training"]["learning_rate"] = 0.01
+    other.write_text(yaml.safe_dump(config))
+    for argv in (
+        [str(other)],
+        ["--steps", "9"],
+        ["--seed", "7"],
+        ["--set", "model.layers=3"],
+    ):
+        capsys.readouterr()
+        assert main(["train", *argv, "--resume", "--out", str(run), "--quiet"]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert "--resume: the config differs" in err
+    assert "training.learning_rate" in _refusal(run, other, capsys)
+    assert "training.steps" in _refusal(run, "--steps", capsys)
+    assert (run / "config.yaml").read_text() == saved
+    # the same config (given again, or the run's own) and another device resume
+    argv = ["train", str(tiny_config), "--resume", "--out", str(run), "--quiet"]
+    assert main([*argv, "--steps", "5", "--device", "cpu"]) == 0
+    assert main(["train", "--resume", "--out", str(run), "--quiet"]) == 0
+    assert (run / "config.yaml").read_text() == saved
+
+
+def _refusal(run, what, capsys) -> str:
+    argv = ["--steps", "9"] if what == "--steps" else [str(what)]
+    capsys.readouterr()
+    assert main(["train", *argv, "--resume", "--out", str(run), "--quiet"]) == 2
+    return capsys.readouterr().err
 
 
 def test_sweep_writes_j_r_per_latent_dimension(tmp_path, tiny_config, capsys):
@@ -177,11 +219,9 @@ def test_sigkill_then_resume_finishes_with_continuous_metrics(tmp_path):
         "--out",
         str(run),
         "--quiet",
-        "--steps",
-        "400",
     ]
-    subprocess.run(resume, env=env, check=True, timeout=300)
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == max(400, killed_at)
+    subprocess.run(resume, env=env, check=True, timeout=600)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 3000
     steps = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))]
     assert steps == list(range(25, steps[-1] + 1, 25))
 

@@ -85,7 +85,9 @@ def test_trajectory_to_its_own_temperature_has_zero_log_weights(tmp_path, md):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ess"] == pytest.approx(1.0, abs=1e-12)
     assert summary["log_z_ratio"] == 0.0 and summary["delta_f_kT"] == 0.0
-    assert summary["phi>0"]["direct"] == summary["phi>0"]["reweighted"]
+    reweighted = dict(summary["phi>0"]["reweighted"])
+    assert reweighted.pop("reliable") is True and summary["reliable"] is True
+    assert summary["phi>0"]["direct"] == reweighted
 
 
 def test_trajectory_to_another_temperature_matches_the_formula(tmp_path, md, molecule):
