@@ -1,0 +1,109 @@
+"""The panel of molecules that the one recipe is judged on, and what is measured on each.
+
+Each molecule is a `system` spec as a config takes it (a built-in name, or a PDB made by
+examples/make_dipeptide.py with the command in its .json, plus OpenMM's own force-field files)
+and its D: d = 3N - 6 internal coordinates plus 6 redundant latents, as the examples have it.
+The recipe is examples/alanine_dipeptide.yaml; a panel config is it with `system` and
+`model.latent_dim` replaced and nothing else. The backbone observables are the signs of every
+residue's phi (dF = F(phi > 0) - F(phi < 0)): defined for any peptide, they name no basin.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "examples" / "alanine_dipeptide.yaml"
+REFERENCES = Path(__file__).resolve().parent / "reference" / "panel"
+
+VACUUM = ["amber14-all.xml"]
+IMPLICIT = ["amber14-all.xml", "implicit/obc2.xml"]
+
+
+def _pdb(name: str, forcefield: list[str]) -> dict:
+    return {"pdb": str(ROOT / "data" / f"{name}.pdb"), "forcefield": forcefield}
+
+
+PANEL = {
+    # openmmtools' systems (Amber ff96; implicit: OBC GBSA), as the examples name them
+    "alanine_dipeptide_vacuum": {"system": "alanine_dipeptide_vacuum", "atoms": 22},
+    "alanine_dipeptide_implicit": {"system": "alanine_dipeptide_implicit", "atoms": 22},
+    # amber14 in vacuum: a branched side chain, an aromatic one, proline's ring
+    "valine_dipeptide": {"system": _pdb("valine_dipeptide", VACUUM), "atoms": 28},
+    "phenylalanine_dipeptide": {"system": _pdb("phenylalanine_dipeptide", VACUUM), "atoms": 32},
+    "proline_dipeptide": {"system": _pdb("proline_dipeptide", VACUUM), "atoms": 26},
+    # amber14 with OBC2 implicit solvent: a charged side chain, and the field's tetrapeptide
+    "lysine_dipeptide_implicit": {"system": _pdb("lysine_dipeptide", IMPLICIT), "atoms": 34},
+    "alanine_tetrapeptide_implicit": {
+        "system": _pdb("alanine_tetrapeptide", IMPLICIT),
+        "atoms": 42,
+    },
+}
+REDUNDANT_LATENTS = 6
+
+
+def latent_dim(name: str) -> int:
+    """D = 3N - 6 + 6 redundant latents."""
+    return 3 * PANEL[name]["atoms"] - 6 + REDUNDANT_LATENTS
+
+
+def panel_config(name: str, recipe: Path = RECIPE) -> dict:
+    """The recipe with the molecule's system and D, and nothing else changed."""
+    if name not in PANEL:
+        raise SystemExit(f"unknown panel molecule {name!r}; the panel is {sorted(PANEL)}")
+    config = copy.deepcopy(yaml.safe_load(recipe.read_text()))
+    config["system"] = PANEL[name]["system"]
+    config["model"]["latent_dim"] = latent_dim(name)
+    return config
+
+
+def reference_path(name: str) -> Path:
+    return REFERENCES / f"{name}_300K.npz"
+
+
+def phi_indices(topology) -> np.ndarray:
+    """(R, 4) atom indices of every residue's phi (C(i-1), N, CA, C), in sequence order."""
+    import mdtraj
+
+    top = (
+        topology if isinstance(topology, mdtraj.Topology) else mdtraj.Topology.from_openmm(topology)
+    )
+    traj = mdtraj.Trajectory(np.zeros((1, top.n_atoms, 3)), top)
+    indices, _ = mdtraj.compute_phi(traj)
+    return indices
+
+
+def peptide_bond_indices(topology) -> np.ndarray:
+    """(B, 4) atom indices of each peptide bond's omega (CA or CH3, C, N, CA or C), caps included."""
+    residues = list(topology.residues())
+    rows = []
+    for previous, residue in zip(residues, residues[1:]):
+        before = {a.name: a.index for a in previous.atoms()}
+        after = {a.name: a.index for a in residue.atoms()}
+        if "C" not in before or "N" not in after:
+            continue
+        first = before.get("CA", before.get("CH3"))
+        last = after.get("CA", after.get("C"))
+        rows.append((first, before["C"], after["N"], last))
+    return np.array(rows, dtype=np.int64)
+
+
+def dihedrals(x: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Dihedral angles (radians) of (T, n_atoms, 3) positions for (K, 4) index rows: (T, K)."""
+    p = [x[:, indices[:, j]] for j in range(4)]
+    b0, b1, b2 = p[0] - p[1], p[2] - p[1], p[3] - p[2]
+    b1 = b1 / np.linalg.norm(b1, axis=-1, keepdims=True)
+    v = b0 - np.sum(b0 * b1, axis=-1, keepdims=True) * b1
+    w = b2 - np.sum(b2 * b1, axis=-1, keepdims=True) * b1
+    return np.arctan2(np.sum(np.cross(b1, v) * w, axis=-1), np.sum(v * w, axis=-1))
+
+
+def cis_frames(x: np.ndarray, topology) -> np.ndarray:
+    """(T,) True where a peptide bond is cis (|omega| < 90 degrees)."""
+    omega = dihedrals(x, peptide_bond_indices(topology))
+    return (np.abs(omega) < math.pi / 2).any(axis=1)

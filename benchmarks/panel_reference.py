@@ -1,0 +1,359 @@
+"""An independent reference for a panel molecule: parallel tempering (openmmtools) and MBAR.
+
+openmmtools' ParallelTemperingSampler runs --replicas replicas of the panel molecule's System
+(benchmarks/_panel.py: the same System the recipe trains on) at temperatures spaced
+geometrically from 300 K to --t-max, with Langevin dynamics between exchange attempts
+(`LangevinDynamicsMove`: --steps-per-iteration steps of --timestep-fs, friction 1/ps) and
+all-pairs exchanges. Hydrogen masses are raised to --hydrogen-mass amu, taken from the heavy
+atom they are bonded to: masses do not enter the configurational Boltzmann distribution, so the
+300 K ensemble is unchanged and a 2 fs step is stable without constraints.
+
+Every replica's configuration at every iteration after --equilibration-fraction of them is a
+sample; MBAR (pymbar) over all temperatures gives each its weight at 300 K (at 300 K a rare
+basin has few visits of its own, while the hotter states visit it often), and from these
+weights, for every residue's phi:
+  * P(phi > 0) and dF = F(phi > 0) - F(phi < 0) = -ln(P / (1 - P)) in kT, with errors from a
+    bootstrap of --blocks contiguous blocks of iterations (MBAR solved again on each);
+  * the 36 x 36 Ramachandran probabilities of the first residue (phi on the first axis).
+The 300 K state's own frames give a second, unweighted P(phi > 0), printed beside it as a check.
+The reference is of the trans-amide ensemble: frames with a cis peptide bond are counted and
+left out, as in benchmarks/alanine_reference.py.
+
+--repeats independent runs (seeds seed, seed + 1, ...) are analysed each on its own; the
+reference is their mean, its error the standard error of that mean or the combined errors of
+the repeats, whichever is larger, and the table shows whether the repeats agree within their
+errors (z = |dF_1 - dF_2| / sqrt(e_1^2 + e_2^2)).
+
+It prints a table and one JSON line, and writes --out (npz).
+
+Usage:
+    python benchmarks/panel_reference.py proline_dipeptide --ns 5 --repeats 2
+    python benchmarks/panel_reference.py alanine_dipeptide_vacuum --ns 2 --replicas 8 --t-max 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import openmm
+import openmm.unit as unit
+from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
+from _panel import PANEL, ROOT, cis_frames, dihedrals, phi_indices, reference_path
+
+from openmm_nice.free_energy import RAMACHANDRAN_BINS
+from openmm_nice.reweighting import bootstrap_spread
+from openmm_nice.systems import load_molecular_system
+
+
+def repartition_hydrogen_mass(system: openmm.System, topology, mass: float) -> None:
+    """Raise each hydrogen's mass to ``mass`` amu, taken from the atom it is bonded to."""
+    for a, b in topology.bonds():
+        for h, heavy in ((a, b), (b, a)):
+            if h.element is not None and h.element.symbol == "H" and heavy.element.symbol != "H":
+                old = system.getParticleMass(h.index).value_in_unit(unit.dalton)
+                extra = mass - old
+                if extra <= 0:
+                    continue
+                system.setParticleMass(h.index, mass)
+                heavy_mass = system.getParticleMass(heavy.index).value_in_unit(unit.dalton)
+                system.setParticleMass(heavy.index, heavy_mass - extra)
+
+
+def run_parallel_tempering(molecule, args, seed: int, storage: Path) -> dict:
+    """One repeat. Returns, per iteration (after the first) and replica: ``phi`` (I, K, R)
+    radians, ``psi1`` (I, K) of the first residue, ``cis`` (I, K), ``states`` (I, K) each
+    replica's state, ``u`` (I, K, S) its reduced potential in every state; and timings."""
+    from openmmtools import cache, mcmc, states
+    from openmmtools.multistate import MultiStateReporter, ParallelTemperingSampler
+
+    system = openmm.XmlSerializer.clone(molecule.system)
+    repartition_hydrogen_mass(system, molecule.topology, args.hydrogen_mass)
+    platform = openmm.Platform.getPlatformByName(args.platform)
+    properties = {"Threads": "1"} if args.platform == "CPU" else {}
+    thermodynamic_state = states.ThermodynamicState(system, temperature=300.0 * unit.kelvin)
+    sampler_state = states.SamplerState(molecule.positions * unit.nanometer)
+    move = mcmc.LangevinDynamicsMove(
+        timestep=args.timestep_fs * unit.femtosecond,
+        collision_rate=1.0 / unit.picosecond,
+        n_steps=args.steps_per_iteration,
+        reassign_velocities=False,
+    )
+    iterations = int(round(args.ns * 1e6 / (args.timestep_fs * args.steps_per_iteration)))
+    sampler = ParallelTemperingSampler(mcmc_moves=move, number_of_iterations=iterations)
+    sampler._global_citation_silence = True  # noqa: SLF001 (its only switch)
+    np.random.seed(seed)  # openmmtools' exchanges and velocities draw from numpy's global RNG
+    reporter = MultiStateReporter(
+        str(storage),
+        checkpoint_interval=iterations,
+        analysis_particle_indices=list(range(molecule.n_atoms)),
+    )
+    sampler.create(
+        thermodynamic_state,
+        sampler_state,
+        reporter,
+        min_temperature=300.0 * unit.kelvin,
+        max_temperature=args.t_max * unit.kelvin,
+        n_temperatures=args.replicas,
+    )
+    contexts = cache.ContextCache(platform=platform, platform_properties=properties or None)
+    sampler.energy_context_cache = sampler.sampler_context_cache = contexts  # not the global one
+    sampler.minimize()
+    started = time.perf_counter()
+    sampler.run()
+    seconds = time.perf_counter() - started
+    temperatures = [s.temperature.value_in_unit(unit.kelvin) for s in sampler._thermodynamic_states]  # noqa: SLF001
+    replica_states = reporter.read_replica_thermodynamic_states()[1:]  # (I, K)
+    u = reporter.read_energies()[0][1:]  # (I, K, S)
+    phi_rows = phi_indices(molecule.topology)
+    psi_row = _psi_of_first_residue(molecule.topology, phi_rows[0])
+    phi, psi1, cis = [], [], []
+    for it in range(1, len(replica_states) + 1):
+        x = np.array(
+            [
+                s.positions.value_in_unit(unit.nanometer)
+                for s in reporter.read_sampler_states(it, analysis_particles_only=True)
+            ]
+        )
+        phi.append(dihedrals(x, phi_rows))
+        psi1.append(dihedrals(x, psi_row[None])[:, 0])
+        cis.append(cis_frames(x, molecule.topology))
+    reporter.close()
+    return {
+        "phi": np.array(phi),
+        "psi1": np.array(psi1),
+        "cis": np.array(cis),
+        "states": np.asarray(replica_states),
+        "u": np.asarray(u),
+        "temperatures": temperatures,
+        "seconds": seconds,
+        "iterations": iterations,
+    }
+
+
+def round_trips(replica_states: np.ndarray) -> int:
+    """Replicas' trips from the coldest state to the hottest and back, summed."""
+    n_states = replica_states.max() + 1
+    trips = 0
+    for r in range(replica_states.shape[1]):
+        going_up = None
+        for s in replica_states[:, r]:
+            if s == 0:
+                if going_up is False:
+                    trips += 1
+                going_up = True
+            elif s == n_states - 1 and going_up:
+                going_up = False
+    return trips
+
+
+def _populations(u: np.ndarray, phi: np.ndarray, trans: np.ndarray, f_k=None):
+    """MBAR over every (iteration, replica) sample: the weights at state 0 (trans frames only),
+    P(phi_r > 0) per residue, and the solved f_k."""
+    from pymbar import MBAR
+
+    n_iter, n_replicas, n_states = u.shape
+    u_kn = u.reshape(-1, n_states).T
+    n_k = np.full(n_states, n_iter)  # each state holds one replica at every iteration
+    mbar = MBAR(u_kn, n_k, initial_f_k=f_k, verbose=False)
+    w = mbar.weights()[:, 0] * trans.reshape(-1)
+    w = w / w.sum()
+    p = (w[:, None] * (phi.reshape(-1, phi.shape[-1]) > 0)).sum(axis=0)
+    return w, p, mbar.f_k
+
+
+def analyse(run: dict, equilibration_fraction: float, n_bootstrap: int, n_blocks: int) -> dict:
+    """Per residue P(phi > 0) and dF at 300 K by MBAR with block-bootstrap errors, the 300 K
+    state's own P, the first residue's map, and the counts."""
+    start = int(len(run["u"]) * equilibration_fraction)
+    u, phi, cis = run["u"][start:], run["phi"][start:], run["cis"][start:]
+    psi1, states = run["psi1"][start:], run["states"][start:]
+    trans = ~cis
+    w, p, f_k = _populations(u, phi, trans)
+    rng = np.random.default_rng(0)
+    size = len(u) // n_blocks
+    replicates = []
+    for _ in range(n_bootstrap):
+        blocks = rng.integers(0, n_blocks, n_blocks)
+        i = np.concatenate([np.arange(b * size, (b + 1) * size) for b in blocks])
+        replicates.append(_populations(u[i], phi[i], trans[i], f_k)[1])
+    replicates = np.array(replicates)
+    own = (states == 0) & trans
+    residues = []
+    for k in range(phi.shape[-1]):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            df_reps = -np.log(replicates[:, k] / (1.0 - replicates[:, k]))
+        pk = float(p[k])
+        df = -math.log(pk / (1 - pk)) if 0 < pk < 1 else math.copysign(math.inf, 0.5 - pk)
+        residues.append(
+            {
+                "p": pk,
+                "p_error": float(bootstrap_spread(replicates[:, k])),
+                "df_kT": df,
+                "df_error_kT": float(bootstrap_spread(df_reps)) if math.isfinite(df) else math.inf,
+                "p_300K_frames": float((phi[..., k][own] > 0).mean()),
+            }
+        )
+    edges = np.linspace(-math.pi, math.pi, RAMACHANDRAN_BINS + 1)
+    histogram, _, _ = np.histogram2d(
+        phi[..., 0].reshape(-1), psi1.reshape(-1), bins=[edges, edges], weights=w
+    )
+    return {
+        "frames": int(trans.size),
+        "cis_frames": int(cis.sum()),
+        "frames_300K": int(own.sum()),
+        "ess_300K": float(1.0 / np.sum(w**2)),
+        "residues": residues,
+        "histogram36": histogram / histogram.sum(),
+    }
+
+
+def _psi_of_first_residue(topology, phi_row) -> np.ndarray:
+    """psi (N, CA, C, N(i+1)) of the residue whose phi is ``phi_row``."""
+    atoms = list(topology.atoms())
+    n, ca, c = phi_row[1], phi_row[2], phi_row[3]
+    residue = atoms[ca].residue
+    following = [r for r in topology.residues() if r.index == residue.index + 1][0]
+    next_n = [a.index for a in following.atoms() if a.name == "N"][0]
+    return np.array([n, ca, c, next_n])
+
+
+def combine(repeats: list[dict]) -> list[dict]:
+    """Per residue: the repeats' mean dF, its error, and whether the repeats agree (z; NaN where
+    a repeat has no frame on one side, so that its dF is infinite)."""
+    combined = []
+    for k in range(len(repeats[0]["residues"])):
+        values = np.array([r["residues"][k]["df_kT"] for r in repeats])
+        errors = np.array([r["residues"][k]["df_error_kT"] for r in repeats])
+        p = np.array([r["residues"][k]["p"] for r in repeats])
+        finite = bool(np.isfinite(values).all() and np.isfinite(errors).all())
+        if finite:
+            mean = float(values.mean())
+            own = float(np.sqrt(np.sum(errors**2)) / len(values))
+            spread = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+            error = max(own, spread)
+            z = (
+                float(abs(values[0] - values[1]) / math.hypot(errors[0], errors[1]))
+                if len(values) > 1
+                else math.nan
+            )
+        else:
+            mean, error, z = math.nan, math.inf, math.nan
+        combined.append(
+            {
+                "df_kT": mean,
+                "df_error_kT": error,
+                "p": float(p.mean()),
+                "repeats_df_kT": values.tolist(),
+                "repeats_df_error_kT": errors.tolist(),
+                "agreement_z": z,
+            }
+        )
+    return combined
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("molecule", choices=sorted(PANEL))
+    p.add_argument("--ns", type=float, default=10.0, help="ns per replica per repeat")
+    p.add_argument("--replicas", type=int, default=8)
+    p.add_argument("--t-max", type=float, default=600.0, help="hottest replica, K")
+    p.add_argument("--timestep-fs", type=float, default=2.0)
+    p.add_argument("--hydrogen-mass", type=float, default=3.0, help="amu")
+    p.add_argument("--steps-per-iteration", type=int, default=500)
+    p.add_argument("--equilibration-fraction", type=float, default=0.1)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--platform", default="Reference")
+    p.add_argument("--n-bootstrap", type=int, default=50, help="bootstrap resamples (MBARs)")
+    p.add_argument("--blocks", type=int, default=20, help="blocks of iterations a resample draws")
+    p.add_argument("--out", type=Path, help="npz to write (default: benchmarks/reference/panel/)")
+    p.add_argument(
+        "--raw",
+        type=Path,
+        help="also write every repeat's time series here (npz), to analyse again",
+    )
+    args = p.parse_args(argv)
+
+    molecule = load_molecular_system(PANEL[args.molecule]["system"], ROOT)
+    repeats, runs = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        for r in range(args.repeats):
+            seed = args.seed + r
+            run = run_parallel_tempering(molecule, args, seed, Path(folder) / f"pt{r}.nc")
+            result = analyse(run, args.equilibration_fraction, args.n_bootstrap, args.blocks)
+            result.update(
+                seed=seed,
+                seconds=run["seconds"],
+                iterations=run["iterations"],
+                round_trips=round_trips(run["states"]),
+                temperatures=run["temperatures"],
+            )
+            repeats.append(result)
+            runs.append(run)
+    if args.raw:
+        args.raw.parent.mkdir(parents=True, exist_ok=True)
+        keys = ("phi", "psi1", "cis", "states", "u")
+        np.savez(args.raw, **{f"{k}{r}": run[k] for r, run in enumerate(runs) for k in keys})
+    combined = combine(repeats)
+
+    print(
+        f"{args.molecule}: parallel tempering, {args.replicas} replicas 300-{args.t_max:g} K, "
+        f"{args.ns:g} ns each per repeat"
+    )
+    print(
+        f"{'repeat':>6} {'residue':>7} {'P(phi>0)':>9} {'dF (kT)':>15} {'P 300K':>7} "
+        f"{'frames':>7} {'cis':>5} {'ESS 300K':>8} {'trips':>5} {'time (s)':>8}"
+    )
+    for r in repeats:
+        for k, res in enumerate(r["residues"]):
+            print(
+                f"{r['seed']:>6} {k + 1:>7} {res['p']:>9.4f} "
+                f"{res['df_kT']:>7.3f} +- {res['df_error_kT']:<5.3f} {res['p_300K_frames']:>7.4f} "
+                f"{r['frames']:>7} {r['cis_frames']:>5} {r['ess_300K']:>8.0f} "
+                f"{r['round_trips']:>5} {r['seconds']:>8.0f}"
+            )
+    for k, c in enumerate(combined):
+        print(
+            f"residue {k + 1}: dF = {c['df_kT']:.3f} +- {c['df_error_kT']:.3f} kT "
+            f"(repeats agree at z = {c['agreement_z']:.2f})"
+        )
+
+    out = args.out or reference_path(args.molecule)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    np.savez(
+        out,
+        df_kT=np.array([c["df_kT"] for c in combined]),
+        df_error_kT=np.array([c["df_error_kT"] for c in combined]),
+        p=np.array([c["p"] for c in combined]),
+        histogram36=np.mean([r["histogram36"] for r in repeats], axis=0),
+        repeats_df_kT=np.array([[res["df_kT"] for res in r["residues"]] for r in repeats]),
+        repeats_df_error_kT=np.array(
+            [[res["df_error_kT"] for res in r["residues"]] for r in repeats]
+        ),
+        settings=json.dumps(settings),
+        command="python " + shlex.join(["benchmarks/panel_reference.py", *sys.argv[1:]]),
+    )
+    record = {
+        "benchmark": "panel_reference",
+        "molecule": args.molecule,
+        **settings,
+        "residues": combined,
+        "repeats": [{k: v for k, v in r.items() if k != "histogram36"} for r in repeats],
+        "out": str(out),
+        **machine_facts(),
+    }
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The panel benchmark's molecules, its parallel-tempering reference and its table."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import openmm
+import pytest
+import yaml
+from openmm import unit
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import benchmarks/_panel.py
+
+import _panel  # noqa: E402
+import panel  # noqa: E402
+import panel_reference  # noqa: E402
+
+from openmm_nice.systems import load_molecular_system  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def molecules():
+    return {
+        name: load_molecular_system(spec["system"], ROOT) for name, spec in _panel.PANEL.items()
+    }
+
+
+def test_a_panel_config_is_the_recipe_with_only_system_and_d_changed():
+    recipe = yaml.safe_load(_panel.RECIPE.read_text())
+    for name in _panel.PANEL:
+        config = _panel.panel_config(name)
+        assert {k: v for k, v in config.items() if k != "system"} | {"model": None} == {
+            k: v for k, v in recipe.items() if k != "system"
+        } | {"model": None}
+        model = {k: v for k, v in config["model"].items() if k != "latent_dim"}
+        assert model == {k: v for k, v in recipe["model"].items() if k != "latent_dim"}
+
+
+def test_every_molecule_builds_with_its_d_l_residues_and_trans_peptide_bonds(molecules):
+    for name, molecule in molecules.items():
+        assert molecule.n_atoms == _panel.PANEL[name]["atoms"], name
+        assert _panel.latent_dim(name) == 3 * molecule.n_atoms
+        x = molecule.positions[None]
+        assert not _panel.cis_frames(x, molecule.topology)[0], name
+        for residue in molecule.topology.residues():
+            atoms = {a.name: a.index for a in residue.atoms()}
+            if {"N", "CA", "C", "CB"} <= set(atoms):
+                n, ca, c, cb = (molecule.positions[atoms[k]] for k in ("N", "CA", "C", "CB"))
+                assert np.dot(np.cross(n - ca, c - ca), cb - ca) > 0, f"{name}: D residue"
+    tetrapeptide = molecules["alanine_tetrapeptide_implicit"]
+    assert len(_panel.phi_indices(tetrapeptide.topology)) == 3
+    assert 3 * tetrapeptide.n_atoms - 6 == 120  # the field's d
+
+
+def test_every_pdb_records_the_command_that_made_it():
+    for spec in _panel.PANEL.values():
+        if isinstance(spec["system"], dict):
+            record = json.loads(Path(spec["system"]["pdb"] + ".json").read_text())
+            assert record["command"].startswith("python examples/make_dipeptide.py")
+            assert record["atoms"] == spec["atoms"]
+
+
+def test_dihedrals_match_mdtraj(molecules):
+    import mdtraj
+
+    molecule = molecules["alanine_tetrapeptide_implicit"]
+    x = molecule.positions[None] + np.random.default_rng(0).normal(scale=0.02, size=(5, 42, 3))
+    traj = mdtraj.Trajectory(x, mdtraj.Topology.from_openmm(molecule.topology))
+    rows, expected = mdtraj.compute_phi(traj)
+    np.testing.assert_allclose(_panel.dihedrals(x, rows), expected, atol=1e-5)
+
+
+def test_hydrogen_mass_repartitioning_keeps_the_total_mass(molecules):
+    molecule = molecules["proline_dipeptide"]
+    system = openmm.XmlSerializer.clone(molecule.system)
+
+    def masses(s):
+        return np.array([s.getParticleMass(i).value_in_unit(unit.dalton) for i in range(26)])
+
+    before = masses(system)
+    panel_reference.repartition_hydrogen_mass(system, molecule.topology, 3.0)
+    after = masses(system)
+    hydrogens = [a.index for a in molecule.topology.atoms() if a.element.symbol == "H"]
+    assert after.sum() == pytest.approx(before.sum())
+    np.testing.assert_allclose(after[hydrogens], 3.0)
+    assert (after > 0.9).all()
+
+
+def _run(phi, u, cis=None, states=None) -> dict:
+    n_iter, n_replicas = phi.shape[:2]
+    return {
+        "phi": phi,
+        "psi1": np.zeros((n_iter, n_replicas)),
+        "cis": np.zeros((n_iter, n_replicas), bool) if cis is None else cis,
+        "states": np.tile(np.arange(n_replicas), (n_iter, 1)) if states is None else states,
+        "u": u,
+    }
+
+
+def test_analysis_counts_populations_and_leaves_cis_frames_out():
+    phi = np.full((200, 2, 1), -1.0)
+    phi[:50, 0] = 1.0
+    cis = np.zeros((200, 2), bool)
+    cis[:10, 1] = True
+    result = panel_reference.analyse(_run(phi, np.zeros((200, 2, 2)), cis), 0.0, 10, 10)
+    assert result["cis_frames"] == 10 and result["frames"] == 400
+    p = 50 / 390  # equal states: MBAR's weights are uniform over the trans frames
+    (residue,) = result["residues"]
+    assert residue["p"] == pytest.approx(p)
+    assert residue["df_kT"] == pytest.approx(-math.log(p / (1 - p)))
+    assert residue["p_300K_frames"] == pytest.approx(50 / 200)  # replica 0 holds state 0
+    assert result["histogram36"].sum() == pytest.approx(1.0)
+
+
+def test_mbar_over_temperatures_recovers_the_cold_population():
+    # x ~ N(0, 1/beta) in two states, beta 1 and 0.4; "phi" = x - 1: P(x > 1) at beta 1 is
+    # 0.1587, and the hot state's samples are reweighted to it
+    rng = np.random.default_rng(0)
+    betas = np.array([1.0, 0.4])
+    x = rng.normal(size=(4000, 2)) / np.sqrt(betas)
+    u = betas[None, None, :] * (x**2 / 2)[..., None]
+    result = panel_reference.analyse(_run((x - 1.0)[..., None], u), 0.0, 20, 20)
+    (residue,) = result["residues"]
+    assert residue["p"] == pytest.approx(0.158655, abs=3 * residue["p_error"])
+    assert 0.002 < residue["p_error"] < 0.01
+    assert result["ess_300K"] > 4000  # the hot samples add to the cold state's
+
+
+def test_round_trips():
+    states = np.array([[0, 2], [1, 1], [2, 0], [1, 1], [0, 2], [2, 0]])
+    # replica 0: 0 -> 2 -> 0, then up again unfinished; replica 1 starts at the top, then
+    # 0 -> 2 -> 0: one trip each
+    assert panel_reference.round_trips(states) == 2
+    assert panel_reference.round_trips(states[:5]) == 1
+
+
+def test_combine_reports_the_repeats_agreement():
+    repeats = [
+        {"residues": [{"df_kT": 4.0, "df_error_kT": 0.1, "p": 0.02}]},
+        {"residues": [{"df_kT": 4.3, "df_error_kT": 0.1, "p": 0.015}]},
+    ]
+    (row,) = panel_reference.combine(repeats)
+    assert row["df_kT"] == pytest.approx(4.15)
+    assert row["agreement_z"] == pytest.approx(0.3 / math.sqrt(0.02))
+    assert row["df_error_kT"] == pytest.approx(0.15)  # the repeats' spread exceeds their errors
+
+
+def test_a_short_parallel_tempering_run_writes_a_reference(tmp_path):
+    out = tmp_path / "ref.npz"
+    argv = ["alanine_dipeptide_vacuum", "--ns", "0.004", "--replicas", "3", "--repeats", "2"]
+    argv += ["--steps-per-iteration", "50", "--n-bootstrap", "5", "--out", str(out)]
+    assert panel_reference.main(argv) == 0
+    with np.load(out) as data:
+        assert data["df_kT"].shape == (1,) and data["repeats_df_kT"].shape == (2, 1)
+        assert data["histogram36"].shape == (36, 36)
+        assert "panel_reference.py" in str(data["command"])
+
+
+@pytest.mark.slow
+def test_panel_trains_samples_and_prints_its_table(tmp_path, capsys):
+    argv = ["--runs", str(tmp_path), "--molecules", "proline_dipeptide", "--steps", "4"]
+    argv += ["--set", "training.refit_samples=500", "--set", "training.refit_steps=2"]
+    argv += ["--set", "training.buffer_size=500", "--set", "training.walkers=16"]
+    argv += ["--set", "sampling.ais_steps=2", "--set", "n_workers=1"]
+    argv += ["--flow-samples", "400", "--ais-samples", "100", "--n-bootstrap", "5", "--quiet"]
+    assert panel.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    record = json.loads(lines[-1])
+    (row,) = record["results"]
+    assert row["molecule"] == "proline_dipeptide" and row["latent_dim"] == 78
+    assert len(row["flow"]["block_ess"]) == 4 and "pareto_k" in row["ais"]
+    assert len(row["df_kT"]) == 1
+    assert any(line.startswith("proline_dipeptide") for line in lines)
+    # a second call reads panel.json instead of sampling again
+    assert panel.main(argv) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["results"] == [row]
