@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,14 +92,22 @@ def load_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.nd
         raise FileNotFoundError(
             f"sample file {path} does not exist; make it with `openmm-nice sample`"
         )
-    with np.load(path) as data:
-        missing = [k for k in ("x", "log_w", "u") if k not in data]
-        if missing:
-            raise UserInputError(
-                f"{path} lacks {', '.join(missing)}; it is not a sample file of `openmm-nice "
-                "sample` (an MD trajectory is reweighted with --traj FILE --config CONFIG)"
-            )
-        x, log_w, u = data["x"], data["log_w"], data["u"]
+    try:
+        with np.load(path) as data:
+            missing = [k for k in ("x", "log_w", "u") if k not in data]
+            if missing:
+                raise UserInputError(
+                    f"{path} lacks {', '.join(missing)}; it is not a sample file of `openmm-nice "
+                    "sample` (an MD trajectory is reweighted with --traj FILE --config CONFIG)"
+                )
+            x, log_w, u = data["x"], data["log_w"], data["u"]
+    except (ValueError, OSError, zipfile.BadZipFile, AttributeError) as error:
+        if isinstance(error, UserInputError):
+            raise
+        raise UserInputError(
+            f"{path} is not an npz sample file ({type(error).__name__}); give a file written by "
+            "`openmm-nice sample` (an MD trajectory is reweighted with --traj FILE --config CONFIG)"
+        ) from error
     if x.ndim != 2 or log_w.shape != (len(x),) or u.shape != (len(x),):
         raise UserInputError(
             f"{path}: x {x.shape}, log_w {log_w.shape}, u {u.shape} do not have the shapes "

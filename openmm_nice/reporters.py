@@ -67,15 +67,16 @@ class ProgressReporter:
 
     def __init__(self, total: int, interval: int = 10, initial: int = 0, disable: bool = False):
         self.interval = int(interval)
-        self._bar = tqdm(
-            total=total, initial=initial, disable=disable, unit="step", dynamic_ncols=True
-        )
+        self._options = {"total": total, "initial": initial, "disable": disable}
+        self._bar = None  # drawn at the first report: a run refused before its first step shows none
         self._last = initial
 
     def describeNextReport(self, trainer) -> int:  # noqa: N802 (OpenMM's reporter protocol)
         return _steps_to_next_multiple(trainer.step, self.interval)
 
     def report(self, trainer, state: dict) -> None:
+        if self._bar is None:
+            self._bar = tqdm(unit="step", dynamic_ncols=True, **self._options)
         self._bar.update(state["step"] - self._last)
         self._last = state["step"]
         self._bar.set_postfix(

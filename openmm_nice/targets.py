@@ -11,7 +11,7 @@ import torch
 
 from openmm_nice.config import Config
 from openmm_nice.energies import DoubleWell1D, DoubleWell2D, Energy, ManyWell, MuellerBrown
-from openmm_nice.errors import UserInputError
+from openmm_nice.errors import ConfigError, UserInputError
 from openmm_nice.generator import BoltzmannGenerator
 from openmm_nice.io import read_frames
 from openmm_nice.training import Trainer
@@ -156,6 +156,14 @@ def build_generator(
                 torsion_tree=config.model.torsion_tree,
             )
     m = config.model
+    dim = target.energy.dim if coordinates is None else int(coordinates.dim)
+    if m.latent_dim is not None and m.latent_dim < dim:
+        what = "3N - 6 internal coordinates" if target.is_molecule else "coordinates"
+        raise ConfigError(
+            f"model.latent_dim is {m.latent_dim}, below the dimension of x for {target.name} "
+            f"({dim}: {what}); set model.latent_dim to at least {dim} (D = d + 6 as in the "
+            f"examples: {dim + 6})"
+        )
     generator = BoltzmannGenerator(
         target.energy,
         latent_dim=m.latent_dim,

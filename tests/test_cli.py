@@ -298,3 +298,22 @@ def test_user_errors_are_one_line_but_bugs_keep_their_traceback(monkeypatch, tmp
         monkeypatch.setattr(cli, "train_run", fails_with(bug))
         with pytest.raises(type(bug), match="bug"):
             main(argv)
+
+
+def test_a_file_that_is_not_an_npz_and_a_latent_dim_below_d_get_one_line(tmp_path, capsys):
+    config = tmp_path / "dw.yaml"
+    config.write_text(yaml.safe_dump({"system": "double_well_1d"}))
+    for content in (b"hello", b"PK\x03\x04 not a zip"):
+        bad = tmp_path / "bad.npz"
+        bad.write_bytes(content)
+        argv = ["reweight", str(bad), "--config", str(config), "--out", str(tmp_path / "rw")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is not an npz sample file" in err, err
+    small = tmp_path / "small.yaml"
+    small.write_text(
+        yaml.safe_dump({"system": "alanine_dipeptide_vacuum", "model": {"latent_dim": 10}})
+    )
+    assert main(["train", str(small), "--out", str(tmp_path / "run"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.latent_dim is 10" in err and "at least 60" in err, err
