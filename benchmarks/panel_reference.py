@@ -259,6 +259,40 @@ def combine(repeats: list[dict]) -> list[dict]:
     return combined
 
 
+def _json_safe(value):
+    """JSON of the results: Paths as strings, non-finite floats as null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _load_repeats(paths: list[Path]) -> tuple[list[dict], dict]:
+    """The repeats stored in earlier outputs of this script (--combine), and their settings."""
+    repeats, settings = [], None
+    for path in paths:
+        with np.load(path) as data:
+            stored = json.loads(str(data["repeats_json"]))
+            for r, histogram in zip(stored, data["repeats_histogram36"]):
+                r["histogram36"] = histogram
+                for res in r["residues"]:  # JSON null: an infinite dF or error
+                    res["df_kT"] = math.inf if res["df_kT"] is None else res["df_kT"]
+                    res["df_error_kT"] = (
+                        math.inf if res["df_error_kT"] is None else res["df_error_kT"]
+                    )
+            repeats.extend(stored)
+            settings = settings or json.loads(str(data["settings"]))
+    seeds = [r["seed"] for r in repeats]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--combine: the files repeat seeds {seeds}; give independent repeats")
+    return repeats, settings
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("molecule", choices=sorted(PANEL))
@@ -280,36 +314,47 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="also write every repeat's time series here (npz), to analyse again",
     )
+    p.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        help="run nothing: join the repeats of earlier outputs (distinct seeds, one protocol)",
+    )
     args = p.parse_args(argv)
 
-    molecule = load_molecular_system(PANEL[args.molecule]["system"], ROOT)
-    repeats, runs = [], []
-    with tempfile.TemporaryDirectory() as folder:
-        for r in range(args.repeats):
-            seed = args.seed + r
-            run = run_parallel_tempering(molecule, args, seed, Path(folder) / f"pt{r}.nc")
-            result = analyse(run, args.equilibration_fraction, args.n_bootstrap, args.blocks)
-            result.update(
-                seed=seed,
-                seconds=run["seconds"],
-                iterations=run["iterations"],
-                round_trips=round_trips(run["states"]),
-                temperatures=run["temperatures"],
-            )
-            repeats.append(result)
-            runs.append(run)
-    if args.raw:
-        args.raw.parent.mkdir(parents=True, exist_ok=True)
-        keys = ("phi", "psi1", "cis", "states", "u")
-        np.savez(args.raw, **{f"{k}{r}": run[k] for r, run in enumerate(runs) for k in keys})
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "raw", "combine")}
+    if args.combine:
+        repeats, settings = _load_repeats(args.combine)
+        settings["combined_from"] = [str(path) for path in args.combine]
+    else:
+        molecule = load_molecular_system(PANEL[args.molecule]["system"], ROOT)
+        repeats, runs = [], []
+        with tempfile.TemporaryDirectory() as folder:
+            for r in range(args.repeats):
+                seed = args.seed + r
+                run = run_parallel_tempering(molecule, args, seed, Path(folder) / f"pt{r}.nc")
+                result = analyse(run, args.equilibration_fraction, args.n_bootstrap, args.blocks)
+                result.update(
+                    seed=seed,
+                    seconds=run["seconds"],
+                    iterations=run["iterations"],
+                    round_trips=round_trips(run["states"]),
+                    temperatures=run["temperatures"],
+                )
+                repeats.append(result)
+                runs.append(run)
+        if args.raw:
+            args.raw.parent.mkdir(parents=True, exist_ok=True)
+            keys = ("phi", "psi1", "cis", "states", "u")
+            np.savez(args.raw, **{f"{k}{r}": run[k] for r, run in enumerate(runs) for k in keys})
     combined = combine(repeats)
 
     print(
-        f"{args.molecule}: parallel tempering, {args.replicas} replicas 300-{args.t_max:g} K, "
-        f"{args.ns:g} ns each per repeat"
+        f"{args.molecule}: parallel tempering, {settings['replicas']} replicas "
+        f"300-{settings['t_max']:g} K, {settings['ns']:g} ns each per repeat"
     )
     print(
-        f"{'repeat':>6} {'residue':>7} {'P(phi>0)':>9} {'dF (kT)':>15} {'P 300K':>7} "
+        f"{'seed':>6} {'residue':>7} {'P(phi>0)':>9} {'dF (kT)':>15} {'P 300K':>7} "
         f"{'frames':>7} {'cis':>5} {'ESS 300K':>8} {'trips':>5} {'time (s)':>8}"
     )
     for r in repeats:
@@ -328,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or reference_path(args.molecule)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    stored = [{k: v for k, v in r.items() if k != "histogram36"} for r in repeats]
     np.savez(
         out,
         df_kT=np.array([c["df_kT"] for c in combined]),
@@ -339,19 +384,22 @@ def main(argv: list[str] | None = None) -> int:
         repeats_df_error_kT=np.array(
             [[res["df_error_kT"] for res in r["residues"]] for r in repeats]
         ),
-        settings=json.dumps(settings),
-        command="python " + shlex.join(["benchmarks/panel_reference.py", *sys.argv[1:]]),
+        repeats_histogram36=np.array([r["histogram36"] for r in repeats]),
+        repeats_json=json.dumps(_json_safe(stored)),
+        settings=json.dumps(_json_safe(settings)),
+        command="python "
+        + shlex.join(["benchmarks/panel_reference.py", *(sys.argv[1:] if argv is None else argv)]),
     )
     record = {
         "benchmark": "panel_reference",
         "molecule": args.molecule,
         **settings,
         "residues": combined,
-        "repeats": [{k: v for k, v in r.items() if k != "histogram36"} for r in repeats],
+        "repeats": stored,
         "out": str(out),
         **machine_facts(),
     }
-    print(json.dumps(record))
+    print(json.dumps(_json_safe(record)))
     return 0
 
 

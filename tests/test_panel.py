@@ -150,15 +150,27 @@ def test_combine_reports_the_repeats_agreement():
     assert row["df_error_kT"] == pytest.approx(0.15)  # the repeats' spread exceeds their errors
 
 
-def test_a_short_parallel_tempering_run_writes_a_reference(tmp_path):
-    out = tmp_path / "ref.npz"
-    argv = ["alanine_dipeptide_vacuum", "--ns", "0.004", "--replicas", "3", "--repeats", "2"]
-    argv += ["--steps-per-iteration", "50", "--n-bootstrap", "5", "--out", str(out)]
-    assert panel_reference.main(argv) == 0
-    with np.load(out) as data:
-        assert data["df_kT"].shape == (1,) and data["repeats_df_kT"].shape == (2, 1)
-        assert data["histogram36"].shape == (36, 36)
-        assert "panel_reference.py" in str(data["command"])
+def test_short_parallel_tempering_runs_write_references_that_combine(tmp_path):
+    base = ["alanine_dipeptide_vacuum", "--ns", "0.004", "--replicas", "3", "--repeats", "1"]
+    base += ["--steps-per-iteration", "50", "--n-bootstrap", "5", "--blocks", "4"]
+    a, b, joined = tmp_path / "a.npz", tmp_path / "b.npz", tmp_path / "ab.npz"
+    assert panel_reference.main([*base, "--out", str(a), "--raw", str(tmp_path / "raw.npz")]) == 0
+    assert panel_reference.main([*base, "--seed", "1", "--out", str(b)]) == 0
+    with np.load(tmp_path / "raw.npz") as raw:
+        assert raw["u0"].shape == (40, 3, 3) and raw["phi0"].shape == (40, 3, 1)
+    assert (
+        panel_reference.main(
+            ["alanine_dipeptide_vacuum", "--combine", str(a), str(b), "--out", str(joined)]
+        )
+        == 0
+    )
+    with np.load(joined) as data, np.load(a) as first:
+        assert data["repeats_df_kT"].shape == (2, 1) and data["histogram36"].shape == (36, 36)
+        assert data["repeats_df_kT"][0] == first["repeats_df_kT"][0]
+        assert "--combine" in str(data["command"])
+        assert json.loads(str(data["settings"]))["ns"] == 0.004
+    with pytest.raises(SystemExit, match="repeat seeds"):
+        panel_reference.main(["alanine_dipeptide_vacuum", "--combine", str(a), str(a)])
 
 
 @pytest.mark.slow
