@@ -62,8 +62,24 @@ def panel_config(name: str, recipe: Path = RECIPE) -> dict:
     return config
 
 
+UMBRELLA = {  # alanine's own references, umbrella sampling on (phi, psi): more precise than PT
+    "alanine_dipeptide_vacuum": REFERENCES.parent / "alanine_dipeptide_vacuum_300K.npz",
+    "alanine_dipeptide_implicit": REFERENCES.parent / "alanine_dipeptide_implicit_300K.npz",
+}
+
+
 def reference_path(name: str) -> Path:
+    """Where panel_reference.py writes the molecule's reference."""
     return REFERENCES / f"{name}_300K.npz"
+
+
+def reference_file(name: str) -> Path | None:
+    """The reference the panel compares with: the umbrella one for alanine, else the parallel
+    tempering one where it exists."""
+    for path in (UMBRELLA.get(name), reference_path(name)):
+        if path is not None and path.exists():
+            return path
+    return None
 
 
 def phi_indices(topology) -> np.ndarray:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
-from _panel import PANEL, dihedrals, panel_config, phi_indices, reference_path
+from _panel import PANEL, ROOT, dihedrals, panel_config, phi_indices, reference_file
 
 from openmm_nice.config import apply_overrides, config_from_dict
 from openmm_nice.io import atomic_write_text
@@ -103,14 +103,15 @@ def evaluate(name: str, folder: Path, args) -> dict:
 
 
 def reference(name: str) -> dict | None:
-    path = reference_path(name)
-    if not path.exists():
+    """Every residue's reference dF and its error, or None where there is no reference yet."""
+    path = reference_file(name)
+    if path is None:
         return None
     with np.load(path) as data:
         return {
-            "df_kT": data["df_kT"].tolist(),
-            "df_error_kT": data["df_error_kT"].tolist(),
-            "file": str(path),
+            "df_kT": np.atleast_1d(data["df_kT"]).tolist(),
+            "df_error_kT": np.atleast_1d(data["df_error_kT"]).tolist(),
+            "file": str(path.relative_to(ROOT)),
         }
 
 

@@ -65,6 +65,15 @@ def test_every_pdb_records_the_command_that_made_it():
             assert record["atoms"] == spec["atoms"]
 
 
+def test_alanine_is_judged_against_its_umbrella_reference():
+    ref = panel.reference("alanine_dipeptide_vacuum")
+    assert ref["df_kT"] == [pytest.approx(4.582, abs=1e-3)]
+    assert ref["file"] == "benchmarks/reference/alanine_dipeptide_vacuum_300K.npz"
+    assert panel.reference("alanine_dipeptide_implicit")["df_kT"] == [
+        pytest.approx(5.748, abs=1e-3)
+    ]
+
+
 def test_dihedrals_match_mdtraj(molecules):
     import mdtraj
 
