@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import types
@@ -22,6 +23,7 @@ import numpy as np
 from openmm_nice.openmm_contexts import ContextEvaluator, EvaluatorSpec, build_evaluator
 from openmm_nice.torch_energy import TorchEvaluator
 
+_INHERITED: list = []  # evaluators a forked child inherited and must not destroy
 _START_TIMEOUT = 300.0  # seconds a worker may take to import, deserialize and create its Context
 _POLL_INTERVAL = 0.2  # seconds between liveness checks while waiting for workers
 
@@ -224,12 +226,23 @@ class ContextPool:
     XML and exchange positions, energies and forces through one shared-memory block, so a batch
     costs one small message to and from each worker; all Contexts claim rows from a shared
     counter, so a Context whose core is busy with other work simply takes fewer rows.
+
+    A pool is safe to share: calls from several threads take turns (one batch at a time owns the
+    Contexts and the shared block), and a process forked from the owner (``os.fork``,
+    multiprocessing's fork) starts Contexts and workers of its own on its first call, leaving
+    the parent's alone.
     """
 
     def __init__(self, spec: EvaluatorSpec, n_contexts: int, n_particles: int):
         self._spec = spec
         self._n_contexts = n_contexts
         self._n_particles = n_particles
+        self._call_lock = threading.Lock()
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
+        """No Context, worker or shared block yet, owned by this process."""
+        self._owner_pid = os.getpid()
         self._evaluator: ContextEvaluator | TorchEvaluator | None = None
         self._processes: list = []
         self._connections: list[Connection] = []
@@ -242,6 +255,20 @@ class ContextPool:
             self, _stop, self._processes, self._connections, self._memory, True
         )
 
+    def _adopt_after_fork(self) -> None:
+        """In a forked child: forget the parent's Context (its threads did not survive the fork),
+        workers and shared block without touching them (they are the parent's), and start
+        afresh."""
+        self._finalizer.detach()  # the parent's workers and block are the parent's to stop
+        # Destroying a Context copied by fork can wait forever on threads that did not survive
+        # it: the copy is kept, never freed, for the life of this process.
+        _INHERITED.append(self._evaluator)
+        for block in self._memory:
+            with contextlib.suppress(Exception):
+                block.close()  # this process's mapping only; the parent unlinks the block
+        self._call_lock = threading.Lock()  # a copy may have been held by a thread not forked
+        self._fresh_state()
+
     @property
     def pids(self) -> list[int]:
         return [process.pid for process in self._processes]
@@ -249,8 +276,15 @@ class ContextPool:
     def evaluate(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Energies (B,) in kJ/mol and forces (B, N, 3) in kJ/mol/nm of x (B, 3N) in nm.
 
-        The arrays may live in shared memory: they are valid until the next call.
+        The arrays are the caller's own copies (the shared block is reused by the next call,
+        perhaps from another thread).
         """
+        if os.getpid() != self._owner_pid:
+            self._adopt_after_fork()
+        with self._call_lock:
+            return self._evaluate(x)
+
+    def _evaluate(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._evaluator is None:
             self._evaluator = build_evaluator(self._spec)
         n = x.shape[0]
@@ -289,7 +323,7 @@ class ContextPool:
                 self._check_alive,
             )
         self._collect(list(range(len(self._connections))), timeout=None)
-        return energies[:n], forces[:n]
+        return energies[:n].copy(), forces[:n].copy()
 
     def _start(self) -> None:
         spawn = multiprocessing.get_context("spawn")
@@ -378,6 +412,9 @@ class ContextPool:
 
     def stop(self, graceful: bool = True) -> None:
         """Stop the worker processes and free the shared memory; the next call restarts them."""
+        if os.getpid() != self._owner_pid:
+            self._adopt_after_fork()  # the parent's workers are not this process's to stop
+            return
         self._views = ()
         self._capacity = 0
         _stop(self._processes, self._connections, self._memory, graceful)

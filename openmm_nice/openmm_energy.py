@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from typing import Any
 
@@ -30,6 +31,8 @@ _BATCHINGS = ("auto", "loop", "copies", "torch")
 _GB_FORCES = (openmm.GBSAOBCForce, openmm.CustomGBForce)
 _HOST_PLATFORMS = ("Reference", "CPU")
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+_POOL_CREATION = threading.Lock()
 
 
 def _kelvin(temperature: unit.Quantity | float) -> float:
@@ -357,9 +360,13 @@ class OpenMMEnergy(Energy):
         return _ReducedEnergy.apply(x, self)
 
     def _pool_or_start(self) -> ContextPool:
-        if self._pool is None:
-            self._pool = ContextPool(self._spec, self.n_workers, self.n_particles)
-        return self._pool
+        pool = self._pool
+        if pool is None:
+            with _POOL_CREATION:  # two threads' first calls make one pool
+                if self._pool is None:
+                    self._pool = ContextPool(self._spec, self.n_workers, self.n_particles)
+                pool = self._pool
+        return pool
 
     @property
     def worker_pids(self) -> list[int]:

@@ -68,7 +68,8 @@ class ProgressReporter:
     def __init__(self, total: int, interval: int = 10, initial: int = 0, disable: bool = False):
         self.interval = int(interval)
         self._options = {"total": total, "initial": initial, "disable": disable}
-        self._bar = None  # drawn at the first report: a run refused before its first step shows none
+        # drawn at the first report: a run refused before its first step shows none
+        self._bar = None
         self._last = initial
 
     def describeNextReport(self, trainer) -> int:  # noqa: N802 (OpenMM's reporter protocol)

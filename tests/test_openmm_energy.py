@@ -154,6 +154,65 @@ def test_two_workers_any_batch_size(alanine_two_workers, alanine_batch, alanine_
     assert empty.shape == (0,)
 
 
+def test_two_threads_sharing_one_energy_get_their_own_energies(
+    alanine_two_workers, alanine_batch, alanine_reference
+):
+    # each thread evaluates its own half, over and over: with the shared block unguarded, one
+    # thread's batch would land in the other's results
+    import threading
+
+    energies = alanine_reference[0]
+    halves = (slice(0, 18), slice(18, 37))
+    failures = []
+
+    def work(half: slice) -> None:
+        x = torch.tensor(alanine_batch[half].reshape(-1, 66))
+        for _ in range(20):
+            with torch.no_grad():
+                u = alanine_two_workers(x).numpy() * alanine_two_workers.kT
+            if not np.allclose(u, energies[half], rtol=1e-6):
+                failures.append(half)
+
+    threads = [threading.Thread(target=work, args=(h,)) for h in halves]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not failures and not any(t.is_alive() for t in threads)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX")
+def test_a_forked_child_starts_its_own_pool(alanine, alanine_batch, alanine_reference):
+    energy = OpenMMEnergy(alanine.system, 300 * unit.kelvin, n_workers=2)
+    x = torch.tensor(alanine_batch.reshape(len(alanine_batch), -1))
+    with torch.no_grad():
+        before = energy(x).numpy()  # the parent's workers are running now
+    parent_workers = energy.worker_pids
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: evaluate with a pool of its own, report, and leave at once
+        code = 1
+        try:
+            with torch.no_grad():
+                u = energy(x).numpy()
+            ok = np.allclose(u * energy.kT, alanine_reference[0], rtol=1e-6)
+            own = set(energy.worker_pids).isdisjoint(parent_workers)
+            energy.close()
+            code = 0 if ok and own else 2
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(0)
+    os.close(write)
+    result = os.read(read, 1)
+    os.waitpid(pid, 0)
+    assert result == bytes([0])
+    # the parent's pool is untouched by the child's
+    assert energy.worker_pids == parent_workers
+    with torch.no_grad():
+        np.testing.assert_array_equal(energy(x).numpy(), before)
+    energy.close()
+
+
 def test_grad_not_required(alanine_two_workers, alanine_batch, alanine_reference):
     with torch.no_grad():
         u = alanine_two_workers(torch.tensor(alanine_batch.reshape(len(alanine_batch), -1)))
