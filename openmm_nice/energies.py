@@ -41,18 +41,35 @@ class Energy(torch.nn.Module):
         self.register_buffer(
             "non_finite_count", torch.zeros((), dtype=torch.long), persistent=False
         )
+        self.register_buffer(
+            "non_finite_energy_count", torch.zeros((), dtype=torch.long), persistent=False
+        )
+
+    @property
+    def non_finite_total(self) -> int:
+        """Configurations given weight 0 so far: non-finite coordinates (``non_finite_count``)
+        and non-finite energies (``non_finite_energy_count``)."""
+        return int(self.non_finite_count) + int(self.non_finite_energy_count)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Return U(x) of shape (B,) for x of shape (B, dim)."""
+        """Return U(x) of shape (B,) for x of shape (B, dim); a NaN energy is returned as +inf
+        (weight 0) and counted."""
         x = self._validate(x)
         self.evaluation_count += x.shape[0]
         finite = torch.isfinite(x).all(dim=-1)
         if finite.all():
-            return self._energy(x)
+            return self._checked(self._energy(x))
         self.non_finite_count += int((~finite).sum())
         u = torch.full(x.shape[:1], math.inf, dtype=x.dtype, device=x.device)
         if finite.any():
-            u = u.masked_scatter(finite, self._energy(x[finite]))
+            u = u.masked_scatter(finite, self._checked(self._energy(x[finite])))
+        return u
+
+    def _checked(self, u: Tensor) -> Tensor:
+        bad = torch.isnan(u) | (u == math.inf)
+        if bad.any():
+            self.non_finite_energy_count += int(bad.sum())
+            u = torch.where(torch.isnan(u), torch.full_like(u, math.inf), u)
         return u
 
     def _validate(self, x: Tensor) -> Tensor:

@@ -333,9 +333,6 @@ class OpenMMEnergy(Energy):
         self.n_workers = n_workers
         self.batching = mode
         self.copies = copies if mode == "copies" else None
-        self.register_buffer(
-            "non_finite_energy_count", torch.zeros((), dtype=torch.long), persistent=False
-        )
         self.compile_after = compile_after if mode == "torch" else None
         self._spec = EvaluatorSpec(
             system_xml=openmm.XmlSerializer.serialize(evaluated),

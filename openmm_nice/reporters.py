@@ -39,6 +39,7 @@ METRIC_COLUMNS = (
     "learning_rate",
     "elapsed_s",
     "energy_evaluations",
+    "non_finite_energies",
 )
 _STATE_KEYS = {
     "reverse_kl_nats": "reverse_kl",

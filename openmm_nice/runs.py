@@ -222,6 +222,7 @@ def _train_ranked(
             "steps": trainer.step,
             "training_time_s": trainer.elapsed,
             "energy_evaluations": trainer.generator.energy.evaluation_count,
+            "non_finite_energies": trainer.non_finite_energies,
             "system": target.name,
             "processes": ranks.world_size,
         }

@@ -441,6 +441,7 @@ class Trainer:
         self._walkers: Walkers | None = None
         self.step = 0
         self.elapsed = 0.0
+        self._non_finite_before = 0  # non-finite energies of the run before a resume
         self._loss: nn.Module = _StepLoss(self)
         if dist.is_available() and dist.is_initialized():
             # each rank draws its own latents; DDP averages the gradients of the ranks' losses
@@ -655,6 +656,7 @@ class Trainer:
             self.elapsed += time.perf_counter() - start
             state["elapsed_s"] = self.elapsed
             state["energy_evaluations"] = self.generator.energy.evaluation_count
+            state["non_finite_energies"] = self.non_finite_energies
             for i, reporter in enumerate(self.reporters):
                 next_report[i] -= 1
                 if next_report[i] <= 0 or self.step == target:
@@ -674,7 +676,13 @@ class Trainer:
             "walkers": None if self._walkers is None else self._walkers.state_dict(),
             "buffer": self.buffer.state_dict() if len(self.buffer) else None,
             "energy_evaluations": self.generator.energy.evaluation_count,
+            "non_finite_energies": self.non_finite_energies,
         }
+
+    @property
+    def non_finite_energies(self) -> int:
+        """Configurations of the run so far whose energy was not finite (weight 0)."""
+        return self._non_finite_before + self.generator.energy.non_finite_total
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.load_state_dict(state["model"])
@@ -689,3 +697,6 @@ class Trainer:
         if state.get("buffer") is not None:
             self.buffer = SampleBuffer.from_state_dict(state["buffer"])
         self.generator.energy.evaluation_count = int(state.get("energy_evaluations", 0))
+        self._non_finite_before = int(state.get("non_finite_energies", 0)) - (
+            self.generator.energy.non_finite_total
+        )

@@ -339,3 +339,38 @@ def test_one_set_of_defaults_and_from_config():
     custom = TrainingConfig(steps=7, kl_weight=0.5, anneal_start=2, buffer_size=10)
     t = Trainer.from_config(bg, custom, seed=3)
     assert (t.steps, t.weights["kl"](0), t.schedule.anneal_start, t.buffer_size) == (7, 0.5, 2, 10)
+
+
+def test_non_finite_energies_are_counted_in_metrics_and_summary(tmp_path, monkeypatch):
+    from openmm_nice.config import config_from_dict
+    from openmm_nice.energies import DoubleWell1D
+    from openmm_nice.runs import train_run
+
+    class Holey(DoubleWell1D):
+        """The double well with U = NaN beyond x = 1.5: those samples have weight 0."""
+
+        def _energy(self, x):
+            u = super()._energy(x)
+            return torch.where(x[:, 0] > 1.5, torch.full_like(u, float("nan")), u)
+
+    energy = Holey()
+    u = energy(torch.tensor([[0.0], [2.0], [float("inf")]]))
+    assert u[1] == float("inf") and u[2] == float("inf") and torch.isfinite(u[0])
+    assert energy.non_finite_total == 2
+
+    config = config_from_dict(
+        {
+            "system": "double_well_1d",
+            "model": {"latent_dim": 2, "layers": 2, "hidden": [8]},
+            "training": {"steps": 20, "batch_size": 256, "report_interval": 10},
+        }
+    )
+    from openmm_nice.targets import TOY_SYSTEMS
+
+    monkeypatch.setitem(TOY_SYSTEMS, "double_well_1d", Holey)
+    summary = train_run(config, tmp_path / "run", quiet=True, n_eval=2000)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    counts = [int(r["non_finite_energies"]) for r in rows]
+    assert counts == sorted(counts) and counts[-1] > 0  # the initial model reaches x > 1.5
+    assert summary["non_finite_energies"] >= counts[-1]
+    assert summary["n_zero_weight"] > 0  # of the summary's own samples
