@@ -129,11 +129,15 @@ def bootstrap(
 
 
 def bootstrap_spread(replicates, axis: int = 0) -> np.ndarray | float:
-    """The error of an estimate from its bootstrap replicates: their standard deviation.
+    """The error of an estimate from its bootstrap replicates.
 
-    A replicate that is not finite (a region or bin that a resample misses entirely has an
-    infinite free energy in it) is left out; where over a tenth of the replicates are not
-    finite, or fewer than 2 are, the estimate has no finite error and the spread is inf.
+    Where every replicate is finite: their standard deviation. A replicate that is not finite
+    (a resample that misses a rare region entirely puts an infinite free energy in it, and NaN
+    marks one on which the estimate failed) is not dropped, which would shrink the error exactly
+    where the region is rare: the error is then the half-width of the replicates' central 68%
+    interval, in which a non-finite replicate ranks beyond every finite one. Where over 16% of
+    the replicates are not finite, or fewer than 2 are finite, that interval is unbounded and
+    the error inf.
 
     Arguments:
         replicates: The replicates along ``axis`` (one estimate, or an array of them).
@@ -146,6 +150,8 @@ def bootstrap_spread(replicates, axis: int = 0) -> np.ndarray | float:
         1.4142135623730951
         >>> float(bootstrap_spread([1.0, 3.0, np.inf]))
         inf
+        >>> float(bootstrap_spread(list(range(20)) + [np.inf]))  # 1 of 21: ranked, not dropped
+        7.0
     """
     values = np.moveaxis(np.asarray(replicates, dtype=np.float64), axis, 0)
     finite = np.isfinite(values)
@@ -154,7 +160,13 @@ def bootstrap_spread(replicates, axis: int = 0) -> np.ndarray | float:
     mean = safe.sum(axis=0) / np.maximum(count, 1)
     squares = np.where(finite, values - mean, 0.0) ** 2
     spread = np.sqrt(squares.sum(axis=0) / np.maximum(count - 1, 1))
-    spread = np.where((count >= 0.9 * len(values)) & (count >= 2), spread, np.inf)
+    if not finite.all():
+        ranked = np.where(np.isnan(values), np.inf, values)  # a failed replicate: unbounded
+        low, high = np.percentile(ranked, [16, 84], axis=0, method="nearest")
+        with np.errstate(invalid="ignore"):
+            interval = np.where(np.isfinite(low) & np.isfinite(high), (high - low) / 2, np.inf)
+        spread = np.where(count == len(values), spread, interval)
+    spread = np.where((count >= (1 - 0.16) * len(values)) & (count >= 2), spread, np.inf)
     return float(spread) if spread.ndim == 0 else spread
 
 

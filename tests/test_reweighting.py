@@ -11,6 +11,7 @@ from openmm_nice.energies import DoubleWell1D
 from openmm_nice.reweighting import (
     bootstrap,
     bootstrap_error,
+    bootstrap_spread,
     effective_sample_size,
     expectation,
     log_partition_function,
@@ -112,3 +113,18 @@ def test_bad_log_weights_are_clear_errors():
         log_partition_function(np.zeros((2, 2)))
     with pytest.raises(ValueError, match="same shape"):
         expectation(np.zeros(3), np.zeros(4))
+
+
+def test_bootstrap_spread_ranks_non_finite_replicates_instead_of_dropping_them():
+    rng = np.random.default_rng(0)
+    finite = rng.normal(size=180)
+    assert bootstrap_spread(finite) == pytest.approx(finite.std(ddof=1))  # as before
+    with_misses = np.r_[finite, [np.inf] * 20]  # 10% of resamples missed the region
+    low, high = np.percentile(finite, [16, 84])
+    spread = bootstrap_spread(with_misses)
+    # the misses widen the interval: dropping them would give the finite ones' spread
+    assert math.isfinite(spread) and spread > (high - low) / 2
+    assert bootstrap_spread(np.r_[finite, [np.nan] * 20]) == pytest.approx(spread)
+    assert bootstrap_spread(np.r_[finite, [np.inf] * 40]) == math.inf  # 18%: unbounded
+    columns = bootstrap_spread(np.stack([finite, np.r_[finite[:170], [np.inf] * 10]], axis=1))
+    assert columns[0] == pytest.approx(finite.std(ddof=1)) and columns[1] > columns[0] * 0.9
