@@ -310,17 +310,27 @@ class OpenMMEnergy(Energy):
         if mode == "torch":
             try:
                 TorchSystemEnergy(system)  # refuses what it cannot evaluate
-            except ValueError:
+            except ValueError as error:
                 if batching == "torch":
                     raise
                 mode = _AUTO_BATCHING.get(platform, "loop")
+                warnings.warn(
+                    f'batching="auto" evaluates this System with OpenMM ("{mode}"), one '
+                    f"configuration per call, instead of the batched torch path: {error}",
+                    stacklevel=2,
+                )
         if mode == "copies":
             try:
                 evaluated = replicate_system(system, copies)
-            except ValueError:
+            except ValueError as error:
                 if batching == "copies":
                     raise
                 mode = "loop"
+                warnings.warn(
+                    f'batching="auto" evaluates this System one configuration per call ("loop") '
+                    f"instead of as copies: {error}",
+                    stacklevel=2,
+                )
         super().__init__(3 * system.getNumParticles())
         self.system = system
         self.n_particles = system.getNumParticles()

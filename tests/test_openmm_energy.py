@@ -310,8 +310,14 @@ def test_auto_batching(alanine):
     external = openmm.CustomExternalForce("x")
     external.addParticle(0, [])
     system.addForce(external)
-    energy = OpenMMEnergy(system, 300.0, platform="CPU")
+    with pytest.warns(UserWarning) as record:  # each fallback says so, and why
+        energy = OpenMMEnergy(system, 300.0, platform="CPU")
     assert (energy.batching, energy.copies, energy.compile_after) == ("loop", None, None)
+    messages = [str(w.message) for w in record]
+    assert any(
+        "instead of the batched torch path" in m and "CustomExternalForce" in m for m in messages
+    )
+    assert any("instead of as copies" in m for m in messages)
 
 
 @pytest.mark.parametrize(
