@@ -20,6 +20,7 @@ __all__ = [
     "plot_note_figure",
     "plot_profiles",
     "plot_free_energy_map",
+    "plot_ramachandran",
 ]
 
 
@@ -163,11 +164,14 @@ def plot_free_energy_map(
     ylabel: str = "psi (rad)",
     vmax: float = 10.0,
     caption: str | None = None,
+    ticks: float | None = None,
 ) -> None:
     """Two-dimensional free-energy maps side by side, each (x edges, y edges, F (nx, ny) in kT),
-    with ``caption`` as a line under them."""
-    fig = _figure((5 * len(maps), 4.2))
+    with ``caption`` as a line under them. The colour scale clips at ``vmax`` (kT) and says so;
+    bins no sample reached are blank. ``ticks``: the axes' tick spacing (default: matplotlib's)."""
+    fig = _figure((5.6 * len(maps), 4.2))
     axes = fig.subplots(1, len(maps), squeeze=False)
+    fig.subplots_adjust(wspace=0.45)
     for ax, (title, (xe, ye, f)) in zip(axes[0], maps.items()):
         mesh = ax.pcolormesh(
             xe, ye, np.where(np.isfinite(f), f, np.nan).T, cmap="viridis", vmin=0, vmax=vmax
@@ -175,6 +179,24 @@ def plot_free_energy_map(
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        fig.colorbar(mesh, ax=ax, label="free energy (kT)")
-    _caption(fig, caption)
+        if ticks:
+            ax.set_xticks(np.arange(xe[0], xe[-1] + 1e-9, ticks))
+            ax.set_yticks(np.arange(ye[0], ye[-1] + 1e-9, ticks))
+        fig.colorbar(mesh, ax=ax, extend="max", label=f"free energy (kT), clipped at {vmax:g}")
+    blank = "blank bins: no sample"
+    _caption(fig, f"{caption}; {blank}" if caption else blank)
     save_figure(fig, path)
+
+
+def plot_ramachandran(
+    maps: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    path: str | os.PathLike,
+    vmax: float = 10.0,
+    caption: str | None = None,
+) -> None:
+    """Ramachandran free-energy maps as chemists read them: maps binned in radians (as
+    :func:`~openmm_nice.free_energy.free_energy_map` gives them) drawn in degrees."""
+    in_degrees = {title: (np.degrees(xe), np.degrees(ye), f) for title, (xe, ye, f) in maps.items()}
+    plot_free_energy_map(
+        in_degrees, path, "phi (degrees)", "psi (degrees)", vmax=vmax, caption=caption, ticks=90
+    )

@@ -147,7 +147,7 @@ def _molecule_report(
     diagnostics: WeightDiagnostics,
 ) -> dict:
     """Ramachandran maps, phi > 0 population and free energy, and observables, both ways."""
-    from openmm_nice.plots import plot_free_energy_map
+    from openmm_nice.plots import plot_ramachandran
 
     specs = [(spec, parse_observable(spec, topology.n_atoms)[0]) for spec in observables]
     weightings = {"direct": None, "reweighted": log_w}
@@ -165,7 +165,7 @@ def _molecule_report(
             maps[labels[label]] = (fmap.edges, fmap.edges, fmap.free_energy)
             populations[label] = region_free_energy(phi > 0, lw, **stats)
         populations["reweighted"]["reliable"] = diagnostics.reliable
-        plot_free_energy_map(
+        plot_ramachandran(
             maps, out / "ramachandran.png", caption=f"importance weights: {diagnostics.caption()}"
         )
         report["ramachandran"] = {

@@ -293,7 +293,7 @@ def _exact_answers(target: Target, summary: dict) -> None:
 def _run_plots(out: Path, target: Target, model: BoltzmannGenerator, n: int) -> None:
     """The run's pictures: loss curves; Figure 1 of the note for 1D toys; Ramachandran maps of
     n samples for molecules."""
-    from openmm_nice.plots import plot_free_energy_map, plot_metrics, plot_note_figure
+    from openmm_nice.plots import plot_metrics, plot_note_figure, plot_ramachandran
 
     plot_metrics(out / "metrics.csv", out / "loss.png")
     if target.energy.dim != 1 and not target.is_molecule:
@@ -321,7 +321,8 @@ def _run_plots(out: Path, target: Target, model: BoltzmannGenerator, n: int) -> 
     for label, weights in (("direct", None), ("importance-sampled", log_w)):
         fmap = free_energy_map(phi, psi, weights)
         maps[label] = (fmap.edges, fmap.edges, fmap.free_energy)
-    plot_free_energy_map(maps, out / "ramachandran.png")
+    caption = f"the final model's own weights: {diagnose_weights(log_w).caption()}"
+    plot_ramachandran(maps, out / "ramachandran.png", caption=caption)
 
 
 class Run(NamedTuple):

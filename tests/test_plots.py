@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from openmm_nice.free_energy import free_energy_map, free_energy_profile
-from openmm_nice.plots import plot_free_energy_map, plot_profiles
+from openmm_nice.plots import plot_free_energy_map, plot_profiles, plot_ramachandran
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,5 +34,24 @@ def test_plots_are_written_as_png(tmp_path):
     plot_profiles({"direct": profile}, tmp_path / "profile.png")
     fmap = free_energy_map(np.tanh(s), np.tanh(s[::-1]))
     plot_free_energy_map({"direct": (fmap.edges, fmap.edges, fmap.free_energy)}, tmp_path / "m.png")
-    for name in ("profile.png", "m.png"):
+    plot_ramachandran(
+        {"direct": (fmap.edges, fmap.edges, fmap.free_energy)}, tmp_path / "r.png", caption="k"
+    )
+    for name in ("profile.png", "m.png", "r.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ramachandran_is_drawn_in_degrees_with_its_clip_and_caption(tmp_path, monkeypatch):
+    import openmm_nice.plots as plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
+    edges = np.linspace(-np.pi, np.pi, 37)
+    f = np.random.default_rng(0).uniform(0, 12, size=(36, 36))
+    plots.plot_ramachandran({"flow": (edges, edges, f)}, tmp_path / "r.png", caption="ESS/N 0.3")
+    (fig,) = figures
+    ax, colorbar = fig.axes
+    assert ax.get_xlabel() == "phi (degrees)" and ax.get_ylabel() == "psi (degrees)"
+    assert ax.get_xlim() == pytest.approx((-180.0, 180.0))
+    assert "clipped at 10" in colorbar.get_ylabel()
+    assert any(t.get_text().startswith("ESS/N 0.3; blank bins") for t in fig.texts)
