@@ -18,12 +18,21 @@ from openmm_nice.torch_energy import TorchEvaluator
 GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
 
 # OpenMM's public Context/State methods wrap every value in openmm.unit, which costs more than
-# evaluating a small molecule; the SWIG functions below are what those methods call.
-_set_positions = openmm._openmm.Context_setPositions
-_get_state = openmm._openmm.Context_getState
-_get_potential_energy = openmm._openmm.State_getPotentialEnergy
-_get_vector_as_numpy = getattr(openmm._openmm, "State__getVectorAsNumpy", None)
-_get_parameter_derivatives = openmm._openmm.State_getEnergyParameterDerivatives
+# evaluating a small molecule; the SWIG functions below are what those methods call. They are
+# private: where a release renames or drops any of them, every call takes the public methods.
+_swig = getattr(openmm, "_openmm", None)
+_set_positions = getattr(_swig, "Context_setPositions", None)
+_get_state = getattr(_swig, "Context_getState", None)
+_get_potential_energy = getattr(_swig, "State_getPotentialEnergy", None)
+_get_vector_as_numpy = getattr(_swig, "State__getVectorAsNumpy", None)
+_get_parameter_derivatives = getattr(_swig, "State_getEnergyParameterDerivatives", None)
+if None in (
+    _set_positions,
+    _get_state,
+    _get_potential_energy,
+    _get_parameter_derivatives,
+):
+    _get_vector_as_numpy = None  # the switch both evaluators test
 _ENERGY_AND_FORCES = openmm.State.Energy + openmm.State.Forces
 _FORCES_AND_DERIVATIVES = openmm.State.Forces + openmm.State.ParameterDerivatives
 
@@ -39,7 +48,7 @@ def _evaluate(
         energies: Output of shape (n,).
         forces: Output of shape (n, N, 3), C-contiguous rows.
     """
-    if _get_vector_as_numpy is None:  # OpenMM releases without the in-place reader
+    if _get_vector_as_numpy is None:  # OpenMM releases without the private fast path
         for i in range(len(positions)):
             context.setPositions(positions[i])
             state = context.getState(getEnergy=True, getForces=True)

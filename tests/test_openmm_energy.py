@@ -534,3 +534,32 @@ def test_workers_start_from_a_script_without_a_main_guard(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["ok", "1", "0.0"]
+
+
+def test_a_release_without_the_private_swig_calls_takes_the_public_methods():
+    # as if OpenMM renamed one of the private functions: the import works, and so do energies
+    script = """
+import openmm
+del openmm._openmm.State_getEnergyParameterDerivatives
+from openmm import unit
+from openmmtools import testsystems
+from openmm_nice import openmm_contexts
+from openmm_nice.openmm_energy import OpenMMEnergy
+import torch
+assert openmm_contexts._get_vector_as_numpy is None
+alanine = testsystems.AlanineDipeptideVacuum(constraints=None)
+x = torch.tensor(alanine.positions.value_in_unit(unit.nanometer)).reshape(1, -1)
+with OpenMMEnergy(alanine.system, 300.0) as energy:
+    print(float(energy(x)[0]))
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
+    alanine = testsystems.AlanineDipeptideVacuum(constraints=None)
+    positions = torch.tensor(alanine.positions.value_in_unit(unit.nanometer)).reshape(1, -1)
+    with OpenMMEnergy(alanine.system, 300.0) as energy:
+        expected = float(energy(positions)[0])
+    assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-12)
