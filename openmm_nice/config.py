@@ -367,8 +367,8 @@ _SYSTEM_FORMS = (
 
 def _built_in_systems() -> tuple[dict, dict]:
     """The toy energies and the built-in molecules a config may name."""
+    from openmm_nice.energies import TOY_SYSTEMS
     from openmm_nice.systems import BUILT_IN_SYSTEMS
-    from openmm_nice.targets import TOY_SYSTEMS
 
     return TOY_SYSTEMS, BUILT_IN_SYSTEMS
 

@@ -15,6 +15,7 @@ __all__ = [
     "MuellerBrown",
     "ManyWell",
     "regularize_energy",
+    "TOY_SYSTEMS",
 ]
 
 
@@ -278,3 +279,12 @@ def regularize_energy(u: Tensor, cut: float = 1e3, maximum: float = 1e9) -> Tens
     reg = torch.where(high, cut + torch.log1p(excess), safe)
     reg = torch.clamp(reg, max=maximum)
     return torch.where(bad, torch.full_like(u, maximum), reg)
+
+
+TOY_SYSTEMS = {
+    "double_well_1d": DoubleWell1D,
+    "double_well_2d": DoubleWell2D,
+    "mueller_brown": MuellerBrown,
+    "many_well": ManyWell,
+}
+"""The toy targets a config's ``system`` may name."""

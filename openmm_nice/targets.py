@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from openmm_nice.config import Config
-from openmm_nice.energies import DoubleWell1D, DoubleWell2D, Energy, ManyWell, MuellerBrown
+from openmm_nice.energies import TOY_SYSTEMS, Energy
 from openmm_nice.errors import ConfigError, UserInputError
 from openmm_nice.generator import BoltzmannGenerator
 from openmm_nice.io import read_frames
@@ -26,14 +26,6 @@ __all__ = [
     "openmm_energy_for",
     "TOY_SYSTEMS",
 ]
-
-TOY_SYSTEMS = {
-    "double_well_1d": DoubleWell1D,
-    "double_well_2d": DoubleWell2D,
-    "mueller_brown": MuellerBrown,
-    "many_well": ManyWell,
-}
-
 
 @dataclass
 class Target:

@@ -25,3 +25,42 @@ def test_the_move_is_imported_lazily():
         "assert openmm_nice.BoltzmannGeneratorMove.__module__ == 'openmm_nice.moves'\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, timeout=120)
+
+
+def test_no_import_cycle_among_the_package_modules():
+    """Every import between the package's modules, lazy ones included, goes one way."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).parents[1] / "openmm_nice"
+    modules = {
+        p.relative_to(package).with_suffix("").as_posix().replace("/", "."): p
+        for p in package.rglob("*.py")
+    }
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("openmm_nice")
+            ):
+                target = node.module.removeprefix("openmm_nice").lstrip(".")
+                if target:
+                    imported.add(target)
+                else:
+                    imported |= {a.name for a in node.names if a.name in modules}
+        graph[name] = {m for m in imported if m in modules and m != name and m != "__init__"}
+
+    def reachable(start: str) -> set[str]:
+        seen, stack = set(), [start]
+        while stack:
+            for nxt in graph.get(stack.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return seen
+
+    cycles = sorted(m for m in graph if m in reachable(m))
+    assert not cycles, f"modules on an import cycle: {cycles}"
