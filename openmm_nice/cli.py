@@ -11,6 +11,7 @@ from pathlib import Path
 
 from openmm_nice.config import load_config
 from openmm_nice.errors import UserInputError
+from openmm_nice.reweighting import N_BOOTSTRAP
 from openmm_nice.runs import sample_run, sweep_latent_dims, train_run
 
 __all__ = ["main", "build_parser"]
@@ -381,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="molecules: dihedral:i,j,k,l or angle:i,j,k (radians) or distance:i,j (nm), "
         "0-based atom indices; its mean with an error; repeatable",
     )
-    p.add_argument("--n-bootstrap", type=int, default=200, help="resamples for error bars")
+    p.add_argument("--n-bootstrap", type=int, default=N_BOOTSTRAP, help="resamples for error bars")
     p.add_argument(
         "--block-size",
         type=int,

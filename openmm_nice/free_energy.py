@@ -15,7 +15,7 @@ import numpy as np
 
 from openmm_nice.errors import UserInputError
 from openmm_nice.io import atomic_write_text
-from openmm_nice.reweighting import bootstrap, bootstrap_spread, sample_weights
+from openmm_nice.reweighting import N_BOOTSTRAP, bootstrap, bootstrap_spread, sample_weights
 
 __all__ = [
     "RAMACHANDRAN_BINS",
@@ -95,7 +95,7 @@ def free_energy_profile(
     log_w=None,
     bins: int = 50,
     range: tuple[float, float] | None = None,
-    n_bootstrap: int = 100,
+    n_bootstrap: int = N_BOOTSTRAP,
     block_size: int = 1,
     seed: int = 0,
 ) -> FreeEnergyProfile:
@@ -172,7 +172,7 @@ def free_energy_map(
     b,
     log_w=None,
     bins: int = RAMACHANDRAN_BINS,
-    n_bootstrap: int = 0,
+    n_bootstrap: int = N_BOOTSTRAP,
     block_size: int = 1,
     seed: int = 0,
 ) -> FreeEnergyMap:

@@ -23,6 +23,7 @@ from openmm_nice.observables import (
     ramachandran,
 )
 from openmm_nice.reweighting import (
+    N_BOOTSTRAP,
     bootstrap,
     bootstrap_spread,
     expectation,
@@ -193,7 +194,7 @@ def reweight_samples(
     coordinates: Sequence[int] | None = None,
     bins: int = 60,
     observables: Sequence[str] = (),
-    n_bootstrap: int = 200,
+    n_bootstrap: int = N_BOOTSTRAP,
     block_size: int = 1,
 ) -> dict:
     """Direct and importance-sampled estimates of a sample file, written to the folder ``out``.
@@ -304,7 +305,7 @@ def reweight_trajectories(
     temperature: float | None = None,
     target_config: Config | None = None,
     observables: Sequence[str] = (),
-    n_bootstrap: int = 200,
+    n_bootstrap: int = N_BOOTSTRAP,
     block_size: int | None = None,
     stride: int = 1,
     batch_size: int = 8192,

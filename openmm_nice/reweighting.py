@@ -20,6 +20,7 @@ from openmm_nice.errors import UserInputError
 
 __all__ = [
     "Estimate",
+    "N_BOOTSTRAP",
     "effective_sample_size",
     "log_partition_function",
     "normalized_weights",
@@ -31,6 +32,10 @@ __all__ = [
     "probability",
     "region_free_energy",
 ]
+
+
+N_BOOTSTRAP = 200
+"""Bootstrap resamples of every error bar the package gives, unless a caller asks otherwise."""
 
 
 class Estimate(NamedTuple):
@@ -100,7 +105,7 @@ def _resample(n: int, block_size: int, rng: np.random.Generator) -> np.ndarray:
 def bootstrap(
     statistic: Callable[[np.ndarray], Any],
     n: int,
-    n_bootstrap: int = 200,
+    n_bootstrap: int = N_BOOTSTRAP,
     block_size: int = 1,
     seed: int = 0,
 ) -> list:
@@ -173,7 +178,7 @@ def bootstrap_spread(replicates, axis: int = 0) -> np.ndarray | float:
 def bootstrap_error(
     statistic: Callable[..., float],
     *arrays,
-    n_bootstrap: int = 200,
+    n_bootstrap: int = N_BOOTSTRAP,
     block_size: int = 1,
     seed: int = 0,
 ) -> float:
@@ -228,7 +233,7 @@ def expectation(
     log_w=None,
     *,
     circular: bool = False,
-    n_bootstrap: int = 200,
+    n_bootstrap: int = N_BOOTSTRAP,
     block_size: int = 1,
     seed: int = 0,
 ) -> Estimate:
@@ -279,7 +284,7 @@ def expectation(
 
 
 def probability(
-    inside, log_w=None, *, n_bootstrap: int = 200, block_size: int = 1, seed: int = 0
+    inside, log_w=None, *, n_bootstrap: int = N_BOOTSTRAP, block_size: int = 1, seed: int = 0
 ) -> Estimate:
     """The probability of a region given by a boolean mask over the samples, with its error:
     the :func:`expectation` of the region's indicator.
@@ -295,7 +300,7 @@ def probability(
 def region_free_energy(
     inside,
     log_w=None,
-    n_bootstrap: int = 200,
+    n_bootstrap: int = N_BOOTSTRAP,
     block_size: int = 1,
     seed: int = 0,
 ) -> dict[str, float]:

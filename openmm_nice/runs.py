@@ -116,7 +116,7 @@ def evaluate(model: BoltzmannGenerator, n: int, seed: int = 12345) -> dict:
         "n": n,
         **{key: value for key, value in weights.items() if key != "n"},
         "log_z": log_partition_function(log_w),
-        "log_z_error": bootstrap_error(log_partition_function, log_w, n_bootstrap=100),
+        "log_z_error": bootstrap_error(log_partition_function, log_w),
         "j_r": float(neg.mean()) if finite else math.inf,
         "j_r_error": float(neg.std(ddof=1) / math.sqrt(n)) if finite else math.nan,
     }

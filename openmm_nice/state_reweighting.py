@@ -22,6 +22,7 @@ import numpy as np
 
 from openmm_nice.errors import UserInputError
 from openmm_nice.reweighting import (
+    N_BOOTSTRAP,
     Estimate,
     bootstrap,
     bootstrap_spread,
@@ -128,7 +129,9 @@ class StateWeights:
         """(N,) each frame's reduced energy in the state it was sampled in."""
         return self.u_kn[self.source, np.arange(len(self.source))]
 
-    def log_z_ratio(self, n_bootstrap: int = 200, block_size: int = 1, seed: int = 0) -> Estimate:
+    def log_z_ratio(
+        self, n_bootstrap: int = N_BOOTSTRAP, block_size: int = 1, seed: int = 0
+    ) -> Estimate:
         r""":math:`\log (Z_t / Z_1) = f_1 - f_t` with its (block) bootstrap error.
 
         The value is pymbar's: EXP for one source state, MBAR for several. Each bootstrap

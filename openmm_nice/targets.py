@@ -27,6 +27,7 @@ __all__ = [
     "TOY_SYSTEMS",
 ]
 
+
 @dataclass
 class Target:
     """What a config's ``system`` names: the energy, and for molecules their structure.

@@ -218,15 +218,19 @@ class WeightSchedule:
         return f"WeightSchedule({list(self.points)})"
 
 
+_DEFAULTS = TrainingConfig()  # one set of defaults: the config's, the ones that work
+
+
 @dataclass
 class TrainingSchedule:
-    """Inverse temperature and learning-rate factor as functions of the step."""
+    """Inverse temperature and learning-rate factor as functions of the step (defaults: the
+    config's, :class:`~openmm_nice.config.TrainingConfig`)."""
 
     steps: int
-    beta_start: float = 1.0
-    anneal_steps: int = 0
-    lr_schedule: str = "cosine"
-    anneal_start: int = 0
+    beta_start: float = _DEFAULTS.beta_start
+    anneal_steps: int = _DEFAULTS.anneal_steps
+    lr_schedule: str = _DEFAULTS.lr_schedule
+    anneal_start: int = _DEFAULTS.anneal_start
 
     def beta(self, step: int) -> float:
         """``beta_start`` until ``anneal_start``, then geometric to 1 over ``anneal_steps``."""
@@ -242,9 +246,6 @@ class TrainingSchedule:
         if self.lr_schedule == "constant" or self.steps <= 0:
             return 1.0
         return 0.5 * (1 + math.cos(math.pi * min(step, self.steps) / self.steps)) * 0.99 + 0.01
-
-
-_DEFAULTS = TrainingConfig()  # one set of defaults: the config's, the ones that work
 
 
 class _PooledSamples:
