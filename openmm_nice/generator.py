@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from openmm_nice.conditional import ConditionalGaussian
+from openmm_nice.config import ModelConfig
 from openmm_nice.energies import Energy
 from openmm_nice.transforms import LULinear, Transform, nice_flow
 
@@ -59,6 +60,9 @@ class Draw:
         return torch.where(bad, torch.full_like(log_w, -math.inf), log_w)
 
 
+_MODEL_DEFAULTS = ModelConfig()  # one set of defaults: the config's
+
+
 class BoltzmannGenerator(nn.Module):
     r"""A NICE Boltzmann generator :math:`(x, y) = S \cdot F(z)`, :math:`z \sim \mathcal N(0, I_D)`.
 
@@ -95,11 +99,11 @@ class BoltzmannGenerator(nn.Module):
         self,
         energy: Energy,
         latent_dim: int | None = None,
-        layers: int = 8,
-        hidden: Sequence[int] = (64, 64),
-        conditional_hidden: Sequence[int] = (64, 64),
+        layers: int = _MODEL_DEFAULTS.layers,
+        hidden: Sequence[int] = tuple(_MODEL_DEFAULTS.hidden),
+        conditional_hidden: Sequence[int] = tuple(_MODEL_DEFAULTS.conditional_hidden),
         coordinates: Transform | None = None,
-        scale: float = 1.0,
+        scale: float = _MODEL_DEFAULTS.scale,
         seed: int = 0,
     ):
         super().__init__()
