@@ -82,6 +82,39 @@ def reference_file(name: str) -> Path | None:
     return None
 
 
+ALPHA_PSI_DEGREES = (-120.0, 50.0)
+"""psi in this range: the alpha side of a residue's backbone (psi's other side: beta, PPII)."""
+
+
+def backbone_indices(topology) -> tuple[np.ndarray, np.ndarray]:
+    """(R, 4) atom indices of phi (C(i-1), N, CA, C) and of psi (N, CA, C, N(i+1)) of every
+    residue that has both, in sequence order."""
+    import mdtraj
+
+    top = (
+        topology if isinstance(topology, mdtraj.Topology) else mdtraj.Topology.from_openmm(topology)
+    )
+    traj = mdtraj.Trajectory(np.zeros((1, top.n_atoms, 3)), top)
+    phi, _ = mdtraj.compute_phi(traj)
+    psi, _ = mdtraj.compute_psi(traj)
+    psi_by_ca = {int(row[1]): row for row in psi}
+    keep = [i for i, row in enumerate(phi) if int(row[2]) in psi_by_ca]
+    return phi[keep], np.array([psi_by_ca[int(phi[i][2])] for i in keep])
+
+
+def backbone_observables(phi: np.ndarray, psi: np.ndarray) -> dict[str, np.ndarray]:
+    """Regions of every residue's backbone, as boolean arrays of the frames: ``phi{k}>0`` (the
+    left-handed side, C7ax and alpha_L) and ``psi{k} alpha`` (psi in :data:`ALPHA_PSI_DEGREES`),
+    k = 1, 2, ... along the sequence. ``phi`` and ``psi``: (..., R) radians. They name regions
+    of any peptide's Ramachandran plane, not a molecule's basins."""
+    lo, hi = np.radians(ALPHA_PSI_DEGREES)
+    observables = {}
+    for k in range(phi.shape[-1]):
+        observables[f"phi{k + 1}>0"] = phi[..., k] > 0
+        observables[f"psi{k + 1} alpha"] = (psi[..., k] > lo) & (psi[..., k] < hi)
+    return observables
+
+
 def phi_indices(topology) -> np.ndarray:
     """(R, 4) atom indices of every residue's phi (C(i-1), N, CA, C), in sequence order."""
     import mdtraj

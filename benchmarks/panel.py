@@ -6,8 +6,9 @@ run there is resumed or reused), then:
   * --flow-samples one-shot samples of the flow (`openmm-nice sample RUN --ais-steps 0`):
     ESS/N over all and in 4 blocks, the largest weight's share, the Pareto k-hat;
   * --ais-samples samples with the recipe's AIS (`openmm-nice sample RUN`): the same figures,
-    and every residue's dF = F(phi > 0) - F(phi < 0) (kT) with its bootstrap error, against the
-    molecule's reference (benchmarks/reference/panel/, made by benchmarks/panel_reference.py)
+    and every residue's backbone free energies (kT, region against the rest, with bootstrap
+    errors: phi > 0, and psi on the alpha side), against the molecule's reference (alanine's
+    umbrella references, else benchmarks/reference/panel/ made by benchmarks/panel_reference.py)
     where there is one.
 Each molecule's figures are written to RUNS/<molecule>_seed<S>/panel.json (atomically), so that a
 later call prints the table without sampling again (--resample to redo it).
@@ -33,7 +34,15 @@ from pathlib import Path
 
 import numpy as np
 from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
-from _panel import PANEL, ROOT, dihedrals, panel_config, phi_indices, reference_file
+from _panel import (
+    PANEL,
+    ROOT,
+    backbone_indices,
+    backbone_observables,
+    dihedrals,
+    panel_config,
+    reference_file,
+)
 
 from openmm_nice.config import apply_overrides, config_from_dict
 from openmm_nice.io import atomic_write_text
@@ -72,10 +81,10 @@ def weights_row(log_w: np.ndarray) -> dict:
 
 
 def evaluate(name: str, folder: Path, args) -> dict:
-    """Flow and AIS samples of a trained run: weights' figures and the backbone dF."""
+    """Flow and AIS samples of a trained run: the weights' figures, and the free energy of every
+    backbone region (:func:`_panel.backbone_observables`) from the AIS samples."""
     with load_run(folder) as run:
-        topology = run.target.mdtraj_topology()
-        rows = phi_indices(topology)
+        phi_rows, psi_rows = backbone_indices(run.target.mdtraj_topology())
         started = time.perf_counter()
         flow = sample_run(run, args.flow_samples, ais_steps=0, seed=args.sample_seed)
         flow_seconds = time.perf_counter() - started
@@ -83,11 +92,11 @@ def evaluate(name: str, folder: Path, args) -> dict:
         ais = sample_run(run, args.ais_samples, seed=args.sample_seed, progress=not args.quiet)
         ais_seconds = time.perf_counter() - started
     x = ais.x.reshape(len(ais.x), -1, 3)
-    phi = dihedrals(x, rows)
-    dfs = [
-        region_free_energy(phi[:, k] > 0, ais.log_w, n_bootstrap=args.n_bootstrap, seed=k)
-        for k in range(phi.shape[1])
-    ]
+    regions = backbone_observables(dihedrals(x, phi_rows), dihedrals(x, psi_rows))
+    estimates = {
+        region: region_free_energy(inside, ais.log_w, n_bootstrap=args.n_bootstrap, seed=m)
+        for m, (region, inside) in enumerate(regions.items())
+    }
     return {
         "flow": {**weights_row(flow.log_w), "n": len(flow.log_w), "seconds": flow_seconds},
         "ais": {
@@ -96,56 +105,60 @@ def evaluate(name: str, folder: Path, args) -> dict:
             "ais_steps": ais.ais_steps,
             "seconds": ais_seconds,
         },
-        "df_kT": [d["df_kT"] for d in dfs],
-        "df_error_kT": [d["df_error_kT"] for d in dfs],
-        "p_phi_positive": [d["p"] for d in dfs],
+        "observables": {
+            region: {"p": e["p"], "df_kT": e["df_kT"], "df_error_kT": e["df_error_kT"]}
+            for region, e in estimates.items()
+        },
     }
 
 
 def reference(name: str) -> dict | None:
-    """Every residue's reference dF and its error, or None where there is no reference yet."""
+    """The reference's dF and error of each backbone region it has, or None where there is no
+    reference yet (alanine's umbrella files hold phi1>0 alone)."""
     path = reference_file(name)
     if path is None:
         return None
     with np.load(path) as data:
+        names = list(data["observables"]) if "observables" in data else ["phi1>0"]
+        df, error = np.atleast_1d(data["df_kT"]), np.atleast_1d(data["df_error_kT"])
         return {
-            "df_kT": np.atleast_1d(data["df_kT"]).tolist(),
-            "df_error_kT": np.atleast_1d(data["df_error_kT"]).tolist(),
+            "observables": {
+                str(n): {"df_kT": float(d), "df_error_kT": float(e)}
+                for n, d, e in zip(names, df, error)
+            },
             "file": str(path.relative_to(ROOT)),
         }
-
-
-def _fmt_blocks(blocks: list[float]) -> str:
-    return f"{min(blocks):.3f}"
 
 
 def print_table(results: list[dict]) -> None:
     print(
         f"{'molecule':<30} {'D':>4} {'flow ESS/N':>10} {'min blk':>7} {'k':>5} "
-        f"{'AIS ESS/N':>9} {'min blk':>7} {'max w':>7} {'k':>5} {'res':>3} "
+        f"{'AIS ESS/N':>9} {'min blk':>7} {'max w':>7} {'k':>5} {'region':>11} "
         f"{'dF (kT)':>15} {'reference':>15} {'diff':>6} {'evals':>8} {'train s':>7}"
     )
     for r in results:
         f, a = r["flow"], r["ais"]
-        ref = r.get("reference")
-        for k, (df, err) in enumerate(zip(r["df_kT"], r["df_error_kT"])):
+        ref = (r.get("reference") or {}).get("observables", {})
+        for k, (region, e) in enumerate(r["observables"].items()):
             head = (
                 f"{r['molecule']:<30} {r['latent_dim']:>4} {f['ess']:>10.4f} "
-                f"{_fmt_blocks(f['block_ess']):>7} {f['pareto_k']:>5.2f} {a['ess']:>9.4f} "
-                f"{_fmt_blocks(a['block_ess']):>7} {a['max_weight_share']:>7.4f} "
+                f"{min(f['block_ess']):>7.3f} {f['pareto_k']:>5.2f} {a['ess']:>9.4f} "
+                f"{min(a['block_ess']):>7.3f} {a['max_weight_share']:>7.4f} "
                 f"{a['pareto_k']:>5.2f}"
                 if k == 0
                 else " " * 89
             )
-            if ref is not None:
-                rdf, rerr = ref["df_kT"][k], ref["df_error_kT"][k]
-                tail = f"{rdf:>7.3f} +- {rerr:<5.3f} {df - rdf:>6.2f}"
+            if region in ref and math.isfinite(ref[region]["df_kT"]):
+                rdf, rerr = ref[region]["df_kT"], ref[region]["df_error_kT"]
+                tail = f"{rdf:>7.3f} +- {rerr:<5.3f} {e['df_kT'] - rdf:>6.2f}"
             else:
                 tail = f"{'none':>15} {'':>6}"
             evals = (
                 f"{r['energy_evaluations']:>8.2e} {r['training_time_s']:>7.0f}" if k == 0 else ""
             )
-            print(f"{head} {k + 1:>3} {df:>7.3f} +- {err:<5.3f} {tail} {evals}")
+            print(
+                f"{head} {region:>11} {e['df_kT']:>7.3f} +- {e['df_error_kT']:<5.3f} {tail} {evals}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{published}"
             )
     worst = [
-        abs(df - ref)
+        abs(e["df_kT"] - r["reference"]["observables"][region]["df_kT"])
         for r in results
         if r["reference"]
-        for df, ref in zip(r["df_kT"], r["reference"]["df_kT"])
-        if math.isfinite(df)
+        for region, e in r["observables"].items()
+        if region in r["reference"]["observables"]
+        and math.isfinite(e["df_kT"])
+        and math.isfinite(r["reference"]["observables"][region]["df_kT"])
     ]
     print(
         json.dumps(

@@ -46,7 +46,15 @@ import numpy as np
 import openmm
 import openmm.unit as unit
 from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
-from _panel import PANEL, ROOT, cis_frames, dihedrals, phi_indices, reference_path
+from _panel import (
+    PANEL,
+    ROOT,
+    backbone_indices,
+    backbone_observables,
+    cis_frames,
+    dihedrals,
+    reference_path,
+)
 
 from openmm_nice.free_energy import RAMACHANDRAN_BINS
 from openmm_nice.reweighting import bootstrap_spread
@@ -69,7 +77,7 @@ def repartition_hydrogen_mass(system: openmm.System, topology, mass: float) -> N
 
 def run_parallel_tempering(molecule, args, seed: int, storage: Path) -> dict:
     """One repeat. Returns, per iteration (after the first) and replica: ``phi`` (I, K, R)
-    radians, ``psi1`` (I, K) of the first residue, ``cis`` (I, K), ``states`` (I, K) each
+    radians and ``psi`` (I, K, R) of every residue, ``cis`` (I, K), ``states`` (I, K) each
     replica's state, ``u`` (I, K, S) its reduced potential in every state; and timings."""
     from openmmtools import cache, mcmc, states
     from openmmtools.multistate import MultiStateReporter, ParallelTemperingSampler
@@ -112,9 +120,8 @@ def run_parallel_tempering(molecule, args, seed: int, storage: Path) -> dict:
     temperatures = [s.temperature.value_in_unit(unit.kelvin) for s in sampler._thermodynamic_states]  # noqa: SLF001
     replica_states = reporter.read_replica_thermodynamic_states()[1:]  # (I, K)
     u = reporter.read_energies()[0][1:]  # (I, K, S)
-    phi_rows = phi_indices(molecule.topology)
-    psi_row = _psi_of_first_residue(molecule.topology, phi_rows[0])
-    phi, psi1, cis = [], [], []
+    phi_rows, psi_rows = backbone_indices(molecule.topology)
+    phi, psi, cis = [], [], []
     for it in range(1, len(replica_states) + 1):
         x = np.array(
             [
@@ -123,12 +130,12 @@ def run_parallel_tempering(molecule, args, seed: int, storage: Path) -> dict:
             ]
         )
         phi.append(dihedrals(x, phi_rows))
-        psi1.append(dihedrals(x, psi_row[None])[:, 0])
+        psi.append(dihedrals(x, psi_rows))
         cis.append(cis_frames(x, molecule.topology))
     reporter.close()
     return {
         "phi": np.array(phi),
-        "psi1": np.array(psi1),
+        "psi": np.array(psi),
         "cis": np.array(cis),
         "states": np.asarray(replica_states),
         "u": np.asarray(u),
@@ -154,9 +161,9 @@ def round_trips(replica_states: np.ndarray) -> int:
     return trips
 
 
-def _populations(u: np.ndarray, phi: np.ndarray, trans: np.ndarray, f_k=None):
+def _populations(u: np.ndarray, inside: np.ndarray, trans: np.ndarray, f_k=None):
     """MBAR over every (iteration, replica) sample: the weights at state 0 (trans frames only),
-    P(phi_r > 0) per residue, and the solved f_k."""
+    the probability of each region (``inside``: (I, K, M) booleans), and the solved f_k."""
     from pymbar import MBAR
 
     n_iter, n_replicas, n_states = u.shape
@@ -165,74 +172,68 @@ def _populations(u: np.ndarray, phi: np.ndarray, trans: np.ndarray, f_k=None):
     mbar = MBAR(u_kn, n_k, initial_f_k=f_k, verbose=False)
     w = mbar.weights()[:, 0] * trans.reshape(-1)
     w = w / w.sum()
-    p = (w[:, None] * (phi.reshape(-1, phi.shape[-1]) > 0)).sum(axis=0)
+    p = (w[:, None] * inside.reshape(-1, inside.shape[-1])).sum(axis=0)
     return w, p, mbar.f_k
 
 
 def analyse(run: dict, equilibration_fraction: float, n_bootstrap: int, n_blocks: int) -> dict:
-    """Per residue P(phi > 0) and dF at 300 K by MBAR with block-bootstrap errors, the 300 K
-    state's own P, the first residue's map, and the counts."""
+    """The probability and free energy (kT, region against the rest) of every backbone region
+    (:func:`_panel.backbone_observables`) at 300 K by MBAR, with block-bootstrap errors; the
+    300 K state's own probabilities; the first residue's map; the counts."""
     start = int(len(run["u"]) * equilibration_fraction)
-    u, phi, cis = run["u"][start:], run["phi"][start:], run["cis"][start:]
-    psi1, states = run["psi1"][start:], run["states"][start:]
+    u, phi, psi = run["u"][start:], run["phi"][start:], run["psi"][start:]
+    cis, states = run["cis"][start:], run["states"][start:]
     trans = ~cis
-    w, p, f_k = _populations(u, phi, trans)
+    regions = backbone_observables(phi, psi)
+    inside = np.stack(list(regions.values()), axis=-1)
+    w, p, f_k = _populations(u, inside, trans)
     rng = np.random.default_rng(0)
     size = len(u) // n_blocks
     replicates = []
     for _ in range(n_bootstrap):
         blocks = rng.integers(0, n_blocks, n_blocks)
         i = np.concatenate([np.arange(b * size, (b + 1) * size) for b in blocks])
-        replicates.append(_populations(u[i], phi[i], trans[i], f_k)[1])
+        replicates.append(_populations(u[i], inside[i], trans[i], f_k)[1])
     replicates = np.array(replicates)
     own = (states == 0) & trans
-    residues = []
-    for k in range(phi.shape[-1]):
+    observables = []
+    for m, name in enumerate(regions):
         with np.errstate(divide="ignore", invalid="ignore"):
-            df_reps = -np.log(replicates[:, k] / (1.0 - replicates[:, k]))
-        pk = float(p[k])
-        df = -math.log(pk / (1 - pk)) if 0 < pk < 1 else math.copysign(math.inf, 0.5 - pk)
-        residues.append(
+            df_reps = -np.log(replicates[:, m] / (1.0 - replicates[:, m]))
+        pm = float(p[m])
+        df = -math.log(pm / (1 - pm)) if 0 < pm < 1 else math.copysign(math.inf, 0.5 - pm)
+        observables.append(
             {
-                "p": pk,
-                "p_error": float(bootstrap_spread(replicates[:, k])),
+                "name": name,
+                "p": pm,
+                "p_error": float(bootstrap_spread(replicates[:, m])),
                 "df_kT": df,
                 "df_error_kT": float(bootstrap_spread(df_reps)) if math.isfinite(df) else math.inf,
-                "p_300K_frames": float((phi[..., k][own] > 0).mean()),
+                "p_300K_frames": float(inside[..., m][own].mean()),
             }
         )
     edges = np.linspace(-math.pi, math.pi, RAMACHANDRAN_BINS + 1)
     histogram, _, _ = np.histogram2d(
-        phi[..., 0].reshape(-1), psi1.reshape(-1), bins=[edges, edges], weights=w
+        phi[..., 0].reshape(-1), psi[..., 0].reshape(-1), bins=[edges, edges], weights=w
     )
     return {
         "frames": int(trans.size),
         "cis_frames": int(cis.sum()),
         "frames_300K": int(own.sum()),
         "ess_300K": float(1.0 / np.sum(w**2)),
-        "residues": residues,
+        "observables": observables,
         "histogram36": histogram / histogram.sum(),
     }
 
 
-def _psi_of_first_residue(topology, phi_row) -> np.ndarray:
-    """psi (N, CA, C, N(i+1)) of the residue whose phi is ``phi_row``."""
-    atoms = list(topology.atoms())
-    n, ca, c = phi_row[1], phi_row[2], phi_row[3]
-    residue = atoms[ca].residue
-    following = [r for r in topology.residues() if r.index == residue.index + 1][0]
-    next_n = [a.index for a in following.atoms() if a.name == "N"][0]
-    return np.array([n, ca, c, next_n])
-
-
 def combine(repeats: list[dict]) -> list[dict]:
-    """Per residue: the repeats' mean dF, its error, and whether the repeats agree (z; NaN where
-    a repeat has no frame on one side, so that its dF is infinite)."""
+    """Per observable: the repeats' mean dF, its error, and whether the repeats agree (z; NaN
+    where a repeat has no frame on one side, so that its dF is infinite)."""
     combined = []
-    for k in range(len(repeats[0]["residues"])):
-        values = np.array([r["residues"][k]["df_kT"] for r in repeats])
-        errors = np.array([r["residues"][k]["df_error_kT"] for r in repeats])
-        p = np.array([r["residues"][k]["p"] for r in repeats])
+    for k, first in enumerate(repeats[0]["observables"]):
+        values = np.array([r["observables"][k]["df_kT"] for r in repeats])
+        errors = np.array([r["observables"][k]["df_error_kT"] for r in repeats])
+        p = np.array([r["observables"][k]["p"] for r in repeats])
         finite = bool(np.isfinite(values).all() and np.isfinite(errors).all())
         if finite:
             mean = float(values.mean())
@@ -248,6 +249,7 @@ def combine(repeats: list[dict]) -> list[dict]:
             mean, error, z = math.nan, math.inf, math.nan
         combined.append(
             {
+                "name": first["name"],
                 "df_kT": mean,
                 "df_error_kT": error,
                 "p": float(p.mean()),
@@ -272,6 +274,23 @@ def _json_safe(value):
     return value
 
 
+def _raw_runs(paths: list[Path]) -> list[dict]:
+    """The repeats' time series in --raw files, in order (files of before every residue's psi
+    was kept hold the first residue's as ``psi1``)."""
+    runs = []
+    for path in paths:
+        with np.load(path) as data:
+            r = 0
+            while f"u{r}" in data:
+                run = {k: data[f"{k}{r}"] for k in ("phi", "cis", "states", "u")}
+                run["psi"] = data[f"psi{r}"] if f"psi{r}" in data else data[f"psi1{r}"][..., None]
+                if f"seconds{r}" in data:
+                    run["seconds"] = float(data[f"seconds{r}"])
+                runs.append(run)
+                r += 1
+    return runs
+
+
 def _load_repeats(paths: list[Path]) -> tuple[list[dict], dict]:
     """The repeats stored in earlier outputs of this script (--combine), and their settings."""
     repeats, settings = [], None
@@ -280,7 +299,7 @@ def _load_repeats(paths: list[Path]) -> tuple[list[dict], dict]:
             stored = json.loads(str(data["repeats_json"]))
             for r, histogram in zip(stored, data["repeats_histogram36"]):
                 r["histogram36"] = histogram
-                for res in r["residues"]:  # JSON null: an infinite dF or error
+                for res in r["observables"]:  # JSON null: an infinite dF or error
                     res["df_kT"] = math.inf if res["df_kT"] is None else res["df_kT"]
                     res["df_error_kT"] = (
                         math.inf if res["df_error_kT"] is None else res["df_error_kT"]
@@ -315,6 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also write every repeat's time series here (npz), to analyse again",
     )
     p.add_argument(
+        "--from-raw",
+        type=Path,
+        nargs="+",
+        help="run nothing: analyse again the time series of earlier --raw files (their repeats "
+        "take seeds --seed, --seed + 1, ... in order; the other options must be the run's)",
+    )
+    p.add_argument(
         "--combine",
         type=Path,
         nargs="+",
@@ -322,8 +348,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "raw", "combine")}
-    if args.combine:
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("out", "raw", "combine", "from_raw")
+    }
+    if args.from_raw:
+        repeats = []
+        for run in _raw_runs(args.from_raw):
+            result = analyse(run, args.equilibration_fraction, args.n_bootstrap, args.blocks)
+            result.update(
+                seed=args.seed + len(repeats),
+                seconds=run.get("seconds", math.nan),
+                iterations=len(run["u"]),
+                round_trips=round_trips(run["states"]),
+            )
+            repeats.append(result)
+        settings["analysed_from"] = [str(path) for path in args.from_raw]
+    elif args.combine:
         repeats, settings = _load_repeats(args.combine)
         settings["combined_from"] = [str(path) for path in args.combine]
     else:
@@ -345,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run)
         if args.raw:
             args.raw.parent.mkdir(parents=True, exist_ok=True)
-            keys = ("phi", "psi1", "cis", "states", "u")
+            keys = ("phi", "psi", "cis", "states", "u", "seconds")
             np.savez(args.raw, **{f"{k}{r}": run[k] for r, run in enumerate(runs) for k in keys})
     combined = combine(repeats)
 
@@ -354,20 +394,20 @@ def main(argv: list[str] | None = None) -> int:
         f"300-{settings['t_max']:g} K, {settings['ns']:g} ns each per repeat"
     )
     print(
-        f"{'seed':>6} {'residue':>7} {'P(phi>0)':>9} {'dF (kT)':>15} {'P 300K':>7} "
+        f"{'seed':>6} {'region':>11} {'P':>7} {'dF (kT)':>15} {'P 300K':>7} "
         f"{'frames':>7} {'cis':>5} {'ESS 300K':>8} {'trips':>5} {'time (s)':>8}"
     )
     for r in repeats:
-        for k, res in enumerate(r["residues"]):
+        for res in r["observables"]:
             print(
-                f"{r['seed']:>6} {k + 1:>7} {res['p']:>9.4f} "
+                f"{r['seed']:>6} {res['name']:>11} {res['p']:>7.4f} "
                 f"{res['df_kT']:>7.3f} +- {res['df_error_kT']:<5.3f} {res['p_300K_frames']:>7.4f} "
                 f"{r['frames']:>7} {r['cis_frames']:>5} {r['ess_300K']:>8.0f} "
                 f"{r['round_trips']:>5} {r['seconds']:>8.0f}"
             )
-    for k, c in enumerate(combined):
+    for c in combined:
         print(
-            f"residue {k + 1}: dF = {c['df_kT']:.3f} +- {c['df_error_kT']:.3f} kT "
+            f"{c['name']}: dF = {c['df_kT']:.3f} +- {c['df_error_kT']:.3f} kT "
             f"(repeats agree at z = {c['agreement_z']:.2f})"
         )
 
@@ -380,9 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         df_error_kT=np.array([c["df_error_kT"] for c in combined]),
         p=np.array([c["p"] for c in combined]),
         histogram36=np.mean([r["histogram36"] for r in repeats], axis=0),
-        repeats_df_kT=np.array([[res["df_kT"] for res in r["residues"]] for r in repeats]),
+        observables=np.array([c["name"] for c in combined]),
+        repeats_df_kT=np.array([[res["df_kT"] for res in r["observables"]] for r in repeats]),
         repeats_df_error_kT=np.array(
-            [[res["df_error_kT"] for res in r["residues"]] for r in repeats]
+            [[res["df_error_kT"] for res in r["observables"]] for r in repeats]
         ),
         repeats_histogram36=np.array([r["histogram36"] for r in repeats]),
         repeats_json=json.dumps(_json_safe(stored)),
@@ -394,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "panel_reference",
         "molecule": args.molecule,
         **settings,
-        "residues": combined,
+        "observables": combined,
         "repeats": stored,
         "out": str(out),
         **machine_facts(),

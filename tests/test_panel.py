@@ -67,11 +67,11 @@ def test_every_pdb_records_the_command_that_made_it():
 
 def test_alanine_is_judged_against_its_umbrella_reference():
     ref = panel.reference("alanine_dipeptide_vacuum")
-    assert ref["df_kT"] == [pytest.approx(4.582, abs=1e-3)]
+    assert ref["observables"]["phi1>0"]["df_kT"] == pytest.approx(4.582, abs=1e-3)
     assert ref["file"] == "benchmarks/reference/alanine_dipeptide_vacuum_300K.npz"
-    assert panel.reference("alanine_dipeptide_implicit")["df_kT"] == [
-        pytest.approx(5.748, abs=1e-3)
-    ]
+    implicit = panel.reference("alanine_dipeptide_implicit")["observables"]
+    assert list(implicit) == ["phi1>0"]
+    assert implicit["phi1>0"]["df_kT"] == pytest.approx(5.748, abs=1e-3)
 
 
 def test_dihedrals_match_mdtraj(molecules):
@@ -104,7 +104,7 @@ def _run(phi, u, cis=None, states=None) -> dict:
     n_iter, n_replicas = phi.shape[:2]
     return {
         "phi": phi,
-        "psi1": np.zeros((n_iter, n_replicas)),
+        "psi": np.zeros_like(phi),
         "cis": np.zeros((n_iter, n_replicas), bool) if cis is None else cis,
         "states": np.tile(np.arange(n_replicas), (n_iter, 1)) if states is None else states,
         "u": u,
@@ -119,7 +119,9 @@ def test_analysis_counts_populations_and_leaves_cis_frames_out():
     result = panel_reference.analyse(_run(phi, np.zeros((200, 2, 2)), cis), 0.0, 10, 10)
     assert result["cis_frames"] == 10 and result["frames"] == 400
     p = 50 / 390  # equal states: MBAR's weights are uniform over the trans frames
-    (residue,) = result["residues"]
+    residue, alpha = result["observables"]
+    assert residue["name"] == "phi1>0" and alpha["name"] == "psi1 alpha"
+    assert alpha["p"] == pytest.approx(1.0)  # psi = 0 in every frame
     assert residue["p"] == pytest.approx(p)
     assert residue["df_kT"] == pytest.approx(-math.log(p / (1 - p)))
     assert residue["p_300K_frames"] == pytest.approx(50 / 200)  # replica 0 holds state 0
@@ -134,7 +136,7 @@ def test_mbar_over_temperatures_recovers_the_cold_population():
     x = rng.normal(size=(4000, 2)) / np.sqrt(betas)
     u = betas[None, None, :] * (x**2 / 2)[..., None]
     result = panel_reference.analyse(_run((x - 1.0)[..., None], u), 0.0, 20, 20)
-    (residue,) = result["residues"]
+    residue = result["observables"][0]
     assert residue["p"] == pytest.approx(0.158655, abs=3 * residue["p_error"])
     assert 0.002 < residue["p_error"] < 0.01
     assert result["ess_300K"] > 4000  # the hot samples add to the cold state's
@@ -150,11 +152,11 @@ def test_round_trips():
 
 def test_combine_reports_the_repeats_agreement():
     repeats = [
-        {"residues": [{"df_kT": 4.0, "df_error_kT": 0.1, "p": 0.02}]},
-        {"residues": [{"df_kT": 4.3, "df_error_kT": 0.1, "p": 0.015}]},
+        {"observables": [{"name": "phi1>0", "df_kT": 4.0, "df_error_kT": 0.1, "p": 0.02}]},
+        {"observables": [{"name": "phi1>0", "df_kT": 4.3, "df_error_kT": 0.1, "p": 0.015}]},
     ]
     (row,) = panel_reference.combine(repeats)
-    assert row["df_kT"] == pytest.approx(4.15)
+    assert row["df_kT"] == pytest.approx(4.15) and row["name"] == "phi1>0"
     assert row["agreement_z"] == pytest.approx(0.3 / math.sqrt(0.02))
     assert row["df_error_kT"] == pytest.approx(0.15)  # the repeats' spread exceeds their errors
 
@@ -167,6 +169,13 @@ def test_short_parallel_tempering_runs_write_references_that_combine(tmp_path):
     assert panel_reference.main([*base, "--seed", "1", "--out", str(b)]) == 0
     with np.load(tmp_path / "raw.npz") as raw:
         assert raw["u0"].shape == (40, 3, 3) and raw["phi0"].shape == (40, 3, 1)
+        assert raw["psi0"].shape == (40, 3, 1)
+    again = tmp_path / "again.npz"
+    argv = [*base, "--from-raw", str(tmp_path / "raw.npz"), "--out", str(again)]
+    assert panel_reference.main(argv) == 0
+    with np.load(again) as redone, np.load(a) as first:
+        np.testing.assert_array_equal(redone["repeats_df_kT"], first["repeats_df_kT"])
+        assert list(redone["observables"]) == ["phi1>0", "psi1 alpha"]
     assert (
         panel_reference.main(
             ["alanine_dipeptide_vacuum", "--combine", str(a), str(b), "--out", str(joined)]
@@ -174,8 +183,8 @@ def test_short_parallel_tempering_runs_write_references_that_combine(tmp_path):
         == 0
     )
     with np.load(joined) as data, np.load(a) as first:
-        assert data["repeats_df_kT"].shape == (2, 1) and data["histogram36"].shape == (36, 36)
-        assert data["repeats_df_kT"][0] == first["repeats_df_kT"][0]
+        assert data["repeats_df_kT"].shape == (2, 2) and data["histogram36"].shape == (36, 36)
+        np.testing.assert_array_equal(data["repeats_df_kT"][0], first["repeats_df_kT"][0])
         assert "--combine" in str(data["command"])
         assert json.loads(str(data["settings"]))["ns"] == 0.004
     with pytest.raises(SystemExit, match="repeat seeds"):
@@ -195,7 +204,7 @@ def test_panel_trains_samples_and_prints_its_table(tmp_path, capsys):
     (row,) = record["results"]
     assert row["molecule"] == "proline_dipeptide" and row["latent_dim"] == 78
     assert len(row["flow"]["block_ess"]) == 4 and "pareto_k" in row["ais"]
-    assert len(row["df_kT"]) == 1
+    assert list(row["observables"]) == ["phi1>0", "psi1 alpha"]
     assert any(line.startswith("proline_dipeptide") for line in lines)
     # a second call reads panel.json instead of sampling again
     assert panel.main(argv) == 0
