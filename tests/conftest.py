@@ -7,9 +7,11 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def float64_and_seed():
+def float64_and_seed(request):
+    """float64 by default; a test marked ``float32`` runs as users do, in torch's float32."""
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
+    float32 = request.node.get_closest_marker("float32") is not None
+    torch.set_default_dtype(torch.float32 if float32 else torch.float64)
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(previous)
