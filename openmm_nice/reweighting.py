@@ -21,6 +21,7 @@ from openmm_nice.errors import UserInputError
 __all__ = [
     "Estimate",
     "N_BOOTSTRAP",
+    "check_log_weights",
     "effective_sample_size",
     "log_partition_function",
     "normalized_weights",
@@ -51,7 +52,9 @@ def _as_numpy(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
-def _check_log_w(log_w) -> np.ndarray:
+def check_log_weights(log_w) -> np.ndarray:
+    """Log-weights as a float64 array, refused (naming the problem) unless 1-D, non-empty, free
+    of NaN and +inf, and with at least one positive weight."""
     log_w = _as_numpy(log_w)
     if log_w.ndim != 1 or log_w.size == 0:
         raise UserInputError(f"log-weights must be a non-empty 1-D array, got shape {log_w.shape}")
@@ -64,7 +67,7 @@ def _check_log_w(log_w) -> np.ndarray:
 
 def normalized_weights(log_w) -> np.ndarray:
     """Self-normalised weights w_i / sum_j w_j, computed stably from log w."""
-    log_w = _check_log_w(log_w)
+    log_w = check_log_weights(log_w)
     w = np.exp(log_w - log_w.max())
     return w / w.sum()
 
@@ -86,7 +89,7 @@ def log_partition_function(log_w) -> float:
     Unbiased for Z itself (not for log Z); with log w as in
     :class:`~openmm_nice.generator.BoltzmannGenerator` it estimates the target's log Z.
     """
-    log_w = _check_log_w(log_w)
+    log_w = check_log_weights(log_w)
     m = log_w.max()
     return float(m + math.log(np.mean(np.exp(log_w - m))))
 

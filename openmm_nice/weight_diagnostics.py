@@ -25,9 +25,9 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 
 from openmm_nice.errors import UserInputError
+from openmm_nice.reweighting import check_log_weights, effective_sample_size, normalized_weights
 
 __all__ = [
     "WeightDiagnostics",
@@ -41,17 +41,6 @@ __all__ = [
 
 MIN_TAIL = 5
 """Fewest tail samples a k-hat is fitted on; with fewer the diagnostic is NaN (unreliable)."""
-
-
-def _log_weights(log_w) -> np.ndarray:
-    if isinstance(log_w, torch.Tensor):
-        log_w = log_w.detach().cpu().numpy()
-    log_w = np.asarray(log_w, dtype=np.float64)
-    if log_w.ndim != 1 or log_w.size == 0:
-        raise UserInputError(f"log-weights must be a non-empty 1-D array, got shape {log_w.shape}")
-    if np.isnan(log_w).any() or np.isposinf(log_w).any():
-        raise UserInputError("log-weights contain NaN or +inf; weights of bad samples must be -inf")
-    return log_w
 
 
 def generalized_pareto_fit(exceedances) -> tuple[float, float]:
@@ -111,7 +100,7 @@ def pareto_k(log_w) -> float:
         >>> abs(pareto_k(-0.8 * np.log(u)) - 0.8) < 0.05  # weights u^-0.8: k = 0.8
         True
     """
-    log_w = _log_weights(log_w)
+    log_w = check_log_weights(log_w)
     finite = np.sort(log_w[np.isfinite(log_w)])
     m = _tail_length(len(finite))
     if m < MIN_TAIL or m >= len(finite):
@@ -145,11 +134,7 @@ def max_weight_share(log_w) -> float:
         >>> max_weight_share(np.log([1.0, 1.0, 2.0]))
         0.5
     """
-    log_w = _log_weights(log_w)
-    if not np.isfinite(log_w).any():
-        raise UserInputError("every log-weight is -inf: no sample has positive weight")
-    w = np.exp(log_w - log_w.max())
-    return float(w.max() / w.sum())
+    return float(normalized_weights(log_w).max())
 
 
 def block_ess(log_w, n_blocks: int = 4) -> list[float]:
@@ -160,7 +145,7 @@ def block_ess(log_w, n_blocks: int = 4) -> list[float]:
         >>> [round(e, 6) for e in block_ess(np.log([1.0, 1.0, 1.0, 3.0]), n_blocks=2)]
         [1.0, 0.8]
     """
-    log_w = _log_weights(log_w)
+    log_w = check_log_weights(log_w)
     if n_blocks < 1:
         raise UserInputError(f"n_blocks must be at least 1, got {n_blocks}")
     size = len(log_w) // n_blocks
@@ -169,11 +154,8 @@ def block_ess(log_w, n_blocks: int = 4) -> list[float]:
     out = []
     for b in range(n_blocks):
         block = log_w[b * size : (b + 1) * size]
-        if not np.isfinite(block).any():
-            out.append(0.0)
-            continue
-        w = np.exp(block - block.max())
-        out.append(float(w.sum() ** 2 / np.sum(w**2) / size))
+        positive = np.isfinite(block).any()
+        out.append(effective_sample_size(block) / size if positive else 0.0)
     return out
 
 
@@ -239,13 +221,10 @@ def diagnose_weights(log_w, n_blocks: int = 4) -> WeightDiagnostics:
         >>> d.reliable, round(d.ess, 2), len(d.block_ess)
         (True, 0.91, 4)
     """
-    log_w = _log_weights(log_w)
+    log_w = check_log_weights(log_w)
     n = len(log_w)
     positive = np.isfinite(log_w)
-    if not positive.any():
-        raise UserInputError("every log-weight is -inf: no sample has positive weight")
-    w = np.exp(log_w - log_w.max())
-    ess = float(w.sum() ** 2 / np.sum(w**2) / n)
+    w = normalized_weights(log_w)
     k = pareto_k(log_w)
     threshold = pareto_k_threshold(int(positive.sum()))
     if math.isnan(k):
@@ -267,9 +246,9 @@ def diagnose_weights(log_w, n_blocks: int = 4) -> WeightDiagnostics:
     return WeightDiagnostics(
         n=n,
         n_zero_weight=int(n - positive.sum()),
-        ess=ess,
+        ess=float(1.0 / np.sum(w**2) / n),
         block_ess=tuple(block_ess(log_w, min(n_blocks, n))),
-        max_weight_share=float(w.max() / w.sum()),
+        max_weight_share=float(w.max()),
         pareto_k=k,
         pareto_k_threshold=threshold,
         reliable=reliable,
