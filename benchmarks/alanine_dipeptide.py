@@ -129,7 +129,7 @@ def estimates(samples: dict, topology, reference: dict, n_bootstrap: int) -> dic
     phi, psi = ramachandran(x, topology)
     df = region_free_energy(phi > 0, log_w, n_bootstrap)
     c7ax = region_free_energy((phi > C7AX[0]) & (phi < C7AX[1]), log_w, n_bootstrap)
-    histogram = free_energy_map(phi, psi, log_w).probability
+    histogram = free_energy_map(phi, psi, log_w, n_bootstrap=0).probability
     return {
         "ess": effective_sample_size(log_w) / len(log_w),
         "df_kT": df["df_kT"],

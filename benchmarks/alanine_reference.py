@@ -452,7 +452,7 @@ def mbar_estimate(phi, psi, window, centres, k: float) -> dict:
     p_mu, p_sigma = float(np.ravel(p["mu"])[0]), float(np.ravel(p["sigma"])[0])
     w = np.exp(log_w - logsumexp(log_w))
     p_pos = float(np.sum(w[phi > 0]))
-    histogram = free_energy_map(phi, psi, log_w, bins=RAMACHANDRAN_BINS).probability
+    histogram = free_energy_map(phi, psi, log_w, bins=RAMACHANDRAN_BINS, n_bootstrap=0).probability
     return {
         "df_kT": -math.log(p_pos / (1.0 - p_pos)),
         "df_mbar_error_kT": p_sigma / (p_mu * (1.0 - p_mu)),

@@ -78,12 +78,14 @@ def _weights_summary(diagnostics: WeightDiagnostics) -> dict:
     return summary
 
 
-def _log_z_summary(log_w: np.ndarray, n_bootstrap: int, block_size: int) -> dict:
+def _log_z_summary(
+    log_w: np.ndarray, diagnostics: WeightDiagnostics, n_bootstrap: int, block_size: int
+) -> dict:
     def log_z(i: np.ndarray) -> float:
         return log_partition_function(log_w[i]) if np.isfinite(log_w[i]).any() else math.nan
 
     return {
-        **_weights_summary(diagnose_weights(log_w)),
+        **_weights_summary(diagnostics),
         "log_z": log_partition_function(log_w),
         "log_z_error": bootstrap_spread(bootstrap(log_z, len(log_w), n_bootstrap, block_size)),
     }
@@ -235,9 +237,9 @@ def reweight_samples(
     else:
         target, owned = (load_target(config), True) if config is not None else (None, False)
     try:
-        summary = {"mode": "samples", "samples": str(samples)}
-        summary.update(_log_z_summary(log_w, n_bootstrap, block_size))
         diagnostics = diagnose_weights(log_w)
+        summary = {"mode": "samples", "samples": str(samples)}
+        summary.update(_log_z_summary(log_w, diagnostics, n_bootstrap, block_size))
         if target is not None and target.is_molecule:
             topology = target.mdtraj_topology()
             if x.shape[1] != 3 * topology.n_atoms:

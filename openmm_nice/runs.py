@@ -319,7 +319,7 @@ def _run_plots(out: Path, target: Target, model: BoltzmannGenerator, n: int) -> 
         return  # no backbone: nothing to map
     maps = {}
     for label, weights in (("direct", None), ("importance-sampled", log_w)):
-        fmap = free_energy_map(phi, psi, weights)
+        fmap = free_energy_map(phi, psi, weights, n_bootstrap=0)  # the picture needs no errors
         maps[label] = (fmap.edges, fmap.edges, fmap.free_energy)
     caption = f"the final model's own weights: {diagnose_weights(log_w).caption()}"
     plot_ramachandran(maps, out / "ramachandran.png", caption=caption)
