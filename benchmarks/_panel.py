@@ -115,18 +115,6 @@ def backbone_observables(phi: np.ndarray, psi: np.ndarray) -> dict[str, np.ndarr
     return observables
 
 
-def phi_indices(topology) -> np.ndarray:
-    """(R, 4) atom indices of every residue's phi (C(i-1), N, CA, C), in sequence order."""
-    import mdtraj
-
-    top = (
-        topology if isinstance(topology, mdtraj.Topology) else mdtraj.Topology.from_openmm(topology)
-    )
-    traj = mdtraj.Trajectory(np.zeros((1, top.n_atoms, 3)), top)
-    indices, _ = mdtraj.compute_phi(traj)
-    return indices
-
-
 def peptide_bond_indices(topology) -> np.ndarray:
     """(B, 4) atom indices of each peptide bond's omega (CA or CH3, C, N, CA or C), caps included."""
     residues = list(topology.residues())
@@ -143,13 +131,12 @@ def peptide_bond_indices(topology) -> np.ndarray:
 
 
 def dihedrals(x: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """Dihedral angles (radians) of (T, n_atoms, 3) positions for (K, 4) index rows: (T, K)."""
-    p = [x[:, indices[:, j]] for j in range(4)]
-    b0, b1, b2 = p[0] - p[1], p[2] - p[1], p[3] - p[2]
-    b1 = b1 / np.linalg.norm(b1, axis=-1, keepdims=True)
-    v = b0 - np.sum(b0 * b1, axis=-1, keepdims=True) * b1
-    w = b2 - np.sum(b2 * b1, axis=-1, keepdims=True) * b1
-    return np.arctan2(np.sum(np.cross(b1, v) * w, axis=-1), np.sum(v * w, axis=-1))
+    """Dihedral angles (radians) of (T, n_atoms, 3) positions for (K, 4) index rows: (T, K), by
+    mdtraj, as the package's observables compute them."""
+    import mdtraj
+
+    traj = mdtraj.Trajectory(np.asarray(x).reshape(len(x), -1, 3), None)
+    return mdtraj.compute_dihedrals(traj, indices).astype(np.float64)
 
 
 def cis_frames(x: np.ndarray, topology) -> np.ndarray:
