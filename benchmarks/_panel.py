@@ -11,7 +11,6 @@ residue's phi (dF = F(phi > 0) - F(phi < 0)): defined for any peptide, they name
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import numpy as np
@@ -86,22 +85,6 @@ ALPHA_PSI_DEGREES = (-120.0, 50.0)
 """psi in this range: the alpha side of a residue's backbone (psi's other side: beta, PPII)."""
 
 
-def backbone_indices(topology) -> tuple[np.ndarray, np.ndarray]:
-    """(R, 4) atom indices of phi (C(i-1), N, CA, C) and of psi (N, CA, C, N(i+1)) of every
-    residue that has both, in sequence order."""
-    import mdtraj
-
-    top = (
-        topology if isinstance(topology, mdtraj.Topology) else mdtraj.Topology.from_openmm(topology)
-    )
-    traj = mdtraj.Trajectory(np.zeros((1, top.n_atoms, 3)), top)
-    phi, _ = mdtraj.compute_phi(traj)
-    psi, _ = mdtraj.compute_psi(traj)
-    psi_by_ca = {int(row[1]): row for row in psi}
-    keep = [i for i, row in enumerate(phi) if int(row[2]) in psi_by_ca]
-    return phi[keep], np.array([psi_by_ca[int(phi[i][2])] for i in keep])
-
-
 def backbone_observables(phi: np.ndarray, psi: np.ndarray) -> dict[str, np.ndarray]:
     """Regions of every residue's backbone, as boolean arrays of the frames: ``phi{k}>0`` (the
     left-handed side, C7ax and alpha_L) and ``psi{k} alpha`` (psi in :data:`ALPHA_PSI_DEGREES`),
@@ -113,33 +96,3 @@ def backbone_observables(phi: np.ndarray, psi: np.ndarray) -> dict[str, np.ndarr
         observables[f"phi{k + 1}>0"] = phi[..., k] > 0
         observables[f"psi{k + 1} alpha"] = (psi[..., k] > lo) & (psi[..., k] < hi)
     return observables
-
-
-def peptide_bond_indices(topology) -> np.ndarray:
-    """(B, 4) atom indices of each peptide bond's omega (CA or CH3, C, N, CA or C), caps included."""
-    residues = list(topology.residues())
-    rows = []
-    for previous, residue in zip(residues, residues[1:]):
-        before = {a.name: a.index for a in previous.atoms()}
-        after = {a.name: a.index for a in residue.atoms()}
-        if "C" not in before or "N" not in after:
-            continue
-        first = before.get("CA", before.get("CH3"))
-        last = after.get("CA", after.get("C"))
-        rows.append((first, before["C"], after["N"], last))
-    return np.array(rows, dtype=np.int64)
-
-
-def dihedrals(x: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """Dihedral angles (radians) of (T, n_atoms, 3) positions for (K, 4) index rows: (T, K), by
-    mdtraj, as the package's observables compute them."""
-    import mdtraj
-
-    traj = mdtraj.Trajectory(np.asarray(x).reshape(len(x), -1, 3), None)
-    return mdtraj.compute_dihedrals(traj, indices).astype(np.float64)
-
-
-def cis_frames(x: np.ndarray, topology) -> np.ndarray:
-    """(T,) True where a peptide bond is cis (|omega| < 90 degrees)."""
-    omega = dihedrals(x, peptide_bond_indices(topology))
-    return (np.abs(omega) < math.pi / 2).any(axis=1)

@@ -10,7 +10,7 @@ import numpy as np
 import openmm
 import torch
 
-from openmm_nice.openmm_energy import OpenMMEnergy
+from openmm_nice.energy.openmm_energy import OpenMMEnergy
 
 
 def own_loop(context: openmm.Context, positions: np.ndarray) -> None:

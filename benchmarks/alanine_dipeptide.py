@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openmm_nice.ais import annealed_importance_sampling
-from openmm_nice.free_energy import free_energy_map, jensen_shannon_divergence
+from openmm_nice.analysis.free_energy import free_energy_map, jensen_shannon_divergence
+from openmm_nice.analysis.observables import ramachandran
+from openmm_nice.analysis.reweighting import effective_sample_size, region_free_energy
 from openmm_nice.io import load_checkpoint, load_samples
-from openmm_nice.observables import ramachandran
-from openmm_nice.reweighting import effective_sample_size, region_free_energy
 from openmm_nice.runs import load_run
+from openmm_nice.sampling.ais import annealed_importance_sampling
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 C7AX = (0.0, 2.2)  # the C7ax / alpha_L region of phi, radians

@@ -30,7 +30,7 @@ import openmm.unit as unit
 from tqdm.auto import tqdm
 
 from openmm_nice.io import atomic_write_text
-from openmm_nice.systems import alanine_dipeptide_vacuum
+from openmm_nice.molecule.systems import alanine_dipeptide_vacuum
 
 PHI, PSI = (4, 6, 8, 14), (6, 8, 14, 16)  # C-N-CA-C and N-CA-C-N in OpenMM atom order
 

@@ -1,7 +1,7 @@
 """The alanine-dipeptide reference: umbrella sampling on the backbone dihedrals, with MBAR.
 
 Alanine dipeptide at 300 K, in vacuum (openmmtools' AlanineDipeptideVacuum without constraints,
-`openmm_nice.systems.alanine_dipeptide_vacuum`) or with --system implicit in implicit solvent
+`openmm_nice.molecule.systems.alanine_dipeptide_vacuum`) or with --system implicit in implicit solvent
 (AlanineDipeptideImplicit: the same System plus OBC GBSA). Harmonic restraints with a periodic
 distance, 0.5 k min(|theta - theta0|, 2 pi - |theta - theta0|)^2, hold phi (and psi, for a 2-D
 grid) near the centre of each window. Two engines run the same Langevin MD (the
@@ -10,7 +10,7 @@ LangevinMiddleIntegrator's scheme, 1 fs, friction 1/ps):
     window in turn, each starting from the end of the previous one after a short equilibration;
   * --engine torch: every window of every repeat at once, as one batch (larger batches
     evaluate faster per row), with the System's energy and forces
-    evaluated by `openmm_nice.torch_energy.TorchEvaluator` (agreeing with OpenMM to 1e-9
+    evaluated by `openmm_nice.energy.torch_energy.TorchEvaluator` (agreeing with OpenMM to 1e-9
     relative; tests/test_torch_energy.py) and the restraints by autograd. Every window starts
     from the minimised structure with phi and psi turned to its centre (the atoms on one side
     of each bond rotated about it), minimised under its restraint, and equilibrates three
@@ -22,7 +22,7 @@ never reaches from trans, 20 kcal/mol of barrier away; pulled windows can be for
 are counted and left out. MBAR (pymbar 4) over all windows gives each sample its weight in the
 unbiased ensemble, and from these weights:
   * dF = F(phi > 0) - F(phi < 0) = -ln(P(phi > 0) / P(phi < 0)) in kT;
-  * the 36 x 36 Ramachandran probabilities, binned by `openmm_nice.free_energy.free_energy_map`
+  * the 36 x 36 Ramachandran probabilities, binned by `openmm_nice.analysis.free_energy.free_energy_map`
     (phi on the first axis), as the benchmarks bin the flow's samples.
 --repeats independent runs (seeds seed, seed + 1, ...) are analysed each on its own, for the
 error (the standard error of their mean), and pooled, for the reference itself. With windows on
@@ -61,11 +61,15 @@ from _machine import machine_facts  # benchmarks/ is on the path of a script run
 from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
-from openmm_nice.free_energy import RAMACHANDRAN_BINS, free_energy_map
+from openmm_nice.analysis.free_energy import RAMACHANDRAN_BINS, free_energy_map
+from openmm_nice.analysis.observables import ramachandran
 from openmm_nice.io import atomic_write
-from openmm_nice.observables import ramachandran
-from openmm_nice.systems import alanine_dipeptide_implicit, alanine_dipeptide_vacuum, import_quietly
-from openmm_nice.zmatrix import bond_graph  # element symbols and neighbour sets
+from openmm_nice.molecule.systems import (
+    alanine_dipeptide_implicit,
+    alanine_dipeptide_vacuum,
+    import_quietly,
+)
+from openmm_nice.molecule.zmatrix import bond_graph  # element symbols and neighbour sets
 
 SYSTEMS = {"vacuum": alanine_dipeptide_vacuum, "implicit": alanine_dipeptide_implicit}
 REFERENCE_DIR = Path(__file__).parent / "reference"
@@ -274,7 +278,7 @@ def dihedral_restraint(positions, atoms: np.ndarray, centres: np.ndarray, k: flo
     centred at centres[:, axis] (B rows), by autograd in float64."""
     import torch
 
-    from openmm_nice.torch_energy import _dihedral  # the torsion terms' angle, OpenMM's sign
+    from openmm_nice.energy.torch_energy import _dihedral  # the torsion terms' angle, OpenMM's sign
 
     x = torch.tensor(positions, dtype=torch.float64, requires_grad=True)
     energy = x.new_zeros(len(positions))
@@ -293,7 +297,7 @@ def run_repeats_batched(molecule, mdtop, centres, args, seeds: list[int], bar) -
     LangevinMiddleIntegrator's scheme (kick, half drift, Ornstein-Uhlenbeck velocities, half
     drift) in numpy, with the System's forces from a TorchEvaluator. Each repeat draws its
     velocities and noise from its own generator, seeded by its seed."""
-    from openmm_nice.torch_energy import TorchEvaluator
+    from openmm_nice.energy.torch_energy import TorchEvaluator
 
     rngs = [np.random.default_rng(seed) for seed in seeds]
     atoms = np.array([mdtraj_indices(mdtop, "phi"), mdtraj_indices(mdtop, "psi")])
@@ -410,7 +414,7 @@ def dihedral_angle(x: np.ndarray, quad) -> float:
     """The dihedral (rad, OpenMM's sign) of four atoms of x (N, 3)."""
     import torch
 
-    from openmm_nice.torch_energy import _dihedral
+    from openmm_nice.energy.torch_energy import _dihedral
 
     t = torch.as_tensor(x[None], dtype=torch.float64)
     return float(_dihedral(*(t[:, i] for i in quad))[0])

@@ -28,10 +28,10 @@ from _machine import alanine_json_line  # benchmarks/ is on the path of a script
 from _timing import best_times, forward_backward
 from openmm import unit
 
-from openmm_nice import openmm_contexts
-from openmm_nice.openmm_energy import OpenMMEnergy
-from openmm_nice.replicas import replicate_system
-from openmm_nice.systems import alanine_dipeptide_vacuum
+from openmm_nice.energy import openmm_contexts
+from openmm_nice.energy.openmm_energy import OpenMMEnergy
+from openmm_nice.energy.replicas import replicate_system
+from openmm_nice.molecule.systems import alanine_dipeptide_vacuum
 
 GROUP_COPIES = 32  # OpenMM has 32 force groups
 

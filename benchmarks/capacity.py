@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from openmm_nice.generator import BoltzmannGenerator
-from openmm_nice.reweighting import effective_sample_size
+from openmm_nice.analysis.reweighting import effective_sample_size
+from openmm_nice.flows.generator import BoltzmannGenerator
+from openmm_nice.flows.transforms import ComposedTransform, Transform, mlp
 from openmm_nice.runs import load_run
-from openmm_nice.training import nll
-from openmm_nice.transforms import ComposedTransform, Transform, mlp
+from openmm_nice.training.trainer import nll
 
 DEFAULT_MODELS = (
     "nice-L6-H128-E6",

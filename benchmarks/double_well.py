@@ -30,14 +30,14 @@ import numpy as np
 import torch
 import yaml
 
-from openmm_nice.ais import sample_as_configured
-from openmm_nice.config import config_from_dict
-from openmm_nice.reweighting import (
+from openmm_nice.analysis.reweighting import (
     effective_sample_size,
     log_partition_function,
     normalized_weights,
     probability,
 )
+from openmm_nice.config import config_from_dict
+from openmm_nice.sampling.ais import sample_as_configured
 from openmm_nice.targets import build_target, build_trainer
 
 NOTE = {

@@ -33,8 +33,8 @@ from _timing import best_times, forward_backward, own_loop, timed
 from openmm import unit
 from openmmtools import testsystems
 
-from openmm_nice import openmm_contexts
-from openmm_nice.openmm_energy import OpenMMEnergy
+from openmm_nice.energy import openmm_contexts
+from openmm_nice.energy.openmm_energy import OpenMMEnergy
 
 KJ_PER_MOL_NM = unit.kilojoule_per_mole / unit.nanometer
 

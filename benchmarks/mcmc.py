@@ -2,7 +2,7 @@
 move (openmm_nice.BoltzmannGeneratorMove), on alanine dipeptide at equal energy evaluations.
 
 Both chains are openmmtools MCMCSamplers on the run's System and temperature (`openmm-nice
-mcmc`'s chain, openmm_nice.moves.run_chain), started from the molecule's own structure (phi < 0)
+mcmc`'s chain, openmm_nice.sampling.moves.run_chain), started from the molecule's own structure (phi < 0)
 and given the same number of energy evaluations: a Langevin step costs one (forces), the move
 one for the current state plus one per proposal. Langevin alone makes --langevin-steps steps per
 frame; the mixed chain makes --langevin-steps steps and --proposals proposals per frame. For
@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
 
-from openmm_nice.moves import run_chain
-from openmm_nice.observables import ramachandran
-from openmm_nice.systems import import_quietly
+from openmm_nice.analysis.observables import ramachandran
+from openmm_nice.molecule.systems import import_quietly
+from openmm_nice.sampling.moves import run_chain
 
 statistical_inefficiency = import_quietly("pymbar.timeseries").statistical_inefficiency
 

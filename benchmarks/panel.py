@@ -37,18 +37,17 @@ from _machine import machine_facts  # benchmarks/ is on the path of a script run
 from _panel import (
     PANEL,
     ROOT,
-    backbone_indices,
     backbone_observables,
-    dihedrals,
     panel_config,
     reference_file,
 )
 
+from openmm_nice.analysis.observables import backbone_indices, dihedrals
+from openmm_nice.analysis.reweighting import region_free_energy
+from openmm_nice.analysis.weight_diagnostics import diagnose_weights
 from openmm_nice.config import apply_overrides, config_from_dict
 from openmm_nice.io import atomic_write_text
-from openmm_nice.reweighting import region_free_energy
 from openmm_nice.runs import load_run, sample_run, train_run
-from openmm_nice.weight_diagnostics import diagnose_weights
 
 # The published figures on alanine tetrapeptide in implicit solvent (no MD data, reverse ESS)
 PUBLISHED_TETRAPEPTIDE = {"CMT": 0.686, "TA-BG": 0.658, "FAB": 0.636}

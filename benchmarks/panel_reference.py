@@ -49,16 +49,14 @@ from _machine import machine_facts  # benchmarks/ is on the path of a script run
 from _panel import (
     PANEL,
     ROOT,
-    backbone_indices,
     backbone_observables,
-    cis_frames,
-    dihedrals,
     reference_path,
 )
 
-from openmm_nice.free_energy import RAMACHANDRAN_BINS
-from openmm_nice.reweighting import bootstrap_spread
-from openmm_nice.systems import load_molecular_system
+from openmm_nice.analysis.free_energy import RAMACHANDRAN_BINS
+from openmm_nice.analysis.observables import backbone_indices, cis_frames, dihedrals
+from openmm_nice.analysis.reweighting import bootstrap_spread
+from openmm_nice.molecule.systems import load_molecular_system
 
 
 def repartition_hydrogen_mass(system: openmm.System, topology, mass: float) -> None:

@@ -30,9 +30,9 @@ import torch
 from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
 from _timing import best_times, forward_backward, own_loop, timed
 
-from openmm_nice.openmm_energy import OpenMMEnergy
-from openmm_nice.systems import alanine_dipeptide_implicit, alanine_dipeptide_vacuum
-from openmm_nice.torch_energy import TorchEvaluator
+from openmm_nice.energy.openmm_energy import OpenMMEnergy
+from openmm_nice.energy.torch_energy import TorchEvaluator
+from openmm_nice.molecule.systems import alanine_dipeptide_implicit, alanine_dipeptide_vacuum
 
 SYSTEMS = {"vacuum": alanine_dipeptide_vacuum, "implicit": alanine_dipeptide_implicit}
 

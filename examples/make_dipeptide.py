@@ -27,6 +27,7 @@ import openmm
 import openmm.app as app
 import openmm.unit as unit
 
+from openmm_nice.analysis.observables import dihedrals, peptide_bond_indices
 from openmm_nice.io import atomic_write_text
 
 ALANINE = Path(__file__).resolve().parent.parent / "data" / "alanine_dipeptide.pdb"
@@ -47,25 +48,12 @@ def _capped_template(n_residues: int) -> str:
     return "\n".join([seqres, *atoms, "END"]) + "\n"
 
 
-def _peptide_bonds(topology) -> list[tuple[int, int, int, int]]:
-    """The omega torsions (CA or CH3, C, N, CA or C of NME) of each peptide bond."""
-    residues = list(topology.residues())
-    bonds = []
-    for previous, residue in zip(residues, residues[1:]):
-        before = {a.name: a.index for a in previous.atoms()}
-        after = {a.name: a.index for a in residue.atoms()}
-        first = before.get("CA", before.get("CH3"))
-        last = after.get("CA", after.get("C"))
-        bonds.append((first, before["C"], after["N"], last))
-    return bonds
-
-
 def _trans_restraint(topology) -> openmm.CustomTorsionForce:
     """k_trans (1 + cos omega) on every peptide bond: least at omega = 180 degrees."""
     force = openmm.CustomTorsionForce("k_trans * (1 + cos(theta))")
     force.addGlobalParameter("k_trans", 5000.0)  # kJ/mol: above any clash the build leaves
-    for torsion in _peptide_bonds(topology):
-        force.addTorsion(*torsion, [])
+    for torsion in peptide_bond_indices(topology):
+        force.addTorsion(*(int(i) for i in torsion), [])
     return force
 
 
@@ -99,16 +87,12 @@ def _check_structure(topology, positions) -> None:
             n, ca, c, cb = (x[atoms[k]] for k in ("N", "CA", "C", "CB"))
             if np.dot(np.cross(n - ca, c - ca), cb - ca) < 0:
                 sys.exit(f"residue {residue.name}{residue.id} came out as a D amino acid")
-    for (a, b, c, d), residue in zip(_peptide_bonds(topology), residues[1:]):
-        if abs(_dihedral(x[a], x[b], x[c], x[d])) < np.pi / 2:
+    bonds = peptide_bond_indices(topology)
+    atoms = list(topology.atoms())
+    for (_, _, n, _), omega in zip(bonds, dihedrals(x[None], bonds)[0]):
+        if abs(omega) < np.pi / 2:
+            residue = atoms[n].residue
             sys.exit(f"the peptide bond before {residue.name}{residue.id} is cis")
-
-
-def _dihedral(p0, p1, p2, p3) -> float:
-    b0, b1, b2 = p0 - p1, p2 - p1, p3 - p2
-    b1 = b1 / np.linalg.norm(b1)
-    v, w = b0 - np.dot(b0, b1) * b1, b2 - np.dot(b2, b1) * b1
-    return float(np.arctan2(np.dot(np.cross(b1, v), w), np.dot(v, w)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,31 +4,15 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from openmm_nice.ais import annealed_importance_sampling
-from openmm_nice.conditional import ConditionalGaussian
-from openmm_nice.config import Config, ConfigError, config_from_dict, load_config
-from openmm_nice.coordinates import MolecularTransform
-from openmm_nice.energies import (
-    DoubleWell1D,
-    DoubleWell2D,
-    Energy,
-    ManyWell,
-    MuellerBrown,
-    regularize_energy,
-)
-from openmm_nice.errors import UserInputError
-from openmm_nice.free_energy import (
+from openmm_nice.analysis.free_energy import (
     FreeEnergyMap,
     FreeEnergyProfile,
     free_energy_map,
     free_energy_profile,
     jensen_shannon_divergence,
 )
-from openmm_nice.generator import BoltzmannGenerator
-from openmm_nice.internal_coordinates import InternalCoordinates
-from openmm_nice.observables import compute_observable, ramachandran
-from openmm_nice.openmm_energy import OpenMMEnergy
-from openmm_nice.reweighting import (
+from openmm_nice.analysis.observables import compute_observable, ramachandran
+from openmm_nice.analysis.reweighting import (
     Estimate,
     bootstrap_error,
     effective_sample_size,
@@ -37,9 +21,32 @@ from openmm_nice.reweighting import (
     probability,
     region_free_energy,
 )
-from openmm_nice.runs import Run, Samples, load_run, sample_run, sweep_latent_dims, train_run
-from openmm_nice.state_reweighting import reweight_frames
-from openmm_nice.systems import (
+from openmm_nice.analysis.state_reweighting import reweight_frames
+from openmm_nice.analysis.weight_diagnostics import (
+    WeightDiagnostics,
+    block_ess,
+    diagnose_weights,
+    max_weight_share,
+    pareto_k,
+)
+from openmm_nice.config import Config, ConfigError, config_from_dict, load_config
+from openmm_nice.energy.energies import (
+    DoubleWell1D,
+    DoubleWell2D,
+    Energy,
+    ManyWell,
+    MuellerBrown,
+    regularize_energy,
+)
+from openmm_nice.energy.openmm_energy import OpenMMEnergy
+from openmm_nice.energy.torch_energy import TorchSystemEnergy
+from openmm_nice.errors import UserInputError
+from openmm_nice.flows.conditional import ConditionalGaussian
+from openmm_nice.flows.generator import BoltzmannGenerator
+from openmm_nice.flows.transforms import AdditiveCoupling, LULinear, nice_flow
+from openmm_nice.molecule.coordinates import MolecularTransform
+from openmm_nice.molecule.internal_coordinates import InternalCoordinates
+from openmm_nice.molecule.systems import (
     MolecularSystem,
     alanine_dipeptide_implicit,
     alanine_dipeptide_vacuum,
@@ -47,17 +54,10 @@ from openmm_nice.systems import (
     from_xml,
     load_molecular_system,
 )
-from openmm_nice.torch_energy import TorchSystemEnergy
-from openmm_nice.training import Trainer
-from openmm_nice.transforms import AdditiveCoupling, LULinear, nice_flow
-from openmm_nice.weight_diagnostics import (
-    WeightDiagnostics,
-    block_ess,
-    diagnose_weights,
-    max_weight_share,
-    pareto_k,
-)
-from openmm_nice.zmatrix import build_zmatrix
+from openmm_nice.molecule.zmatrix import build_zmatrix
+from openmm_nice.runs import Run, Samples, load_run, sample_run, sweep_latent_dims, train_run
+from openmm_nice.sampling.ais import annealed_importance_sampling
+from openmm_nice.training.trainer import Trainer
 
 __all__ = [
     "AdditiveCoupling",
@@ -128,7 +128,7 @@ def __getattr__(name: str):
     # The move subclasses openmmtools' MCMCMove; importing openmmtools takes seconds, so the
     # package imports it on first use only.
     if name == "BoltzmannGeneratorMove":
-        from openmm_nice.moves import BoltzmannGeneratorMove
+        from openmm_nice.sampling.moves import BoltzmannGeneratorMove
 
         return BoltzmannGeneratorMove
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+from openmm_nice.analysis.reweighting import N_BOOTSTRAP
 from openmm_nice.config import load_config
 from openmm_nice.errors import UserInputError
-from openmm_nice.reweighting import N_BOOTSTRAP
 from openmm_nice.runs import sample_run, sweep_latent_dims, train_run
 
 __all__ = ["main", "build_parser"]
@@ -186,7 +186,7 @@ def _cmd_reweight(args) -> int:
 
 
 def _cmd_md(args) -> int:
-    from openmm_nice.md import run_md_to_file
+    from openmm_nice.sampling.md import run_md_to_file
 
     config = load_config(args.config, args.set)
     if args.seed is not None:
@@ -221,7 +221,7 @@ def _cmd_md(args) -> int:
 
 
 def _cmd_mcmc(args) -> int:
-    from openmm_nice.moves import run_chain, write_chain
+    from openmm_nice.sampling.moves import run_chain, write_chain
 
     result = run_chain(
         args.run,

@@ -169,7 +169,7 @@ class TrainingConfig(_Section):
     # population annealing: walkers reweighted by exp(-dbeta U) as beta changes and resampled
     walker_resampling: bool = False
     # buffer of the model's own samples with exact weights at any beta (forward KL), see
-    # openmm_nice.buffer; buffer_weight 0: none
+    # openmm_nice.training.buffer; buffer_weight 0: none
     buffer_size: int = 0
     buffer_weight: float | list[list[float]] = 0.0
     buffer_batch_size: int = 256
@@ -290,7 +290,7 @@ class SamplingConfig(_Section):
     """``sampling:``, what `openmm-nice sample` draws."""
 
     # levels of annealed importance sampling in latent space after each model draw (one MALA
-    # move each; 0: the model's own one-shot importance weights), see openmm_nice.ais
+    # move each; 0: the model's own one-shot importance weights), see openmm_nice.sampling.ais
     ais_steps: int = 0
     ais_batch_size: int = 4096  # chains run together by `sample`
 
@@ -367,8 +367,8 @@ _SYSTEM_FORMS = (
 
 def _built_in_systems() -> tuple[dict, dict]:
     """The toy energies and the built-in molecules a config may name."""
-    from openmm_nice.energies import TOY_SYSTEMS
-    from openmm_nice.systems import BUILT_IN_SYSTEMS
+    from openmm_nice.energy.energies import TOY_SYSTEMS
+    from openmm_nice.molecule.systems import BUILT_IN_SYSTEMS
 
     return TOY_SYSTEMS, BUILT_IN_SYSTEMS
 

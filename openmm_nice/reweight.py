@@ -12,17 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from openmm_nice.config import Config
-from openmm_nice.errors import ConfigError, UserInputError
-from openmm_nice.free_energy import RAMACHANDRAN_BINS, free_energy_map, free_energy_profile
-from openmm_nice.io import atomic_write_text, load_samples, read_frames, save_samples
-from openmm_nice.observables import (
+from openmm_nice.analysis.free_energy import RAMACHANDRAN_BINS, free_energy_map, free_energy_profile
+from openmm_nice.analysis.observables import (
     OBSERVABLE_UNITS,
     compute_observable,
     parse_observable,
     ramachandran,
 )
-from openmm_nice.reweighting import (
+from openmm_nice.analysis.reweighting import (
     N_BOOTSTRAP,
     bootstrap,
     bootstrap_spread,
@@ -30,9 +27,12 @@ from openmm_nice.reweighting import (
     log_partition_function,
     region_free_energy,
 )
+from openmm_nice.analysis.state_reweighting import reweight_frames
+from openmm_nice.analysis.weight_diagnostics import WeightDiagnostics, diagnose_weights
+from openmm_nice.config import Config
+from openmm_nice.errors import ConfigError, UserInputError
+from openmm_nice.io import atomic_write_text, load_samples, read_frames, save_samples
 from openmm_nice.runs import Run, load_run, load_target
-from openmm_nice.state_reweighting import reweight_frames
-from openmm_nice.weight_diagnostics import WeightDiagnostics, diagnose_weights
 
 __all__ = ["reweight_samples", "reweight_trajectories"]
 
@@ -103,7 +103,7 @@ def _toy_report(
     diagnostics: WeightDiagnostics,
 ) -> dict:
     """Free-energy profiles of each coordinate, and the populations of the target's wells."""
-    from openmm_nice.plots import plot_profiles
+    from openmm_nice.analysis.plots import plot_profiles
 
     report = {}
     for i in range(x.shape[1]) if coordinates is None else coordinates:
@@ -150,7 +150,7 @@ def _molecule_report(
     diagnostics: WeightDiagnostics,
 ) -> dict:
     """Ramachandran maps, phi > 0 population and free energy, and observables, both ways."""
-    from openmm_nice.plots import plot_ramachandran
+    from openmm_nice.analysis.plots import plot_ramachandran
 
     specs = [(spec, parse_observable(spec, topology.n_atoms)[0]) for spec in observables]
     weightings = {"direct": None, "reweighted": log_w}
@@ -315,7 +315,7 @@ def reweight_trajectories(
     r"""MD frames of one or several states reweighted to a target state, written to ``out``.
 
     The frames of every trajectory are pooled and weighted for the target by EXP (one source
-    state) or MBAR (several), see :mod:`openmm_nice.state_reweighting`; ``out`` gets
+    state) or MBAR (several), see :mod:`openmm_nice.analysis.state_reweighting`; ``out`` gets
     ``reweighted.npz`` (``x``, ``log_w``, ``u`` in the target state, ``u_source`` in each frame's
     own state, ``source``), the Ramachandran maps, populations and observables of
     :func:`reweight_samples` (source frames direct, and reweighted), and summary.json with
@@ -343,7 +343,7 @@ def reweight_trajectories(
     """
     import mdtraj
 
-    from openmm_nice.md import molecular_system
+    from openmm_nice.sampling.md import molecular_system
 
     _check_statistics(n_bootstrap, block_size)
     if not trajectories:

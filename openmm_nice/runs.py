@@ -13,21 +13,25 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from openmm_nice.ais import sample_as_configured
+from openmm_nice.analysis.reweighting import (
+    bootstrap_error,
+    effective_sample_size,
+    log_partition_function,
+)
+from openmm_nice.analysis.weight_diagnostics import WeightDiagnostics, diagnose_weights
 from openmm_nice.config import Config, config_from_dict
-from openmm_nice.distributed import Ranks, process_group
 from openmm_nice.errors import ConfigError, UserInputError
-from openmm_nice.generator import BoltzmannGenerator
+from openmm_nice.flows.generator import BoltzmannGenerator
 from openmm_nice.io import atomic_write_text, load_checkpoint, save_samples, write_trajectory
-from openmm_nice.reporters import (
+from openmm_nice.sampling.ais import sample_as_configured
+from openmm_nice.targets import Target, build_generator, build_target, build_trainer, load_frames
+from openmm_nice.training.distributed import Ranks, process_group
+from openmm_nice.training.reporters import (
     CheckpointReporter,
     MetricsReporter,
     ProgressReporter,
     SnapshotReporter,
 )
-from openmm_nice.reweighting import bootstrap_error, effective_sample_size, log_partition_function
-from openmm_nice.targets import Target, build_generator, build_target, build_trainer, load_frames
-from openmm_nice.weight_diagnostics import WeightDiagnostics, diagnose_weights
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -103,7 +107,7 @@ def evaluate(model: BoltzmannGenerator, n: int, seed: int = 12345) -> dict:
     Returns:
         ``{"n", "ess", "max_weight_share", "pareto_k", "pareto_k_threshold", "block_ess",
         "reliable", "verdict", "n_zero_weight", "log_z", "log_z_error", "j_r", "j_r_error"}``
-        (the weights' figures as :func:`~openmm_nice.weight_diagnostics.diagnose_weights`
+        (the weights' figures as :func:`~openmm_nice.analysis.weight_diagnostics.diagnose_weights`
         gives them); ``j_r`` is :math:`E[-\log w]` in nats, inf when a sample has zero weight.
     """
     rng = torch.Generator(device=model.device).manual_seed(seed)
@@ -293,7 +297,7 @@ def _exact_answers(target: Target, summary: dict) -> None:
 def _run_plots(out: Path, target: Target, model: BoltzmannGenerator, n: int) -> None:
     """The run's pictures: loss curves; Figure 1 of the note for 1D toys; Ramachandran maps of
     n samples for molecules."""
-    from openmm_nice.plots import plot_metrics, plot_note_figure, plot_ramachandran
+    from openmm_nice.analysis.plots import plot_metrics, plot_note_figure, plot_ramachandran
 
     plot_metrics(out / "metrics.csv", out / "loss.png")
     if target.energy.dim != 1 and not target.is_molecule:
@@ -310,8 +314,8 @@ def _run_plots(out: Path, target: Target, model: BoltzmannGenerator, n: int) -> 
             out / "figure1.png",
         )
         return
-    from openmm_nice.free_energy import free_energy_map
-    from openmm_nice.observables import ramachandran
+    from openmm_nice.analysis.free_energy import free_energy_map
+    from openmm_nice.analysis.observables import ramachandran
 
     try:
         phi, psi = ramachandran(x, target.mdtraj_topology())
@@ -331,7 +335,7 @@ class Run(NamedTuple):
     Attributes:
         config: The config it was trained with (its device possibly overridden).
         target: The :class:`~openmm_nice.targets.Target` (energy, and molecule if any).
-        generator: The trained :class:`~openmm_nice.generator.BoltzmannGenerator`, in eval mode.
+        generator: The trained :class:`~openmm_nice.flows.generator.BoltzmannGenerator`, in eval mode.
 
     ``close()``, or leaving a ``with`` block, stops the target's OpenMM worker processes.
     """

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 
 from openmm_nice.config import Config
-from openmm_nice.energies import TOY_SYSTEMS, Energy
+from openmm_nice.energy.energies import TOY_SYSTEMS, Energy
 from openmm_nice.errors import ConfigError, UserInputError
-from openmm_nice.generator import BoltzmannGenerator
+from openmm_nice.flows.generator import BoltzmannGenerator
 from openmm_nice.io import read_frames
-from openmm_nice.training import Trainer
+from openmm_nice.training.trainer import Trainer
 
 __all__ = [
     "Target",
@@ -35,7 +35,7 @@ class Target:
     Attributes:
         name: The system's name.
         energy: The reduced energy U in the sample files' coordinates.
-        molecule: The :class:`~openmm_nice.systems.MolecularSystem`, or None for toys.
+        molecule: The :class:`~openmm_nice.molecule.systems.MolecularSystem`, or None for toys.
     """
 
     name: str
@@ -79,7 +79,7 @@ def build_target(config: Config) -> Target:
     toy = _toy(config.system)
     if toy is not None:
         return toy
-    from openmm_nice.systems import load_molecular_system
+    from openmm_nice.molecule.systems import load_molecular_system
 
     try:
         molecule = load_molecular_system(config.system)
@@ -89,9 +89,9 @@ def build_target(config: Config) -> Target:
 
 
 def openmm_energy_for(config: Config, system, temperature: float | None = None):
-    """An :class:`~openmm_nice.openmm_energy.OpenMMEnergy` with the config's platform and
+    """An :class:`~openmm_nice.energy.openmm_energy.OpenMMEnergy` with the config's platform and
     workers, at ``temperature`` (default the config's, in kelvin)."""
-    from openmm_nice.openmm_energy import OpenMMEnergy
+    from openmm_nice.energy.openmm_energy import OpenMMEnergy
 
     return OpenMMEnergy(
         system,
@@ -126,8 +126,8 @@ def build_generator(
     or, without frames, normalised around the reference structure."""
     coordinates = None
     if target.is_molecule:
-        from openmm_nice.coordinates import MolecularTransform
-        from openmm_nice.zmatrix import build_zmatrix, handed_torsions, torsion_symmetries
+        from openmm_nice.molecule.coordinates import MolecularTransform
+        from openmm_nice.molecule.zmatrix import build_zmatrix, handed_torsions, torsion_symmetries
 
         molecule = target.molecule
         zmatrix = build_zmatrix(molecule.topology)
@@ -174,7 +174,7 @@ def build_generator(
 def build_trainer(
     config: Config, target: Target, frames=None, reporters=(), seed: int | None = None
 ) -> Trainer:
-    """A :class:`~openmm_nice.training.Trainer` of a new model, as ``config.training`` says."""
+    """A :class:`~openmm_nice.training.trainer.Trainer` of a new model, as ``config.training`` says."""
     generator = build_generator(config, target, frames)
     dtype = generator.dtype
     t = config.training
@@ -192,12 +192,12 @@ def build_trainer(
 
 
 def map_fitter(config: Config, target: Target, coordinates):
-    """The function ``fit_map(x, weights)`` with which a :class:`~openmm_nice.training.Trainer`
+    """The function ``fit_map(x, weights)`` with which a :class:`~openmm_nice.training.trainer.Trainer`
     refits a molecule's coordinate map to weighted samples: the same Z-matrix, handedness and
     rotor symmetries as ``coordinates``, torsion densities smoothed and floored as
     ``config.model`` says."""
-    from openmm_nice.coordinates import MolecularTransform
-    from openmm_nice.zmatrix import torsion_symmetries
+    from openmm_nice.molecule.coordinates import MolecularTransform
+    from openmm_nice.molecule.zmatrix import torsion_symmetries
 
     molecule = target.molecule
     zmatrix = coordinates.internal.zmatrix.cpu().numpy()

@@ -22,7 +22,7 @@ mdtraj = pytest.importorskip("mdtraj")
 
 @pytest.fixture(scope="module")
 def molecule():
-    from openmm_nice.systems import alanine_dipeptide_vacuum
+    from openmm_nice.molecule.systems import alanine_dipeptide_vacuum
 
     m = alanine_dipeptide_vacuum()
     return m, mdtraj.Topology.from_openmm(m.topology)
@@ -33,7 +33,7 @@ def backbone_atoms(mdtop) -> np.ndarray:
 
 
 def test_restraint_is_zero_at_mdtraj_angles_and_its_forces_are_minus_its_gradient(molecule):
-    from openmm_nice.observables import ramachandran
+    from openmm_nice.analysis.observables import ramachandran
 
     m, mdtop = molecule
     rng = np.random.default_rng(0)

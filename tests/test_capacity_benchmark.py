@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from openmm_nice.transforms import nice_flow
+from openmm_nice.flows.transforms import nice_flow
 
 _PATH = Path(__file__).parents[1] / "benchmarks" / "capacity.py"
 _spec = importlib.util.spec_from_file_location("capacity_benchmark", _PATH)

@@ -246,7 +246,7 @@ def test_training_and_sampling_on_the_gpu(tmp_path, tiny_config):
 def test_mcmc_writes_the_chain_energies_angles_and_acceptance(tmp_path, alanine_run, capsys):
     import mdtraj
 
-    from openmm_nice.observables import ramachandran
+    from openmm_nice.analysis.observables import ramachandran
     from openmm_nice.runs import load_run
 
     out = tmp_path / "chain.dcd"

@@ -9,8 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from openmm_nice.analysis.reweighting import (
+    effective_sample_size,
+    log_partition_function,
+    probability,
+)
 from openmm_nice.cli import main
-from openmm_nice.reweighting import effective_sample_size, log_partition_function, probability
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +69,7 @@ def test_alanine_example_trains_and_samples_with_openmm_energies(tmp_path):
     import openmm
     import openmm.unit as unit
 
-    from openmm_nice.systems import alanine_dipeptide_vacuum
+    from openmm_nice.molecule.systems import alanine_dipeptide_vacuum
 
     run = tmp_path / "run"
     config = str(ROOT / "examples" / "alanine_dipeptide.yaml")

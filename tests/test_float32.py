@@ -10,10 +10,10 @@ from openmm import unit
 from openmmtools import cache, states
 
 from openmm_nice.config import config_from_dict
-from openmm_nice.energies import DoubleWell1D
-from openmm_nice.generator import BoltzmannGenerator
+from openmm_nice.energy.energies import DoubleWell1D
+from openmm_nice.flows.generator import BoltzmannGenerator
+from openmm_nice.molecule.systems import alanine_dipeptide_vacuum
 from openmm_nice.runs import load_run, sample_run, train_run
-from openmm_nice.systems import alanine_dipeptide_vacuum
 
 pytestmark = pytest.mark.float32
 
@@ -57,7 +57,7 @@ def test_training_ais_and_the_move_run_in_float32(tmp_path):
     )
     with load_run(run) as loaded:
         assert next(loaded.generator.parameters()).dtype == torch.float32
-    from openmm_nice.moves import BoltzmannGeneratorMove
+    from openmm_nice.sampling.moves import BoltzmannGeneratorMove
 
     alanine = alanine_dipeptide_vacuum()
     move = BoltzmannGeneratorMove(run, n_proposals=4, seed=0)

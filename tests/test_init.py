@@ -22,7 +22,7 @@ def test_the_move_is_imported_lazily():
     script = (
         "import sys, openmm_nice\n"
         "assert 'openmmtools' not in sys.modules\n"
-        "assert openmm_nice.BoltzmannGeneratorMove.__module__ == 'openmm_nice.moves'\n"
+        "assert openmm_nice.BoltzmannGeneratorMove.__module__ == 'openmm_nice.sampling.moves'\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, timeout=120)
 

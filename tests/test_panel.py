@@ -20,7 +20,8 @@ import _panel  # noqa: E402
 import panel  # noqa: E402
 import panel_reference  # noqa: E402
 
-from openmm_nice.systems import load_molecular_system  # noqa: E402
+from openmm_nice.analysis import observables  # noqa: E402
+from openmm_nice.molecule.systems import load_molecular_system  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +47,14 @@ def test_every_molecule_builds_with_its_d_l_residues_and_trans_peptide_bonds(mol
         assert molecule.n_atoms == _panel.PANEL[name]["atoms"], name
         assert _panel.latent_dim(name) == 3 * molecule.n_atoms
         x = molecule.positions[None]
-        assert not _panel.cis_frames(x, molecule.topology)[0], name
+        assert not observables.cis_frames(x, molecule.topology)[0], name
         for residue in molecule.topology.residues():
             atoms = {a.name: a.index for a in residue.atoms()}
             if {"N", "CA", "C", "CB"} <= set(atoms):
                 n, ca, c, cb = (molecule.positions[atoms[k]] for k in ("N", "CA", "C", "CB"))
                 assert np.dot(np.cross(n - ca, c - ca), cb - ca) > 0, f"{name}: D residue"
     tetrapeptide = molecules["alanine_tetrapeptide_implicit"]
-    phi_rows, psi_rows = _panel.backbone_indices(tetrapeptide.topology)
+    phi_rows, psi_rows = observables.backbone_indices(tetrapeptide.topology)
     assert len(phi_rows) == len(psi_rows) == 3
     assert 3 * tetrapeptide.n_atoms - 6 == 120  # the field's d
 
@@ -73,16 +74,6 @@ def test_alanine_is_judged_against_its_umbrella_reference():
     implicit = panel.reference("alanine_dipeptide_implicit")["observables"]
     assert list(implicit) == ["phi1>0"]
     assert implicit["phi1>0"]["df_kT"] == pytest.approx(5.748, abs=1e-3)
-
-
-def test_dihedrals_match_mdtraj(molecules):
-    import mdtraj
-
-    molecule = molecules["alanine_tetrapeptide_implicit"]
-    x = molecule.positions[None] + np.random.default_rng(0).normal(scale=0.02, size=(5, 42, 3))
-    traj = mdtraj.Trajectory(x, mdtraj.Topology.from_openmm(molecule.topology))
-    rows, expected = mdtraj.compute_phi(traj)
-    np.testing.assert_allclose(_panel.dihedrals(x, rows), expected, atol=1e-5)
 
 
 def test_hydrogen_mass_repartitioning_keeps_the_total_mass(molecules):

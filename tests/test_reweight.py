@@ -12,11 +12,11 @@ import pytest
 import yaml
 from openmm import unit
 
+from openmm_nice.analysis.reweighting import effective_sample_size, log_partition_function
 from openmm_nice.cli import main
 from openmm_nice.config import config_from_dict
-from openmm_nice.md import run_md, write_md
-from openmm_nice.reweighting import effective_sample_size, log_partition_function
-from openmm_nice.systems import alanine_dipeptide_vacuum
+from openmm_nice.molecule.systems import alanine_dipeptide_vacuum
+from openmm_nice.sampling.md import run_md, write_md
 
 SOURCE = {
     "system": "alanine_dipeptide_vacuum",
