@@ -6,7 +6,7 @@ import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -28,6 +28,12 @@ from openmm_nice.errors import ConfigError
 # ModelConfig and MolecularTransform.from_data share them.
 TORSION_FLOOR = 0.005
 TORSION_SMOOTHING = 2.0
+
+# The ranges a key may take, as pydantic constraints (checked on every assignment too)
+NonNegInt = Annotated[int, Field(ge=0)]
+PosInt = Annotated[int, Field(ge=1)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
 
 __all__ = [
     "Config",
@@ -62,50 +68,39 @@ def _resolve(path: str, info: ValidationInfo) -> str:
 class _Section(BaseModel):
     """A part of a config: every key known and strictly typed (no conversion of strings)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
     def to_dict(self) -> dict:
         return self.model_dump()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assignments are validated as the YAML is: a bad value raises ConfigError and leaves
+        the config as it was (pydantic has already stored a value that fails a check across
+        keys)."""
+        before = dict(self.__dict__)
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as error:
+            self.__dict__.update(before)
+            section = next((k for k, v in _SECTIONS.items() if v is type(self)), "")
+            raise ConfigError(_message(error, section, type(self))) from None
 
 
 class ModelConfig(_Section):
     """``model:``, the flow and the conditional Gaussian."""
 
-    latent_dim: int | None = None  # D; None means D = d (no redundant latents)
-    layers: int = 8  # coupling layers in F
+    latent_dim: PosInt | None = None  # D; None means D = d (no redundant latents)
+    layers: PosInt = 8  # coupling layers in F
     hidden: list[int] = Field(default_factory=lambda: [64, 64])
     conditional_hidden: list[int] = Field(default_factory=lambda: [64, 64])
-    scale: float = 1.0  # initial diagonal of S
-    torsion_floor: float = TORSION_FLOOR  # uniform share of each fitted torsion density
+    scale: PosFloat = 1.0  # initial diagonal of S
+    # uniform share of each fitted torsion density
+    torsion_floor: Annotated[float, Field(gt=0, le=1)] = TORSION_FLOOR
     # width in degrees smoothing the fitted torsion densities, or "auto" (cross-validated)
-    torsion_smoothing: float | str = TORSION_SMOOTHING
+    torsion_smoothing: PosFloat | Literal["auto"] = TORSION_SMOOTHING
     # condition torsion densities on parent torsions (a Chow-Liu forest fitted with the map),
     # so that e.g. psi's density follows phi's basin; see MolecularTransform
     torsion_tree: bool = True
-
-    @model_validator(mode="after")
-    def _ranges(self) -> ModelConfig:
-        _check(
-            [
-                (
-                    self.latent_dim is None or self.latent_dim >= 1,
-                    f"model.latent_dim must be >= 1, got {self.latent_dim}",
-                ),
-                (self.layers >= 1, f"model.layers must be >= 1, got {self.layers}"),
-                (self.scale > 0, f"model.scale must be positive, got {self.scale}"),
-                (
-                    0 < self.torsion_floor <= 1,
-                    f"model.torsion_floor must be in (0, 1], got {self.torsion_floor}",
-                ),
-                (
-                    self.torsion_smoothing == "auto"
-                    or (not isinstance(self.torsion_smoothing, str) and self.torsion_smoothing > 0),
-                    "model.torsion_smoothing must be a positive width in degrees or 'auto', "
-                    f"got {self.torsion_smoothing!r}",
-                ),
-            ]
-        )
-        return self
 
 
 def _weight_ok(weight: float | list[list[float]]) -> bool:
@@ -140,53 +135,59 @@ def _weight_maximum(weight: float | list[list[float]]) -> float:
 class TrainingConfig(_Section):
     """``training:``, the losses, their schedule and the optimiser."""
 
-    steps: int = 4000
-    batch_size: int = 512
-    learning_rate: float = 1e-3
-    lr_schedule: str = "cosine"  # cosine | constant
+    steps: NonNegInt = 4000
+    batch_size: Annotated[int, Field(ge=2)] = 512
+    learning_rate: PosFloat = 1e-3
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
     # Loss weights (kl_weight, reweighted_fkl_weight, walker_weight, buffer_weight): a number,
     # or [[step, weight], ...] points, piecewise linear in between and constant beyond
     kl_weight: float | list[list[float]] = 1.0  # weight of the reverse KL J_R
-    ml_weight: float = 0.0  # weight of the maximum-likelihood term on `data`
-    ml_weight_final: float | None = None  # if set, the ML weight moves linearly to it
+    ml_weight: NonNegFloat = 0.0  # weight of the maximum-likelihood term on `data`
+    ml_weight_final: NonNegFloat | None = None  # if set, the ML weight moves linearly to it
     # forward KL on the model's own samples, self-normalised weights of the step's batch
     reweighted_fkl_weight: float | list[list[float]] = 1.0
     # the mass-covering terms (reweighted forward KL, buffer, walkers) follow the gradient of
     # the alpha-divergence D_alpha(p || q): 1 the forward KL, 2 the chi-square divergence whose
     # minimum maximises the ESS (FAB's); a number or [[step, alpha], ...] points, each >= 1
     forward_alpha: float | list[list[float]] = 1.0
-    beta_start: float = 0.1  # annealed inverse temperature, relative to the target
-    anneal_start: int = 0  # steps held at beta_start before the anneal
-    anneal_steps: int = 2000  # steps of the geometric anneal from beta_start to 1
+    beta_start: Annotated[float, Field(gt=0, le=1)] = (
+        0.1  # annealed inverse temperature, relative to the target
+    )
+    anneal_start: NonNegInt = 0  # steps held at beta_start before the anneal
+    anneal_steps: NonNegInt = 2000  # steps of the geometric anneal from beta_start to 1
     # MD frames for the ML term (npz with `x` or trajectories; a list of files is pooled);
     # relative paths are resolved against the config file's folder
     data: str | list[str] | None = None
-    ml_batch_size: int = 256
-    walkers: int = 0  # MCMC walkers whose likelihood is trained (0: none); <= batch_size
+    ml_batch_size: PosInt = 256
+    walkers: NonNegInt = 0  # MCMC walkers whose likelihood is trained (0: none); <= batch_size
     # weight of the walkers' negative log-likelihood (0 at a step: the walkers rest)
     walker_weight: float | list[list[float]] = 1.0
-    walker_steps: int = 5  # MALA steps of the walkers per training step
+    walker_steps: NonNegInt = 5  # MALA steps of the walkers per training step
     # population annealing: walkers reweighted by exp(-dbeta U) as beta changes and resampled
     walker_resampling: bool = False
     # buffer of the model's own samples with exact weights at any beta (forward KL), see
     # openmm_nice.training.buffer; buffer_weight 0: none
-    buffer_size: int = 0
+    buffer_size: NonNegInt = 0
     buffer_weight: float | list[list[float]] = 0.0
-    buffer_batch_size: int = 256
-    buffer_interval: int = 100  # steps between additions of buffer_draws model samples
-    buffer_draws: int = 4096
-    buffer_ais_steps: int = 0  # latent-space AIS levels of each buffer and refit draw (0: none)
+    buffer_batch_size: PosInt = 256
+    buffer_interval: PosInt = 100  # steps between additions of buffer_draws model samples
+    buffer_draws: PosInt = 4096
+    buffer_ais_steps: NonNegInt = (
+        0  # latent-space AIS levels of each buffer and refit draw (0: none)
+    )
     # molecules: steps before which the coordinate map (torsion densities and cuts, shifts and
     # scales) is refitted to refit_samples of the model's own weighted samples, followed by
     # refit_steps maximum-likelihood steps on them
-    map_refits: list[int] = Field(default_factory=list)
-    refit_samples: int = 100_000
-    refit_steps: int = 500
+    map_refits: list[NonNegInt] = Field(default_factory=list)
+    refit_samples: PosInt = 100_000
+    refit_steps: NonNegInt = 500
     energy_cut: float = 1000.0  # the regularised training energy turns logarithmic here (kT)
     grad_clip: float = 100.0
-    report_interval: int = 50
-    checkpoint_interval: int = 500
-    snapshot_interval: int = 0  # keep the model every this many steps in RUN/snapshots (0: no)
+    report_interval: PosInt = 50
+    checkpoint_interval: PosInt = 500
+    snapshot_interval: NonNegInt = (
+        0  # keep the model every this many steps in RUN/snapshots (0: no)
+    )
 
     @field_validator("data")
     @classmethod
@@ -196,56 +197,15 @@ class TrainingConfig(_Section):
         return None if data is None else _resolve(data, info)
 
     @model_validator(mode="after")
-    def _ranges(self) -> TrainingConfig:
+    def _consistent(self) -> TrainingConfig:
+        """What no one key's range can say: the keys that depend on one another."""
         t = self
         _check(
             [
-                (t.steps >= 0, f"training.steps must be >= 0, got {t.steps}"),
-                (t.batch_size >= 2, f"training.batch_size must be >= 2, got {t.batch_size}"),
                 (
-                    t.learning_rate > 0,
-                    f"training.learning_rate must be positive, got {t.learning_rate}",
-                ),
-                (
-                    t.lr_schedule in ("cosine", "constant"),
-                    f"training.lr_schedule must be cosine or constant, got {t.lr_schedule!r}",
-                ),
-                (
-                    0 < t.beta_start <= 1,
-                    f"training.beta_start must be in (0, 1], got {t.beta_start}",
-                ),
-                (
-                    t.anneal_steps >= 0,
-                    f"training.anneal_steps must be >= 0, got {t.anneal_steps}",
-                ),
-                (
-                    t.anneal_start >= 0,
-                    f"training.anneal_start must be >= 0, got {t.anneal_start}",
-                ),
-                (
-                    t.buffer_size >= 0
-                    and (_weight_maximum(t.buffer_weight) == 0 or t.buffer_size > 0),
-                    "training.buffer_size and buffer_weight must be >= 0, and buffer_weight > 0 "
-                    f"needs buffer_size > 0 (got {t.buffer_size} and {t.buffer_weight})",
-                ),
-                (
-                    min(t.buffer_batch_size, t.buffer_interval, t.buffer_draws, t.refit_samples)
-                    >= 1,
-                    "training.buffer_batch_size, buffer_interval, buffer_draws and refit_samples "
-                    "must be >= 1",
-                ),
-                (t.refit_steps >= 0, f"training.refit_steps must be >= 0, got {t.refit_steps}"),
-                (
-                    t.buffer_ais_steps >= 0,
-                    f"training.buffer_ais_steps must be >= 0, got {t.buffer_ais_steps}",
-                ),
-                (
-                    all(k >= 0 for k in t.map_refits),
-                    f"training.map_refits must list steps >= 0, got {t.map_refits}",
-                ),
-                (
-                    min(t.ml_weight, t.ml_weight_final or 0) >= 0,
-                    "training.ml_weight and ml_weight_final must be >= 0",
+                    _weight_maximum(t.buffer_weight) == 0 or t.buffer_size > 0,
+                    "training.buffer_weight > 0 needs training.buffer_size > 0 "
+                    f"(got {t.buffer_size} and {t.buffer_weight})",
                 ),
                 *(
                     (_weight_ok(getattr(t, name)), _weight_message(name, getattr(t, name)))
@@ -257,7 +217,7 @@ class TrainingConfig(_Section):
                     )
                 ),
                 (
-                    0 <= t.walkers <= t.batch_size,
+                    t.walkers <= t.batch_size,
                     "training.walkers must be between 0 and training.batch_size "
                     f"({t.batch_size}), got {t.walkers}",
                 ),
@@ -267,19 +227,9 @@ class TrainingConfig(_Section):
                     f"points with steps that do not decrease, got {t.forward_alpha}",
                 ),
                 (
-                    t.walker_steps >= 0,
-                    f"training.walker_steps must be >= 0, got {t.walker_steps}",
-                ),
-                (
                     max(t.ml_weight, t.ml_weight_final or 0) == 0 or t.data is not None,
                     "training.ml_weight > 0 (or ml_weight_final > 0) needs training.data "
                     "(MD frames)",
-                ),
-                (
-                    t.report_interval >= 1
-                    and t.checkpoint_interval >= 1
-                    and t.snapshot_interval >= 0,
-                    "report and checkpoint intervals must be >= 1 (snapshot_interval >= 0)",
                 ),
             ]
         )
@@ -291,49 +241,18 @@ class SamplingConfig(_Section):
 
     # levels of annealed importance sampling in latent space after each model draw (one MALA
     # move each; 0: the model's own one-shot importance weights), see openmm_nice.sampling.ais
-    ais_steps: int = 0
-    ais_batch_size: int = 4096  # chains run together by `sample`
-
-    @model_validator(mode="after")
-    def _ranges(self) -> SamplingConfig:
-        _check(
-            [
-                (self.ais_steps >= 0, f"sampling.ais_steps must be >= 0, got {self.ais_steps}"),
-                (
-                    self.ais_batch_size >= 1,
-                    f"sampling.ais_batch_size must be >= 1, got {self.ais_batch_size}",
-                ),
-            ]
-        )
-        return self
+    ais_steps: NonNegInt = 0
+    ais_batch_size: PosInt = 4096  # chains run together by `sample`
 
 
 class MDConfig(_Section):
     """``md:``, plain Langevin MD of the system (`openmm-nice md`, `mcmc`)."""
 
-    steps: int = 1_000_000
-    timestep_fs: float = 1.0
-    friction_per_ps: float = 1.0
-    report_interval: int = 1000  # steps between saved frames
-    equilibration_steps: int = 10_000
-
-    @model_validator(mode="after")
-    def _ranges(self) -> MDConfig:
-        _check(
-            [
-                (self.steps >= 0, f"md.steps must be >= 0, got {self.steps}"),
-                (
-                    self.timestep_fs > 0 and self.friction_per_ps > 0,
-                    "md.timestep_fs and md.friction_per_ps must be positive, got "
-                    f"{self.timestep_fs} and {self.friction_per_ps}",
-                ),
-                (
-                    self.report_interval >= 1 and self.equilibration_steps >= 0,
-                    "md.report_interval must be >= 1 and md.equilibration_steps >= 0",
-                ),
-            ]
-        )
-        return self
+    steps: NonNegInt = 1_000_000
+    timestep_fs: PosFloat = 1.0
+    friction_per_ps: PosFloat = 1.0
+    report_interval: PosInt = 1000  # steps between saved frames
+    equilibration_steps: NonNegInt = 10_000
 
 
 class ToySystem(_Section):
@@ -414,12 +333,14 @@ class Config(_Section):
 
     # a built-in name, or a mapping: {name: toy, options...}, {pdb, forcefield}, {xml, pdb}
     system: str | dict[str, Any] = "double_well_1d"
-    temperature: float = 300.0  # K
+    temperature: PosFloat = 300.0  # K
     platform: str = "Reference"
     platform_properties: dict[str, Any] = Field(default_factory=dict)
-    n_workers: int = 1
+    n_workers: PosInt = 1
     device: str = "cpu"
-    dtype: str = "float32"  # of the model; float64 for the strictest density arithmetic
+    dtype: Literal["float32", "float64"] = (
+        "float32"  # of the model; float64 for the strictest density arithmetic
+    )
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -438,23 +359,6 @@ class Config(_Section):
     @classmethod
     def _check_system(cls, spec: str | dict, info: ValidationInfo) -> str | dict:
         return _system(spec, info)
-
-    @model_validator(mode="after")
-    def _ranges(self) -> Config:
-        _check(
-            [
-                (
-                    self.temperature > 0,
-                    f"temperature must be positive (kelvin), got {self.temperature}",
-                ),
-                (
-                    self.dtype in ("float32", "float64"),
-                    f"dtype must be float32 or float64, got {self.dtype!r}",
-                ),
-                (self.n_workers >= 1, f"n_workers must be >= 1, got {self.n_workers}"),
-            ]
-        )
-        return self
 
     def set_steps(self, steps: int) -> None:
         """Change the number of training steps; fewer steps shrink the schedule (the anneal's
@@ -492,6 +396,10 @@ _EXPECTED = {
     "dict_type": "a mapping",
     "model_type": "a mapping",
     "none_required": "null",
+    "greater_than": lambda ctx: f"a number > {ctx['gt']:g}",
+    "greater_than_equal": lambda ctx: f"a number >= {ctx['ge']:g}",
+    "less_than_equal": lambda ctx: f"a number <= {ctx['le']:g}",
+    "literal_error": lambda ctx: ctx["expected"],
 }
 
 
@@ -529,7 +437,8 @@ def _message(error: ValidationError, prefix: str = "", model: type[BaseModel] | 
             )
         else:
             kinds, _ = expected.setdefault(where, ([], e["input"]))
-            kinds.append(_EXPECTED.get(e["type"], e["msg"]))
+            kind = _EXPECTED.get(e["type"], e["msg"])
+            kinds.append(kind(e.get("ctx", {})) if callable(kind) else kind)
     for where, (kinds, got) in expected.items():
         texts.append(f"{where}: expected {' or '.join(kinds)}, got {got!r}")
     return "; ".join(texts)

@@ -36,11 +36,11 @@ def test_wrong_types_and_ranges_are_named():
         config_from_dict({"training": {"steps": "many"}})
     with pytest.raises(ConfigError, match=r"model\.hidden\[1\]"):
         config_from_dict({"model": {"hidden": [64, "wide"]}})
-    with pytest.raises(ConfigError, match="temperature must be positive"):
+    with pytest.raises(ConfigError, match=r"temperature: expected a number > 0, got -1"):
         config_from_dict({"temperature": -1})
     with pytest.raises(ConfigError, match="needs training.data"):
         config_from_dict({"training": {"ml_weight": 1.0}})
-    with pytest.raises(ConfigError, match="dtype must be float32 or float64"):
+    with pytest.raises(ConfigError, match=r"dtype: expected 'float32' or 'float64'"):
         config_from_dict({"dtype": "bfloat16"})  # no mixed precision for densities
     with pytest.raises(ConfigError, match="beta_start"):
         config_from_dict({"training": {"beta_start": 0.0}})
@@ -48,17 +48,41 @@ def test_wrong_types_and_ranges_are_named():
         config_from_dict({"training": {"ml_weight_final": 0.5}})
     with pytest.raises(ConfigError, match=r"training\.walkers must be between 0 and"):
         config_from_dict({"training": {"batch_size": 64, "walkers": 128}})
-    with pytest.raises(ConfigError, match="torsion_smoothing must be a positive width"):
+    with pytest.raises(
+        ConfigError, match=r"model\.torsion_smoothing: expected a number or 'auto', got 'wide'"
+    ):
         config_from_dict({"model": {"torsion_smoothing": "wide"}})
     assert (
         config_from_dict({"model": {"torsion_smoothing": "auto"}}).model.torsion_smoothing == "auto"
     )
-    with pytest.raises(ConfigError, match=r"model\.torsion_floor must be in \(0, 1\]"):
+    with pytest.raises(ConfigError, match=r"model\.torsion_floor: expected a number > 0, got 0"):
         config_from_dict({"model": {"torsion_floor": 0}})
-    with pytest.raises(ConfigError, match=r"sampling\.ais_steps must be >= 0"):
+    with pytest.raises(ConfigError, match=r"sampling\.ais_steps: expected a number >= 0, got -2"):
         config_from_dict({"sampling": {"ais_steps": -2}})
     with pytest.raises(ConfigError, match=r"sampling\.ais_stpes.*valid keys in sampling"):
         config_from_dict({"sampling": {"ais_stpes": 2}})
+    with pytest.raises(ConfigError, match=r"model\.torsion_floor: expected a number <= 1"):
+        config_from_dict({"model": {"torsion_floor": 1.5}})
+    with pytest.raises(
+        ConfigError, match=r"training\.lr_schedule: expected 'cosine' or 'constant'"
+    ):
+        config_from_dict({"training": {"lr_schedule": "linear"}})
+    with pytest.raises(ConfigError, match=r"training\.map_refits\[1\]: expected a number >= 0"):
+        config_from_dict({"training": {"map_refits": [10, -1]}})
+
+
+def test_assignments_are_checked_like_the_yaml_and_a_refused_one_changes_nothing():
+    config = config_from_dict({"training": {"batch_size": 64}})
+    with pytest.raises(ConfigError, match=r"training\.steps: expected a number >= 0, got -3"):
+        config.training.steps = -3
+    with pytest.raises(ConfigError, match=r"training\.walkers must be between 0 and"):
+        config.training.walkers = 128  # each key in range, the pair not
+    assert config.training.walkers == 0 and config.training.steps == 4000
+    with pytest.raises(ConfigError, match=r"temperature: expected a number > 0"):
+        config.temperature = 0.0
+    assert config.temperature == 300.0
+    config.training.walkers = 32
+    assert config.training.walkers == 32
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path):
