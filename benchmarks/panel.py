@@ -13,7 +13,9 @@ run there is resumed or reused), then:
 Each molecule's figures are written to RUNS/<molecule>_seed<S>/panel.json (atomically), so that a
 later call prints the table without sampling again (--resample to redo it).
 
-It prints one table and one JSON line.
+Each region's estimate carries its own tail diagnostic (`diagnose_region`: the Pareto k of the
+weights inside and outside the region; "!" in the table where it fails). The AIS samples are kept
+as RUNS/<molecule>_seed<S>/ais_samples.npz. It prints one table and one JSON line.
 
 Usage:
     python benchmarks/panel.py --runs runs/panel [--molecules proline_dipeptide,...] [--seed 0]
@@ -44,9 +46,9 @@ from _panel import (
 
 from openmm_nice.analysis.observables import backbone_indices, dihedrals
 from openmm_nice.analysis.reweighting import region_free_energy
-from openmm_nice.analysis.weight_diagnostics import diagnose_weights
+from openmm_nice.analysis.weight_diagnostics import diagnose_region, diagnose_weights
 from openmm_nice.config import apply_overrides, config_from_dict
-from openmm_nice.io import atomic_write_text
+from openmm_nice.io import atomic_write_text, save_samples
 from openmm_nice.runs import load_run, sample_run, train_run
 
 # The published figures on alanine tetrapeptide in implicit solvent (no MD data, reverse ESS)
@@ -90,12 +92,15 @@ def evaluate(name: str, folder: Path, args) -> dict:
         started = time.perf_counter()
         ais = sample_run(run, args.ais_samples, seed=args.sample_seed, progress=not args.quiet)
         ais_seconds = time.perf_counter() - started
+    # the AIS samples kept beside the run, for a later look at where their weights fall
+    save_samples(folder / "ais_samples.npz", ais.x, ais.log_w, ais.u)
     x = ais.x.reshape(len(ais.x), -1, 3)
     regions = backbone_observables(dihedrals(x, phi_rows), dihedrals(x, psi_rows))
     estimates = {
         region: region_free_energy(inside, ais.log_w, n_bootstrap=args.n_bootstrap, seed=m)
         for m, (region, inside) in enumerate(regions.items())
     }
+    tails = {region: diagnose_region(ais.log_w, inside) for region, inside in regions.items()}
     return {
         "flow": {**weights_row(flow.log_w), "n": len(flow.log_w), "seconds": flow_seconds},
         "ais": {
@@ -105,7 +110,14 @@ def evaluate(name: str, folder: Path, args) -> dict:
             "seconds": ais_seconds,
         },
         "observables": {
-            region: {"p": e["p"], "df_kT": e["df_kT"], "df_error_kT": e["df_error_kT"]}
+            region: {
+                "p": e["p"],
+                "df_kT": e["df_kT"],
+                "df_error_kT": e["df_error_kT"],
+                "pareto_k_inside": tails[region].pareto_k_inside,
+                "pareto_k_outside": tails[region].pareto_k_outside,
+                "reliable": tails[region].reliable,
+            }
             for region, e in estimates.items()
         },
     }
@@ -133,7 +145,8 @@ def print_table(results: list[dict]) -> None:
     print(
         f"{'molecule':<30} {'D':>4} {'flow ESS/N':>10} {'min blk':>7} {'k':>5} "
         f"{'AIS ESS/N':>9} {'min blk':>7} {'max w':>7} {'k':>5} {'region':>11} "
-        f"{'dF (kT)':>15} {'reference':>15} {'diff':>6} {'evals':>8} {'train s':>7}"
+        f"{'dF (kT)':>15} {'k in/out':>9} {'reference':>15} {'diff':>6} {'evals':>8} "
+        f"{'train s':>7}"
     )
     for r in results:
         f, a = r["flow"], r["ais"]
@@ -155,8 +168,15 @@ def print_table(results: list[dict]) -> None:
             evals = (
                 f"{r['energy_evaluations']:>8.2e} {r['training_time_s']:>7.0f}" if k == 0 else ""
             )
+            ks = (
+                f"{e['pareto_k_inside']:>4.2f}/{e['pareto_k_outside']:<4.2f}"
+                + ("" if e["reliable"] else "!")
+                if "reliable" in e
+                else ""
+            )
             print(
-                f"{head} {region:>11} {e['df_kT']:>7.3f} +- {e['df_error_kT']:<5.3f} {tail} {evals}"
+                f"{head} {region:>11} {e['df_kT']:>7.3f} +- {e['df_error_kT']:<5.3f} {ks:>9} "
+                f"{tail} {evals}"
             )
 
 

@@ -23,8 +23,10 @@ from openmm_nice.analysis.reweighting import (
 )
 from openmm_nice.analysis.state_reweighting import reweight_frames
 from openmm_nice.analysis.weight_diagnostics import (
+    RegionDiagnostics,
     WeightDiagnostics,
     block_ess,
+    diagnose_region,
     diagnose_weights,
     max_weight_share,
     pareto_k,
@@ -85,6 +87,7 @@ __all__ = [
     "Trainer",
     "UserInputError",
     "WeightDiagnostics",
+    "RegionDiagnostics",
     "alanine_dipeptide_implicit",
     "alanine_dipeptide_vacuum",
     "annealed_importance_sampling",
@@ -94,6 +97,7 @@ __all__ = [
     "compute_observable",
     "config_from_dict",
     "diagnose_weights",
+    "diagnose_region",
     "effective_sample_size",
     "expectation",
     "free_energy_map",

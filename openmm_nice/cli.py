@@ -182,6 +182,8 @@ def _cmd_reweight(args) -> int:
         )
     print((Path(args.out) / "summary.json").read_text(), end="")
     _warn_if_unreliable(summary["reliable"], summary["verdict"])
+    if summary["reliable"] and "warning" in summary:  # a region's estimate fails its own check
+        print(f"openmm-nice: warning: {summary['warning']}", file=sys.stderr)
     return 0
 
 

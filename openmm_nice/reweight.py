@@ -28,7 +28,11 @@ from openmm_nice.analysis.reweighting import (
     region_free_energy,
 )
 from openmm_nice.analysis.state_reweighting import reweight_frames
-from openmm_nice.analysis.weight_diagnostics import WeightDiagnostics, diagnose_weights
+from openmm_nice.analysis.weight_diagnostics import (
+    WeightDiagnostics,
+    diagnose_region,
+    diagnose_weights,
+)
 from openmm_nice.config import Config
 from openmm_nice.errors import ConfigError, UserInputError
 from openmm_nice.io import atomic_write_text, load_samples, read_frames, save_samples
@@ -76,6 +80,37 @@ def _weights_summary(diagnostics: WeightDiagnostics) -> dict:
             f"diagnostic: {diagnostics.verdict}"
         )
     return summary
+
+
+def _region_tail(log_w: np.ndarray, inside: np.ndarray, diagnostics: WeightDiagnostics) -> dict:
+    """A region's estimate's own tail diagnostic (``weight_diagnostics.diagnose_region``): its
+    ``reliable`` and ``verdict``, and the Pareto k inside and outside the region."""
+    region = diagnose_region(log_w, inside, diagnostics)
+    return {
+        "reliable": region.reliable,
+        "verdict": region.verdict,
+        "pareto_k_inside": region.pareto_k_inside,
+        "pareto_k_outside": region.pareto_k_outside,
+    }
+
+
+def _warn_of_regions(summary: dict, report: dict, diagnostics: WeightDiagnostics) -> None:
+    """Where the weights pass as a whole but a region's estimate fails its own diagnostic, a
+    ``warning`` in the summary naming the regions and why."""
+    regions = [
+        name
+        for name, entry in report.items()
+        if isinstance(entry, dict)
+        and isinstance(entry.get("reweighted"), dict)
+        and entry["reweighted"].get("reliable") is False
+        and "verdict" in entry["reweighted"]
+    ]
+    if diagnostics.reliable and regions:
+        summary["warning"] = (
+            f"the weights pass as a whole, but the importance-sampled estimates of "
+            f"{', '.join(regions)} fail their own tail diagnostic: "
+            + "; ".join(f"{r}: {report[r]['reweighted']['verdict']}" for r in regions)
+        )
 
 
 def _log_z_summary(
@@ -131,7 +166,7 @@ def _toy_report(
             "direct": region_free_energy(inside, **stats),
             "reweighted": {
                 **region_free_energy(inside, log_w, **stats),
-                "reliable": diagnostics.reliable,
+                **_region_tail(log_w, inside, diagnostics),
             },
             "exact": target.energy.probability_below(index, barrier),
         }
@@ -167,7 +202,7 @@ def _molecule_report(
             fmap.to_csv(out / f"ramachandran_{label}.csv")
             maps[labels[label]] = (fmap.edges, fmap.edges, fmap.free_energy)
             populations[label] = region_free_energy(phi > 0, lw, **stats)
-        populations["reweighted"]["reliable"] = diagnostics.reliable
+        populations["reweighted"].update(_region_tail(log_w, phi > 0, diagnostics))
         plot_ramachandran(
             maps, out / "ramachandran.png", caption=f"importance weights: {diagnostics.caption()}"
         )
@@ -261,6 +296,7 @@ def reweight_samples(
                 x, log_w, out, target, coordinates, bins, n_bootstrap, block_size, diagnostics
             )
         summary.update(report)
+        _warn_of_regions(summary, report, diagnostics)
     finally:
         if owned:
             target.close()
@@ -435,17 +471,9 @@ def reweight_trajectories(
         "direct": f"source: {sources}",
         "reweighted": f"reweighted: {target_name} at {t_target:g} K",
     }
-    summary.update(
-        _molecule_report(
-            x,
-            weights.log_w,
-            topology,
-            out,
-            observables,
-            n_bootstrap,
-            block_size,
-            labels,
-            diagnostics,
-        )
+    report = _molecule_report(
+        x, weights.log_w, topology, out, observables, n_bootstrap, block_size, labels, diagnostics
     )
+    summary.update(report)
+    _warn_of_regions(summary, report, diagnostics)
     return _write_summary(out, summary)

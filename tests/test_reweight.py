@@ -73,7 +73,7 @@ def reweight(*argv) -> int:
     return main(["reweight", *map(str, argv)])
 
 
-def test_trajectory_to_its_own_temperature_has_zero_log_weights(tmp_path, md):
+def test_trajectory_to_its_own_temperature_has_zero_log_weights(tmp_path, md, capsys):
     out = tmp_path / "same"
     assert (
         reweight("--traj", md["npz"], "--config", md["config"], "--temperature", 300, "--out", out)
@@ -86,8 +86,16 @@ def test_trajectory_to_its_own_temperature_has_zero_log_weights(tmp_path, md):
     assert summary["ess"] == pytest.approx(1.0, abs=1e-12)
     assert summary["log_z_ratio"] == 0.0 and summary["delta_f_kT"] == 0.0
     reweighted = dict(summary["phi>0"]["reweighted"])
-    assert reweighted.pop("reliable") is True and summary["reliable"] is True
+    tail = {
+        k: reweighted.pop(k) for k in ("reliable", "verdict", "pareto_k_inside", "pareto_k_outside")
+    }
+    assert summary["reliable"] is True
     assert summary["phi>0"]["direct"] == reweighted
+    # 300 K MD never visits phi > 0 here: a region without samples cannot be judged
+    assert reweighted["p"] == 0.0
+    assert tail["reliable"] is False and "too few samples" in tail["verdict"]
+    assert "phi>0" in summary["warning"]
+    assert "warning: the weights pass as a whole, but" in capsys.readouterr().err
 
 
 def test_trajectory_to_another_temperature_matches_the_formula(tmp_path, md, molecule):

@@ -14,6 +14,13 @@ model a high one, and the estimates move with it. Three figures make that visibl
   a reliable estimate from S samples is :math:`\min(1 - 1/\log_{10} S,\ 0.7)`. Above it the
   estimate and its bootstrap error cannot be trusted however many samples there are.
 
+The weights as a whole can pass while an estimate built on part of them fails: the probability
+of a region is a ratio whose numerator is the sum of the weights inside it, and its convergence
+is decided by the tail of those weights (PSIS checks the tail of h(x) w(x) for an expectation of
+h). A model that draws a region often but badly has light-tailed weights overall and a heavy
+tail inside the region, where a sample it has not yet drawn would hold much of the region's
+mass. :func:`diagnose_region` fits the tails inside and outside a region apart.
+
 The generalized Pareto fit is Zhang and Stephens' (Technometrics 51, 2009) empirical-Bayes
 estimator with the weakly informative prior of the PSIS paper (no kept library here fits: the
 arviz-stats release on the package index returns negative k for exact Pareto tails).
@@ -35,7 +42,9 @@ from openmm_nice.errors import UserInputError
 
 __all__ = [
     "WeightDiagnostics",
+    "RegionDiagnostics",
     "diagnose_weights",
+    "diagnose_region",
     "pareto_k",
     "pareto_k_threshold",
     "generalized_pareto_fit",
@@ -256,5 +265,103 @@ def diagnose_weights(log_w, n_blocks: int = 4) -> WeightDiagnostics:
         pareto_k=k,
         pareto_k_threshold=threshold,
         reliable=reliable,
+        verdict=verdict,
+    )
+
+
+@dataclass(frozen=True)
+class RegionDiagnostics:
+    """How far the importance-sampled probability of a region (and its free energy against the
+    rest) can be trusted: the tails of the weights inside and outside it, each fitted apart.
+
+    Attributes:
+        n_inside: Samples of positive weight inside the region.
+        n_outside: Samples of positive weight outside it.
+        pareto_k_inside: :func:`pareto_k` of the weights inside (NaN: too few to fit).
+        pareto_k_outside: The same outside.
+        pareto_k_threshold: :func:`pareto_k_threshold` of the smaller of the two counts.
+        reliable: Both tails fitted and at most the threshold, and the weights as a whole
+            reliable (:func:`diagnose_weights`).
+        verdict: One line saying so, with the reason.
+    """
+
+    n_inside: int
+    n_outside: int
+    pareto_k_inside: float
+    pareto_k_outside: float
+    pareto_k_threshold: float
+    reliable: bool
+    verdict: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def diagnose_region(log_w, inside, weights: WeightDiagnostics | None = None) -> RegionDiagnostics:
+    r"""The tail diagnostic of a region's importance-sampled probability: :math:`\hat k` of the
+    weights inside the region and outside it, each against PSIS's limit.
+
+    :math:`P = \sum_{in} w / \sum w` and :math:`\Delta F = -\log(P / (1 - P))` converge as the
+    slower of the two sums does, so both tails must be light; and the weights as a whole must
+    pass :func:`diagnose_weights`.
+
+    Arguments:
+        log_w: (N,) importance log-weights; -inf for samples of weight 0.
+        inside: (N,) booleans, True in the region.
+        weights: The weights' own diagnostics, if already computed.
+
+    Returns:
+        A :class:`RegionDiagnostics`.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> inside = rng.uniform(size=20000) < 0.3
+        >>> light = rng.normal(scale=0.3, size=20000)
+        >>> diagnose_region(light, inside).reliable
+        True
+        >>> heavy = np.where(inside, -1.2 * np.log(rng.uniform(size=20000)), light)
+        >>> d = diagnose_region(heavy, inside)  # weights u^-1.2 inside the region: k = 1.2
+        >>> d.reliable, d.pareto_k_inside > 1.0
+        (False, True)
+    """
+    log_w = check_log_weights(log_w)
+    inside = np.asarray(inside, dtype=bool)
+    if inside.shape != log_w.shape:
+        raise UserInputError(
+            f"the region has {inside.shape} entries for {log_w.shape} weights; give one boolean "
+            "per sample"
+        )
+    weights = diagnose_weights(log_w) if weights is None else weights
+    positive = np.isfinite(log_w)
+    n_in, n_out = int((positive & inside).sum()), int((positive & ~inside).sum())
+    k_in = pareto_k(log_w[inside]) if n_in else math.nan
+    k_out = pareto_k(log_w[~inside]) if n_out else math.nan
+    threshold = pareto_k_threshold(min(n_in, n_out))
+    sides = {"inside": k_in, "outside": k_out}
+    unfit = [side for side, k in sides.items() if math.isnan(k)]
+    heavy = [side for side, k in sides.items() if k > threshold]
+    if not weights.reliable:
+        verdict = f"unreliable: the weights as a whole fail ({weights.verdict})"
+    elif unfit:
+        verdict = (
+            f"unreliable: too few samples of positive weight {' and '.join(unfit)} the region "
+            f"({n_in} inside, {n_out} outside) to judge the tail; draw more samples"
+        )
+    elif heavy:
+        ks = ", ".join(f"{side} {sides[side]:.2f}" for side in heavy)
+        verdict = (
+            f"unreliable: the weights' tail {' and '.join(heavy)} the region is too heavy "
+            f"(Pareto k {ks} > {threshold:.2f}); a few samples decide its probability, and a "
+            "draw that misses them is off by more than its error bar"
+        )
+    else:
+        verdict = f"reliable: Pareto k inside {k_in:.2f}, outside {k_out:.2f} <= {threshold:.2f}"
+    return RegionDiagnostics(
+        n_inside=n_in,
+        n_outside=n_out,
+        pareto_k_inside=k_in,
+        pareto_k_outside=k_out,
+        pareto_k_threshold=threshold,
+        reliable=verdict.startswith("reliable"),
         verdict=verdict,
     )

@@ -15,6 +15,7 @@ import openmm_nice
 from openmm_nice.analysis.reweighting import effective_sample_size
 from openmm_nice.analysis.weight_diagnostics import (
     block_ess,
+    diagnose_region,
     diagnose_weights,
     generalized_pareto_fit,
     max_weight_share,
@@ -155,3 +156,30 @@ def test_reweight_of_good_weights_says_nothing(tmp_path, double_well_config, cap
     summary = json.loads((tmp_path / "rw" / "summary.json").read_text())
     assert summary["reliable"] is True and "warning" not in summary
     assert summary["ess"] > 0.9 and summary["pareto_k"] < 0.5
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_region_with_a_heavy_tail_fails_where_the_weights_as_a_whole_pass(seed):
+    """The valine case: weights light-tailed overall, heavy-tailed inside a region the model
+    draws often but badly (the region's largest weights far below the others)."""
+    rng = np.random.default_rng(seed)
+    n = 20000
+    inside = rng.uniform(size=n) < 0.1
+    log_w = np.where(
+        inside, -8.0 + 1.1 * -np.log(rng.uniform(size=n)), 0.5 * -np.log(rng.uniform(size=n))
+    )
+    assert diagnose_weights(log_w).reliable
+    region = diagnose_region(log_w, inside)
+    assert region.pareto_k_inside > 0.8 and region.pareto_k_outside < 0.7
+    assert not region.reliable and "inside the region is too heavy" in region.verdict
+    # the same weights with light tails on both sides pass
+    light = np.where(inside, -8.0, 0.0) + rng.normal(scale=0.3, size=n)
+    assert diagnose_region(light, inside).reliable
+
+
+def test_a_region_the_samples_miss_cannot_be_judged():
+    log_w = np.random.default_rng(0).normal(scale=0.3, size=5000)
+    region = diagnose_region(log_w, np.zeros(5000, dtype=bool))
+    assert not region.reliable and region.n_inside == 0 and "too few" in region.verdict
+    with pytest.raises(UserInputError, match="one boolean per sample"):
+        diagnose_region(log_w, np.zeros(10, dtype=bool))
