@@ -82,9 +82,16 @@ def generalized_pareto_fit(exceedances) -> tuple[float, float]:
         raise UserInputError("a generalized Pareto fit needs at least 2 positive, finite values")
     m = 30 + int(math.sqrt(n))
     theta = 1.0 - np.sqrt(m / (np.arange(1, m + 1) - 0.5))
-    theta = theta / (3.0 * x[int(n / 4 + 0.5) - 1]) + 1.0 / x[-1]
-    k = np.log1p(-theta[:, None] * x[None, :]).mean(axis=1)
-    log_lik = n * (np.log(-theta / k) - k - 1.0)
+    # Exceedances that span hundreds of orders of magnitude (a quartile among the subnormal
+    # numbers) overflow some grid points; they carry no likelihood and are left out.
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        theta = theta / (3.0 * x[int(n / 4 + 0.5) - 1]) + 1.0 / x[-1]
+        k = np.log1p(-theta[:, None] * x[None, :]).mean(axis=1)
+        log_lik = n * (np.log(-theta / k) - k - 1.0)
+    kept = np.isfinite(log_lik)
+    if not kept.any():
+        return math.inf, math.nan  # no grid point has a likelihood: as heavy as a tail gets
+    theta, log_lik = theta[kept], log_lik[kept]
     post = np.exp(log_lik - log_lik.max())
     post /= post.sum()
     theta_hat = float(np.sum(theta * post))

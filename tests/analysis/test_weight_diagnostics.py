@@ -44,6 +44,18 @@ def test_generalized_pareto_fit_agrees_with_scipys_maximum_likelihood(shape):
     assert sigma == pytest.approx(sigma_ml, rel=0.05)
 
 
+@pytest.mark.filterwarnings("error")
+def test_exceedances_over_hundreds_of_orders_of_magnitude_fit_without_a_warning():
+    # a training batch's weights: a quartile of the tail among the subnormal numbers
+    heavy, sigma = generalized_pareto_fit(np.r_[np.full(20, 1e-310), np.linspace(0.1, 1, 10)])
+    assert heavy > 1.0 and sigma > 0
+    # nothing left to fit: the heaviest tail there is, which no verdict passes
+    k, sigma = generalized_pareto_fit(np.r_[np.full(20, 5e-324), np.linspace(0.1, 1, 10)])
+    assert k == math.inf and math.isnan(sigma)
+    log_w = np.r_[np.full(400, -2000.0), np.full(60, -744.0), np.linspace(-5.0, 0.0, 10)]
+    assert not diagnose_weights(log_w).reliable
+
+
 def test_light_tailed_weights_are_reliable_and_heavy_tailed_ones_are_not():
     rng = np.random.default_rng(0)
     light = diagnose_weights(rng.normal(scale=0.3, size=40000))
