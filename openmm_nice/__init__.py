@@ -40,7 +40,7 @@ from openmm_nice.energy.energies import (
     MuellerBrown,
     regularize_energy,
 )
-from openmm_nice.energy.openmm_energy import OpenMMEnergy
+from openmm_nice.energy.openmm_energy import OpenMMEnergy, TorchEnergy
 from openmm_nice.energy.torch_energy import TorchSystemEnergy
 from openmm_nice.errors import UserInputError
 from openmm_nice.flows.conditional import ConditionalGaussian
@@ -83,6 +83,7 @@ __all__ = [
     "OpenMMEnergy",
     "Run",
     "Samples",
+    "TorchEnergy",
     "TorchSystemEnergy",
     "Trainer",
     "UserInputError",

@@ -334,6 +334,10 @@ class Config(_Section):
     # a built-in name, or a mapping: {name: toy, options...}, {pdb, forcefield}, {xml, pdb}
     system: str | dict[str, Any] = "double_well_1d"
     temperature: PosFloat = 300.0  # K
+    # how U is computed (contract): "openmm", OpenMM Contexts (platform, n_workers); "torch",
+    # the System's forces as torch operations in the training process, on `device`; "auto",
+    # torch where it evaluates every force of the System, else openmm
+    engine: Literal["openmm", "torch", "auto"] = "openmm"
     platform: str = "Reference"
     platform_properties: dict[str, Any] = Field(default_factory=dict)
     n_workers: PosInt = 1

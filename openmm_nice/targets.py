@@ -89,13 +89,28 @@ def build_target(config: Config) -> Target:
 
 
 def openmm_energy_for(config: Config, system, temperature: float | None = None):
-    """An :class:`~openmm_nice.energy.openmm_energy.OpenMMEnergy` with the config's platform and
-    workers, at ``temperature`` (default the config's, in kelvin)."""
-    from openmm_nice.energy.openmm_energy import OpenMMEnergy
+    """The reduced energy of an OpenMM System as the config computes it, at ``temperature``
+    (default the config's, in kelvin): by its ``engine``, an
+    :class:`~openmm_nice.energy.openmm_energy.OpenMMEnergy` with the config's platform and
+    workers, or a :class:`~openmm_nice.energy.openmm_energy.TorchEnergy` (``auto``: torch where
+    it evaluates every force of the System)."""
+    from openmm_nice.energy.openmm_energy import OpenMMEnergy, TorchEnergy, torch_refusal
 
+    temperature = config.temperature if temperature is None else temperature
+    engine = config.engine
+    if engine == "auto":
+        engine = "openmm" if torch_refusal(system) else "torch"
+    if engine == "torch":
+        try:
+            return TorchEnergy(system, temperature)
+        except UserInputError as error:
+            raise UserInputError(
+                f"engine: torch cannot evaluate this System: {error}. Set engine: openmm (or "
+                "auto, which takes OpenMM for such a System)"
+            ) from None
     return OpenMMEnergy(
         system,
-        config.temperature if temperature is None else temperature,
+        temperature,
         platform=config.platform,
         platform_properties=config.platform_properties or None,
         n_workers=config.n_workers,

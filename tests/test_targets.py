@@ -46,3 +46,69 @@ def test_torsion_tree_reaches_the_map_fitted_to_frames_and_refits():
         assert torch.isfinite(x).all() and torch.isfinite(log_w).all()
     finally:
         target.close()
+
+
+def one_particle_system():
+    import openmm
+
+    system = openmm.System()
+    system.addParticle(1.0)
+    force = openmm.CustomExternalForce("x^2")
+    force.addParticle(0, [])
+    system.addForce(force)
+    return system
+
+
+def test_the_engine_key_chooses_how_energies_are_computed():
+    from openmm_nice.energy.openmm_energy import OpenMMEnergy, TorchEnergy
+    from openmm_nice.errors import ConfigError, UserInputError
+    from openmm_nice.targets import openmm_energy_for
+
+    def energy_of(engine, system=None):
+        config = config_from_dict({"system": "alanine_dipeptide_vacuum", "engine": engine})
+        if system is not None:
+            return openmm_energy_for(config, system)
+        target = build_target(config)
+        target.close()
+        return target.energy
+
+    assert isinstance(energy_of("openmm"), OpenMMEnergy)
+    assert isinstance(config_from_dict({}).engine, str) and config_from_dict({}).engine == "openmm"
+    assert isinstance(energy_of("torch"), TorchEnergy)
+    assert isinstance(energy_of("auto"), TorchEnergy)  # every force of alanine is supported
+    unsupported = one_particle_system()
+    energy = energy_of("auto", unsupported)
+    assert isinstance(energy, OpenMMEnergy)
+    energy.close()
+    with pytest.raises(UserInputError, match="engine: torch cannot.*CustomExternalForce"):
+        energy_of("torch", unsupported)
+    with pytest.raises(ConfigError, match="engine"):
+        config_from_dict({"engine": "gpu"})
+
+
+def test_a_model_trains_with_the_torch_engine_and_keeps_the_same_state(tmp_path):
+    from openmm_nice.runs import load_run, train_run
+    from openmm_nice.targets import build_generator
+
+    def config(engine):
+        return config_from_dict(
+            {
+                "system": "alanine_dipeptide_vacuum",
+                "engine": engine,
+                "model": {"latent_dim": 62, "layers": 2, "hidden": [16], "conditional_hidden": [8]},
+                "training": {"steps": 2, "batch_size": 16, "beta_start": 1.0, "anneal_steps": 0},
+            }
+        )
+
+    keys = {}
+    for engine in ("openmm", "torch"):
+        target = build_target(config(engine))
+        keys[engine] = set(build_generator(config(engine), target).state_dict())
+        target.close()
+    assert keys["openmm"] == keys["torch"]
+    summary = train_run(config("torch"), tmp_path / "run", quiet=True, n_eval=100)
+    assert summary["energy_evaluations"] > 0 and "ess" in summary
+    with load_run(tmp_path / "run") as (loaded, target, generator):
+        assert loaded.engine == "torch" and type(target.energy).__name__ == "TorchEnergy"
+        x, log_w = generator.sample(8)
+        assert torch.isfinite(log_w).any()

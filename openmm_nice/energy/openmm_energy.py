@@ -21,7 +21,7 @@ from openmm_nice.energy.replicas import replicate_system
 from openmm_nice.energy.torch_energy import TorchSystemEnergy
 from openmm_nice.errors import UserInputError
 
-__all__ = ["OpenMMEnergy"]
+__all__ = ["ENGINES", "OpenMMEnergy", "TorchEnergy", "torch_refusal"]
 # What batching="auto" picks, from benchmarks/batched_energy.py (see OpenMMEnergy's docstring);
 # GPU platforms were not measured.
 _AUTO_BATCHING = {"Reference": "loop", "CPU": "copies"} | dict.fromkeys(GPU_PLATFORMS, "copies")
@@ -410,3 +410,87 @@ class OpenMMEnergy(Energy):
             f"platform={self.platform!r}, n_workers={self.n_workers}, "
             f"batching={self.batching!r}, copies={self.copies}, compile_after={self.compile_after}"
         )
+
+
+ENGINES = ("openmm", "torch", "auto")
+"""How a System's energy is computed (the config's ``engine``): OpenMM Contexts
+(:class:`OpenMMEnergy`), torch operations in the calling process (:class:`TorchEnergy`), or
+``auto``, torch where it evaluates every force of the System."""
+
+
+def torch_refusal(system: openmm.System) -> str | None:
+    """Why :class:`TorchEnergy` cannot evaluate ``system`` (the first force or feature it does
+    not support), or None where it can."""
+    try:
+        TorchSystemEnergy(system)
+    except UserInputError as error:
+        return str(error)
+    return None
+
+
+class TorchEnergy(Energy):
+    r"""The reduced energy :math:`U(x) = E(x) / kT` of an OpenMM System as batched torch
+    operations in the calling process, on the device of the positions.
+
+    The same contract as :class:`OpenMMEnergy` (rows of N positions in nm, U in x's dtype,
+    gradients :math:`-F/kT`), computed by
+    :class:`~openmm_nice.energy.torch_energy.TorchSystemEnergy`: no worker processes, no copy
+    to the host, forces by autograd. Energies are computed in float64 whatever the dtype of x
+    (a float32 model's weights still rest on float64 energies) and agree with OpenMM's
+    Reference platform to about 1e-14 relative. The module's buffers follow ``.to(device)``;
+    a :class:`~openmm_nice.flows.generator.BoltzmannGenerator` moves its energy with itself.
+    Its buffers are not state: a model saves the same state dict with either engine.
+
+    Arguments:
+        system: The System: every force one that
+            :func:`~openmm_nice.energy.torch_energy.supported_forces` names, no cutoffs, no
+            virtual sites, no periodic box (a force it cannot evaluate is refused by name).
+        temperature: An ``openmm.unit`` temperature, or a number in kelvin.
+        remove_constraints: Drop the System's constraints (with a warning) instead of refusing.
+
+    Example:
+        >>> import openmm
+        >>> system = openmm.System()
+        >>> for _ in range(2):
+        ...     _ = system.addParticle(1.0)
+        >>> bonds = openmm.HarmonicBondForce()
+        >>> _ = bonds.addBond(0, 1, 0.1, 1000.0)
+        >>> _ = system.addForce(bonds)
+        >>> energy = TorchEnergy(system, 300.0)
+        >>> x = torch.tensor([[0.0, 0.0, 0.0, 0.2, 0.0, 0.0]], dtype=torch.float64)
+        >>> round(energy(x).item() * energy.kT, 10)  # k/2 (r - r0)^2 in kJ/mol
+        5.0
+    """
+
+    def __init__(
+        self,
+        system: openmm.System,
+        temperature: unit.Quantity | float,
+        remove_constraints: bool = False,
+    ):
+        system = _checked_system(system, remove_constraints)
+        kelvin = _kelvin(temperature)
+        potential = TorchSystemEnergy(system)  # refuses, by name, a force it cannot evaluate
+        super().__init__(3 * system.getNumParticles())
+        self.system = system
+        self.n_particles = system.getNumParticles()
+        self.temperature = kelvin * unit.kelvin
+        self.kT = (unit.MOLAR_GAS_CONSTANT_R * self.temperature).value_in_unit(
+            unit.kilojoule_per_mole
+        )
+        self.potential = potential
+
+    def _energy(self, x: Tensor) -> Tensor:
+        return (self.potential(x.double()) / self.kT).to(x.dtype)
+
+    def close(self) -> None:
+        """Nothing to stop (no worker processes): here so that either engine can be closed."""
+
+    def __enter__(self) -> TorchEnergy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def extra_repr(self) -> str:
+        return f"n_particles={self.n_particles}, temperature={self.temperature}"

@@ -79,6 +79,11 @@ def _dihedral(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
 class _Term(nn.Module):
     """One force's energy in kJ/mol for a batch."""
 
+    def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = False) -> None:
+        # Parameters read from the System, not state: a model whose energy is computed here
+        # saves and loads the same state dict as one whose energy OpenMM computes.
+        super().register_buffer(name, tensor, persistent)
+
     def forward(self, geometry: _Geometry) -> Tensor:
         raise NotImplementedError
 
@@ -544,8 +549,8 @@ class TorchSystemEnergy(nn.Module):
                 )
             terms.append(build(force, pair_i, pair_j))
         self.terms = nn.ModuleList(terms)
-        self.register_buffer("pair_i", _buffer(pair_i, torch.long))
-        self.register_buffer("pair_j", _buffer(pair_j, torch.long))
+        self.register_buffer("pair_i", _buffer(pair_i, torch.long), persistent=False)
+        self.register_buffer("pair_j", _buffer(pair_j, torch.long), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """Energies (B,) in kJ/mol of positions x, (B, 3N) or (B, N, 3), in nm."""

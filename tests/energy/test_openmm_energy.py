@@ -17,7 +17,8 @@ from openmm import unit
 from openmmtools import testsystems
 
 from openmm_nice.energy import openmm_contexts
-from openmm_nice.energy.openmm_energy import OpenMMEnergy
+from openmm_nice.energy.openmm_energy import OpenMMEnergy, TorchEnergy, torch_refusal
+from openmm_nice.errors import UserInputError
 
 
 def one_particle_system(expression: str = "x^2 + 2*y + 3*z^2*x") -> openmm.System:
@@ -563,3 +564,53 @@ with OpenMMEnergy(alanine.system, 300.0) as energy:
     with OpenMMEnergy(alanine.system, 300.0) as energy:
         expected = float(energy(positions)[0])
     assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-12)
+
+
+# --- the torch engine: the same contract in the calling process ------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_engine_matches_a_context(dtype, alanine, alanine_batch, alanine_reference):
+    energy = TorchEnergy(alanine.system, 300 * unit.kelvin)
+    x = torch.tensor(alanine_batch.reshape(len(alanine_batch), -1), dtype=dtype)
+    x.requires_grad_(True)
+    u = energy(x)
+    u.sum().backward()
+    assert u.dtype == dtype and x.grad.dtype == dtype and energy.evaluation_count == len(x)
+    energies, forces = alanine_reference
+    # float64 to 1e-8 relative (issue 32); float32 positions are rounded before the float64
+    # evaluation, as OpenMMEnergy's are (its tolerance in check_alanine)
+    tolerance = 1e-8 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(u.detach().double().numpy() * energy.kT, energies, rtol=tolerance)
+    gradient = -x.grad.double().numpy().reshape(forces.shape) * energy.kT
+    scale = np.abs(forces).max()
+    np.testing.assert_allclose(gradient / scale, forces / scale, atol=tolerance)
+
+
+def test_torch_engine_has_no_state_and_counts_non_finite_rows(alanine, alanine_batch):
+    energy = TorchEnergy(alanine.system, 300.0)
+    assert energy.state_dict() == {}  # a model saves the same state dict with either engine
+    x = torch.tensor(alanine_batch[:3].reshape(3, -1))
+    x[1, 0] = math.nan
+    x[2, 63:66] = x[2, :3]  # two atoms that interact (the first and the last) on top of each other
+    u = energy(x)
+    assert math.isfinite(u[0]) and u[1] == math.inf and u[2] == math.inf
+    assert energy.non_finite_total == 2
+
+
+def test_torch_engine_refuses_a_force_by_name():
+    system = one_particle_system()
+    reason = torch_refusal(system)
+    assert reason is not None and "CustomExternalForce" in reason
+    with pytest.raises(UserInputError, match="CustomExternalForce"):
+        TorchEnergy(system, 300.0)
+    assert torch_refusal(testsystems.AlanineDipeptideImplicit(constraints=None).system) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_torch_engine_on_cuda(alanine, alanine_batch, alanine_reference):
+    energy = TorchEnergy(alanine.system, 300.0).to("cuda")
+    x = torch.tensor(alanine_batch.reshape(len(alanine_batch), -1), device="cuda")
+    u = energy(x)
+    assert u.device.type == "cuda"
+    np.testing.assert_allclose(u.cpu().numpy() * energy.kT, alanine_reference[0], rtol=1e-8)
