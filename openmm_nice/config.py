@@ -163,6 +163,9 @@ class TrainingConfig(_Section):
     # weight of the walkers' negative log-likelihood (0 at a step: the walkers rest)
     walker_weight: float | list[list[float]] = 1.0
     walker_steps: NonNegInt = 5  # MALA steps of the walkers per training step
+    # where the walkers' MALA steps move: "cartesian" (the stiffest bond sets the step) or
+    # "internal", the coordinate map's standardised bonds, angles and torsions (molecules)
+    walker_coordinates: Literal["cartesian", "internal"] = "cartesian"
     # population annealing: walkers reweighted by exp(-dbeta U) as beta changes and resampled
     walker_resampling: bool = False
     # buffer of the model's own samples with exact weights at any beta (forward KL), see

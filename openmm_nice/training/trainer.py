@@ -320,6 +320,8 @@ class Trainer:
         walkers: Number of MCMC walkers (0: none); at most ``batch_size``.
         walker_weight: Weight of their negative log-likelihood in the loss.
         walker_steps: MALA steps per training step.
+        walker_coordinates: Where those steps move: ``"cartesian"``, or ``"internal"``, the
+            coordinate map's flow space (:meth:`~openmm_nice.training.walkers.Walkers.langevin`).
         walker_resampling: Population annealing: as beta changes, the walkers are reweighted
             by :math:`e^{-\Delta\beta U}` and resampled when their weights degenerate
             (:meth:`~openmm_nice.training.walkers.Walkers.anneal`), so that their shares of the wells
@@ -362,6 +364,7 @@ class Trainer:
         walkers: int = _DEFAULTS.walkers,
         walker_weight: float | Sequence[Sequence[float]] = _DEFAULTS.walker_weight,
         walker_steps: int = _DEFAULTS.walker_steps,
+        walker_coordinates: str = _DEFAULTS.walker_coordinates,
         walker_resampling: bool = _DEFAULTS.walker_resampling,
         anneal_start: int = _DEFAULTS.anneal_start,
         buffer_size: int = _DEFAULTS.buffer_size,
@@ -439,6 +442,16 @@ class Trainer:
         self.walkers = int(walkers)
         self.walker_resampling = bool(walker_resampling)
         self.walker_steps = int(walker_steps)
+        if walker_coordinates not in ("cartesian", "internal"):
+            raise ValueError(
+                f"walker_coordinates must be 'cartesian' or 'internal', got {walker_coordinates!r}"
+            )
+        if walker_coordinates == "internal" and getattr(generator, "coordinates", None) is None:
+            raise ValueError(
+                "walker_coordinates: internal needs a generator with a coordinate map (a "
+                "molecule); use cartesian"
+            )
+        self.walker_coordinates = walker_coordinates
         self._walkers: Walkers | None = None
         self.step = 0
         self.elapsed = 0.0
@@ -534,7 +547,13 @@ class Trainer:
             exchanged = walkers.exchange(
                 self.generator, x, u, d.log_weights(beta).detach(), beta, self.rng
             )
-        accepted = walkers.langevin(self._supported_energy, beta, self.walker_steps, self.rng)
+        if self.walker_coordinates == "internal":  # the map's image is the model's support
+            coordinates = self.generator.coordinates
+            accepted = walkers.langevin(
+                self.generator.energy, beta, self.walker_steps, self.rng, coordinates
+            )
+        else:
+            accepted = walkers.langevin(self._supported_energy, beta, self.walker_steps, self.rng)
         return walkers, exchanged, accepted
 
     def _supported_energy(self, x: Tensor) -> Tensor:

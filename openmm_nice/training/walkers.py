@@ -154,13 +154,30 @@ class Walkers:
         return float(accept.double().mean())
 
     def langevin(
-        self, energy, beta: float, steps: int, rng: torch.Generator | None = None
+        self,
+        energy,
+        beta: float,
+        steps: int,
+        rng: torch.Generator | None = None,
+        coordinates=None,
     ) -> float:
-        """``steps`` MALA steps on beta * U (:func:`~openmm_nice.sampling.mala.mala_step`), the step size
+        r"""``steps`` MALA steps on beta * U (:func:`~openmm_nice.sampling.mala.mala_step`), the step size
         adapted after each (:func:`~openmm_nice.sampling.mala.adapt_step_size`). Returns the mean
-        acceptance."""
+        acceptance.
+
+        With ``coordinates`` (a bijection s -> x with ``call_and_ladj`` and ``inverse_and_ladj``,
+        such as a molecule's :class:`~openmm_nice.molecule.coordinates.MolecularTransform`) the
+        chains move in s, on the density :math:`\pi(s) \propto e^{-\beta U(x(s))} |\det
+        \partial x / \partial s|`, whose image in x is the same :math:`e^{-\beta U}`. In
+        Cartesian coordinates the stiffest bond sets the step (about 1e-6 nm^2 for a peptide, a
+        hundredth of an angstrom), so the chains relax within their wells and never turn a
+        side chain; in the map's standardised coordinates every bond, angle and torsion has its
+        own scale, and a step turns torsions by degrees.
+        """
         if steps <= 0:
             return float("nan")
+        if coordinates is not None:
+            return self._langevin_in(coordinates, energy, beta, steps, rng)
 
         def evaluate(x: Tensor):
             u, grad = self._energy_and_gradient(energy, x)
@@ -177,6 +194,34 @@ class Walkers:
             accepted += rate
             self.step_size = adapt_step_size(self.step_size, rate)
         self.x, self.u = x.detach(), u.detach()
+        return accepted / steps
+
+    def _langevin_in(self, coordinates, energy, beta: float, steps: int, rng) -> float:
+        """:meth:`langevin` in the coordinates s of ``coordinates`` (float64)."""
+
+        def evaluate(s: Tensor):
+            with torch.enable_grad():
+                s = s.detach().requires_grad_(True)
+                x, ladj = coordinates.call_and_ladj(s)
+                u = energy(x)
+                log_pi = -beta * u + ladj
+                defined = torch.isfinite(log_pi)
+                (grad,) = torch.autograd.grad(torch.where(defined, log_pi, 0.0).sum(), s)
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            return log_pi.detach(), grad, (x.detach(), u.detach())
+
+        with torch.no_grad():
+            s = coordinates.inverse_and_ladj(self.x.double())[0]
+        log_pi, grad, (x, u) = evaluate(s)
+        accepted = 0.0
+        for _ in range(steps):
+            s, log_pi, grad, (x, u), accept = mala_step(
+                s, log_pi, grad, evaluate, self.step_size, rng, carried=(x, u)
+            )
+            rate = float(accept.double().mean())
+            accepted += rate
+            self.step_size = adapt_step_size(self.step_size, rate)
+        self.x, self.u = x.to(self.x.dtype), u.to(self.u.dtype)
         return accepted / steps
 
     @staticmethod

@@ -39,6 +39,35 @@ def test_langevin_samples_the_tempered_density_and_adapts_its_step():
     torch.testing.assert_close(walkers.u, energy(walkers.x))
 
 
+class Sinh:
+    """x = sinh(s) in each coordinate: a nonlinear bijection with log|dx/ds| = sum log cosh s."""
+
+    def call_and_ladj(self, s):
+        return torch.sinh(s), torch.log(torch.cosh(s)).sum(-1)
+
+    def inverse_and_ladj(self, x):
+        s = torch.asinh(x)
+        return s, -torch.log(torch.cosh(s)).sum(-1)
+
+
+def test_langevin_in_other_coordinates_samples_the_same_density_in_x():
+    # chains that move in s = asinh(x) still sample e^{-beta U(x)} in x: the Jacobian enters
+    # their density (without it they would sample e^{-beta U} in s, variance far from 2)
+    energy = Harmonic(2)
+    rng = torch.Generator().manual_seed(1)
+    x = torch.full((4000, 2), 3.0, dtype=torch.float64)
+    walkers = Walkers(x, energy(x), step_size=1e-3)
+    acceptance = walkers.langevin(energy, beta=0.5, steps=400, rng=rng, coordinates=Sinh())
+    assert 0.4 < acceptance < 0.8
+    torch.testing.assert_close(
+        walkers.x.mean(0), torch.zeros(2, dtype=torch.float64), atol=0.1, rtol=0
+    )
+    torch.testing.assert_close(
+        walkers.x.var(0), torch.full((2,), 2.0, dtype=torch.float64), atol=0.2, rtol=0
+    )
+    torch.testing.assert_close(walkers.u, energy(walkers.x))
+
+
 def test_exchange_with_model_proposals_reaches_the_other_well():
     """Independence Metropolis-Hastings with a broad model: walkers all started in the left
     well of the note's double well end up in both, in the exact proportion."""
@@ -150,3 +179,61 @@ def test_population_annealing_follows_the_boltzmann_shares_of_the_wells():
     assert left == pytest.approx(exact_left(1.0), abs=0.01)  # 0.933 (0.615 at beta 0.2)
     copy = Walkers.from_state_dict(walkers.state_dict())
     assert copy.beta == 1.0 and torch.equal(copy.log_weight, walkers.log_weight)
+
+
+def test_walkers_of_a_molecule_move_in_the_maps_coordinates():
+    from openmm_nice.config import config_from_dict
+    from openmm_nice.targets import build_target, build_trainer
+
+    def trainer(walker_coordinates):
+        config = config_from_dict(
+            {
+                "system": "alanine_dipeptide_vacuum",
+                "model": {"latent_dim": 60, "layers": 2, "hidden": [16]},
+                "training": {
+                    "steps": 4,
+                    "batch_size": 32,
+                    "beta_start": 1.0,
+                    "anneal_steps": 0,
+                    "walkers": 32,
+                    "walker_steps": 10,
+                    "walker_coordinates": walker_coordinates,
+                },
+            }
+        )
+        target = build_target(config)
+        return target, build_trainer(config, target)
+
+    moved = {}
+    for space in ("cartesian", "internal"):
+        target, t = trainer(space)
+        try:
+            t.run()  # 40 MALA steps: the step size adapted to its space
+            walkers = t._walkers
+            torch.testing.assert_close(walkers.u, target.energy(walkers.x))
+            internal = t.generator.coordinates.internal
+            n = internal.n_atoms
+            before = internal.to_internal(walkers.x.double())[0][:, 2 * n - 3 :]
+            walkers.langevin(
+                target.energy,
+                1.0,
+                20,
+                torch.Generator().manual_seed(0),
+                t.generator.coordinates if space == "internal" else None,
+            )
+            after = internal.to_internal(walkers.x.double())[0][:, 2 * n - 3 :]
+            turned = torch.remainder(after - before + math.pi, 2 * math.pi) - math.pi
+            moved[space] = float(turned.abs().mean())
+            # the chains stay where the model's density is defined (the map's image)
+            ladj = t.generator.coordinates.inverse_and_ladj(walkers.x.double())[1]
+            assert torch.isfinite(ladj).all() and torch.isfinite(walkers.u).all()
+        finally:
+            target.close()
+    assert min(moved.values()) > 0.01, moved  # radians: both kernels turn the torsions
+    with pytest.raises(ValueError, match="walker_coordinates: internal needs"):
+        Trainer(
+            BoltzmannGenerator(DoubleWell1D(), latent_dim=2, layers=2, hidden=[4]),
+            walkers=4,
+            batch_size=4,
+            walker_coordinates="internal",
+        )
