@@ -2,11 +2,25 @@
 
 openmmtools' ParallelTemperingSampler runs --replicas replicas of the panel molecule's System
 (benchmarks/_panel.py: the same System the recipe trains on) at temperatures spaced
-geometrically from 300 K to --t-max, with Langevin dynamics between exchange attempts
-(`LangevinDynamicsMove`: --steps-per-iteration steps of --timestep-fs, friction 1/ps) and
-all-pairs exchanges. Hydrogen masses are raised to --hydrogen-mass amu, taken from the heavy
-atom they are bonded to: masses do not enter the configurational Boltzmann distribution, so the
-300 K ensemble is unchanged and a 2 fs step is stable without constraints.
+geometrically from 300 K to --t-max, with all-pairs exchange attempts between moves. The default
+move is one Hamiltonian Monte Carlo trajectory per iteration (:func:`hmc_move`: fresh velocities,
+--steps-per-iteration velocity Verlet steps of --timestep-fs, Metropolis on the total energy), so
+each state's configurational ensemble is exact whatever the step; its acceptance is printed.
+`--move langevin` takes `LangevinDynamicsMove` (OpenMM's LangevinMiddleIntegrator) instead,
+faster per step, exact only as the step goes to zero. Hydrogen masses are raised to
+--hydrogen-mass amu, taken from the heavy atom they are bonded to: masses do not enter the
+configurational Boltzmann distribution, and the heavier hydrogens allow the longer step.
+
+The ladder reaches 1,200 K because 600 K is not enough: valine dipeptide's phi changes sign only
+some tens of times in 5 ns of a 300-600 K ladder, each replica carrying phi > 0 up and down for
+nanoseconds, so repeats scattered from P(phi > 0) = 0.03 to 0.21 beyond their error bars; with
+12 replicas to 1,200 K phi switched 650-670 times per repeat and two repeats agreed
+(benchmarks/RESULTS.md). The table's "switch" column counts those entries into and exits from
+each region along every replica's path: the number of visits an estimate rests on, which the
+block bootstrap over iterations does not see. Frames with a cis peptide bond, or with a
+stereocentre inverted (the hot states can, rarely), are counted and left out: the reference is
+of the trans-amide ensemble of the given stereoisomer, the one the generator's coordinate map
+describes.
 
 Every replica's configuration at every iteration after --equilibration-fraction of them is a
 sample; MBAR (pymbar) over all temperatures gives each its weight at 300 K (at 300 K a rare
@@ -16,8 +30,6 @@ weights, for every residue's phi:
     bootstrap of --blocks contiguous blocks of iterations (MBAR solved again on each);
   * the 36 x 36 Ramachandran probabilities of the first residue (phi on the first axis).
 The 300 K state's own frames give a second, unweighted P(phi > 0), printed beside it as a check.
-The reference is of the trans-amide ensemble: frames with a cis peptide bond are counted and
-left out, as in benchmarks/alanine_reference.py.
 
 --repeats independent runs (seeds seed, seed + 1, ...) are analysed each on its own; the
 reference is their mean, its error the standard error of that mean or the combined errors of
@@ -73,6 +85,64 @@ def repartition_hydrogen_mass(system: openmm.System, topology, mass: float) -> N
                 system.setParticleMass(heavy.index, heavy_mass - extra)
 
 
+def hmc_move(timestep, trajectory_steps: int):
+    """An openmmtools MCMC move that runs one Hamiltonian Monte Carlo trajectory: velocities
+    drawn afresh at the state's temperature, ``trajectory_steps`` velocity Verlet steps of
+    ``timestep``, the end accepted by the Metropolis rule on the total energy (openmmtools'
+    HMCIntegrator), so the state's configurational ensemble is exact whatever the step. It keeps
+    its acceptance counts. (openmmtools' own HMCMove calls ``integrator.step(n_steps)`` on an
+    integrator whose every step is a whole trajectory of n_steps, n_steps squared in all.)"""
+    from openmmtools import integrators, mcmc
+
+    class HMCMove(mcmc.BaseIntegratorMove):
+        def __init__(self, timestep, trajectory_steps, **kwargs):
+            super().__init__(n_steps=1, **kwargs)
+            self.timestep = timestep
+            self.trajectory_steps = int(trajectory_steps)
+            self.n_accepted = self.n_proposed = 0
+
+        def __getstate__(self):
+            state = super().__getstate__()
+            state.update(
+                timestep=self.timestep,
+                trajectory_steps=self.trajectory_steps,
+                n_accepted=self.n_accepted,
+                n_proposed=self.n_proposed,
+            )
+            return state
+
+        def __setstate__(self, state):
+            super().__setstate__(state)
+            self.timestep, self.trajectory_steps = state["timestep"], state["trajectory_steps"]
+            self.n_accepted, self.n_proposed = state["n_accepted"], state["n_proposed"]
+
+        def _get_integrator(self, thermodynamic_state):
+            return integrators.HMCIntegrator(
+                temperature=thermodynamic_state.temperature,
+                nsteps=self.trajectory_steps,
+                timestep=self.timestep,
+            )
+
+        def _after_integration(self, context, thermodynamic_state):
+            integrator = context.getIntegrator()  # a cached one counts on: read and reset
+            self.n_accepted += int(integrator.getGlobalVariableByName("naccept"))
+            self.n_proposed += int(integrator.getGlobalVariableByName("ntrials"))
+            integrator.setGlobalVariableByName("naccept", 0)
+            integrator.setGlobalVariableByName("ntrials", 0)
+
+    return HMCMove(timestep, trajectory_steps)
+
+
+def handed_rows(molecule) -> np.ndarray:
+    """The (i, j, k, l) rows of the molecule's stereocentre torsions (the torsions whose sign
+    the generator's coordinate map holds at the starting structure's)."""
+    from openmm_nice.molecule.zmatrix import build_zmatrix, handed_torsions
+
+    zmatrix = build_zmatrix(molecule.topology)
+    signs = handed_torsions(molecule.topology, zmatrix, np.asarray(molecule.positions))
+    return np.asarray(zmatrix)[3:][signs != 0]
+
+
 def run_parallel_tempering(molecule, args, seed: int, storage: Path) -> dict:
     """One repeat. Returns, per iteration (after the first) and replica: ``phi`` (I, K, R)
     radians and ``psi`` (I, K, R) of every residue, ``cis`` (I, K), ``states`` (I, K) each
@@ -86,12 +156,15 @@ def run_parallel_tempering(molecule, args, seed: int, storage: Path) -> dict:
     properties = {"Threads": "1"} if args.platform == "CPU" else {}
     thermodynamic_state = states.ThermodynamicState(system, temperature=300.0 * unit.kelvin)
     sampler_state = states.SamplerState(molecule.positions * unit.nanometer)
-    move = mcmc.LangevinDynamicsMove(
-        timestep=args.timestep_fs * unit.femtosecond,
-        collision_rate=1.0 / unit.picosecond,
-        n_steps=args.steps_per_iteration,
-        reassign_velocities=False,
-    )
+    if args.move == "hmc":
+        move = hmc_move(args.timestep_fs * unit.femtosecond, args.steps_per_iteration)
+    else:
+        move = mcmc.LangevinDynamicsMove(
+            timestep=args.timestep_fs * unit.femtosecond,
+            collision_rate=1.0 / unit.picosecond,
+            n_steps=args.steps_per_iteration,
+            reassign_velocities=False,
+        )
     iterations = int(round(args.ns * 1e6 / (args.timestep_fs * args.steps_per_iteration)))
     sampler = ParallelTemperingSampler(mcmc_moves=move, number_of_iterations=iterations)
     sampler._global_citation_silence = True  # noqa: SLF001 (its only switch)
@@ -115,11 +188,17 @@ def run_parallel_tempering(molecule, args, seed: int, storage: Path) -> dict:
     started = time.perf_counter()
     sampler.run()
     seconds = time.perf_counter() - started
+    acceptance = None
+    if args.move == "hmc":  # the moves' counts (openmmtools keeps a copy per state), summed
+        moves = sampler.mcmc_moves
+        acceptance = sum(m.n_accepted for m in moves) / max(sum(m.n_proposed for m in moves), 1)
     temperatures = [s.temperature.value_in_unit(unit.kelvin) for s in sampler._thermodynamic_states]  # noqa: SLF001
     replica_states = reporter.read_replica_thermodynamic_states()[1:]  # (I, K)
     u = reporter.read_energies()[0][1:]  # (I, K, S)
     phi_rows, psi_rows = backbone_indices(molecule.topology)
-    phi, psi, cis = [], [], []
+    handed = handed_rows(molecule)
+    start_signs = np.sign(dihedrals(np.asarray(molecule.positions)[None], handed))
+    phi, psi, cis, inverted = [], [], [], []
     for it in range(1, len(replica_states) + 1):
         x = np.array(
             [
@@ -130,16 +209,19 @@ def run_parallel_tempering(molecule, args, seed: int, storage: Path) -> dict:
         phi.append(dihedrals(x, phi_rows))
         psi.append(dihedrals(x, psi_rows))
         cis.append(cis_frames(x, molecule.topology))
+        inverted.append((np.sign(dihedrals(x, handed)) != start_signs).any(axis=-1))
     reporter.close()
     return {
         "phi": np.array(phi),
         "psi": np.array(psi),
         "cis": np.array(cis),
+        "inverted": np.array(inverted),
         "states": np.asarray(replica_states),
         "u": np.asarray(u),
         "temperatures": temperatures,
         "seconds": seconds,
         "iterations": iterations,
+        "acceptance": acceptance,
     }
 
 
@@ -181,7 +263,8 @@ def analyse(run: dict, equilibration_fraction: float, n_bootstrap: int, n_blocks
     start = int(len(run["u"]) * equilibration_fraction)
     u, phi, psi = run["u"][start:], run["phi"][start:], run["psi"][start:]
     cis, states = run["cis"][start:], run["states"][start:]
-    trans = ~cis
+    inverted = run["inverted"][start:] if "inverted" in run else np.zeros_like(cis)
+    trans = ~cis & ~inverted  # the trans-amide ensemble of the given stereoisomer
     regions = backbone_observables(phi, psi)
     inside = np.stack(list(regions.values()), axis=-1)
     w, p, f_k = _populations(u, inside, trans)
@@ -208,6 +291,10 @@ def analyse(run: dict, equilibration_fraction: float, n_bootstrap: int, n_blocks
                 "df_kT": df,
                 "df_error_kT": float(bootstrap_spread(df_reps)) if math.isfinite(df) else math.inf,
                 "p_300K_frames": float(inside[..., m][own].mean()),
+                # entries into and exits from the region along every replica's own path
+                # (through all temperatures): the number of independent visits that the
+                # estimate rests on, whatever the block bootstrap says
+                "switches": int(np.count_nonzero(np.diff(inside[..., m], axis=0))),
             }
         )
     edges = np.linspace(-math.pi, math.pi, RAMACHANDRAN_BINS + 1)
@@ -217,6 +304,7 @@ def analyse(run: dict, equilibration_fraction: float, n_bootstrap: int, n_blocks
     return {
         "frames": int(trans.size),
         "cis_frames": int(cis.sum()),
+        "inverted_frames": int(inverted.sum()),
         "frames_300K": int(own.sum()),
         "ess_300K": float(1.0 / np.sum(w**2)),
         "observables": observables,
@@ -281,6 +369,8 @@ def _raw_runs(paths: list[Path]) -> list[dict]:
             r = 0
             while f"u{r}" in data:
                 run = {k: data[f"{k}{r}"] for k in ("phi", "cis", "states", "u")}
+                if f"inverted{r}" in data:
+                    run["inverted"] = data[f"inverted{r}"]
                 run["psi"] = data[f"psi{r}"] if f"psi{r}" in data else data[f"psi1{r}"][..., None]
                 if f"seconds{r}" in data:
                     run["seconds"] = float(data[f"seconds{r}"])
@@ -310,15 +400,29 @@ def _load_repeats(paths: list[Path]) -> tuple[list[dict], dict]:
     return repeats, settings
 
 
+def _acceptance(repeat: dict) -> str:
+    """The HMC acceptance of a repeat as printed ("-" for Langevin moves or older files)."""
+    a = repeat.get("acceptance")
+    return "-" if a is None else f"{a:.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("molecule", choices=sorted(PANEL))
     p.add_argument("--ns", type=float, default=10.0, help="ns per replica per repeat")
-    p.add_argument("--replicas", type=int, default=8)
-    p.add_argument("--t-max", type=float, default=600.0, help="hottest replica, K")
-    p.add_argument("--timestep-fs", type=float, default=2.0)
+    p.add_argument("--replicas", type=int, default=12)
+    p.add_argument("--t-max", type=float, default=1200.0, help="hottest replica, K")
+    p.add_argument(
+        "--move",
+        choices=("hmc", "langevin"),
+        default="hmc",
+        help="hmc: one Hamiltonian Monte Carlo trajectory of --steps-per-iteration steps per "
+        "iteration (exact at any step); langevin: LangevinMiddleIntegrator, whose step biases "
+        "the ensemble",
+    )
+    p.add_argument("--timestep-fs", type=float, default=1.5)
     p.add_argument("--hydrogen-mass", type=float, default=3.0, help="amu")
-    p.add_argument("--steps-per-iteration", type=int, default=500)
+    p.add_argument("--steps-per-iteration", type=int, default=333)
     p.add_argument("--equilibration-fraction", type=float, default=0.1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -378,12 +482,13 @@ def main(argv: list[str] | None = None) -> int:
                     iterations=run["iterations"],
                     round_trips=round_trips(run["states"]),
                     temperatures=run["temperatures"],
+                    acceptance=run["acceptance"],
                 )
                 repeats.append(result)
                 runs.append(run)
         if args.raw:
             args.raw.parent.mkdir(parents=True, exist_ok=True)
-            keys = ("phi", "psi", "cis", "states", "u", "seconds")
+            keys = ("phi", "psi", "cis", "inverted", "states", "u", "seconds")
             np.savez(args.raw, **{f"{k}{r}": run[k] for r, run in enumerate(runs) for k in keys})
     combined = combine(repeats)
 
@@ -393,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'seed':>6} {'region':>11} {'P':>7} {'dF (kT)':>15} {'P 300K':>7} "
-        f"{'frames':>7} {'cis':>5} {'ESS 300K':>8} {'trips':>5} {'time (s)':>8}"
+        f"{'frames':>7} {'cis':>5} {'ESS 300K':>8} {'trips':>5} {'switch':>6} {'accept':>6} "
+        f"{'time (s)':>8}"
     )
     for r in repeats:
         for res in r["observables"]:
@@ -401,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['seed']:>6} {res['name']:>11} {res['p']:>7.4f} "
                 f"{res['df_kT']:>7.3f} +- {res['df_error_kT']:<5.3f} {res['p_300K_frames']:>7.4f} "
                 f"{r['frames']:>7} {r['cis_frames']:>5} {r['ess_300K']:>8.0f} "
-                f"{r['round_trips']:>5} {r['seconds']:>8.0f}"
+                f"{r['round_trips']:>5} {res.get('switches', -1):>6} {_acceptance(r):>6} "
+                f"{r['seconds']:>8.0f}"
             )
     for c in combined:
         print(

@@ -120,6 +120,47 @@ def test_analysis_counts_populations_and_leaves_cis_frames_out():
     assert result["histogram36"].sum() == pytest.approx(1.0)
 
 
+def test_analysis_leaves_inverted_stereocentres_out_and_counts_switches():
+    phi = np.full((100, 2, 1), -1.0)
+    phi[20:40, 0] = 1.0  # replica 0 enters phi > 0 once and leaves it once
+    phi[90:, 1] = 1.0  # replica 1 enters it at the end
+    run = _run(phi, np.zeros((100, 2, 2)))
+    run["inverted"] = np.zeros((100, 2), bool)
+    run["inverted"][20:30, 0] = True  # half of replica 0's visit is the other stereoisomer
+    result = panel_reference.analyse(run, 0.0, 10, 10)
+    residue = result["observables"][0]
+    assert result["inverted_frames"] == 10 and result["cis_frames"] == 0
+    assert residue["p"] == pytest.approx(20 / 190)
+    assert residue["switches"] == 3
+
+
+def test_hmc_move_samples_a_harmonic_well_exactly_at_a_long_step():
+    # one particle of 1 amu in U = k r^2 / 2, k = 1000 kJ/mol/nm^2: omega = 31.6/ps, and a
+    # 47 fs step makes omega dt = 1.5, where velocity Verlet without the Metropolis test
+    # samples x with variance kT / (k (1 - (omega dt)^2 / 4)), 2.3 times the exact kT / k
+    from openmmtools import cache, states
+
+    k = 1000.0
+    system = openmm.System()
+    system.addParticle(1.0)
+    well = openmm.CustomExternalForce("0.5 * k * (x^2 + y^2 + z^2)")
+    well.addGlobalParameter("k", k)
+    well.addParticle(0, [])
+    system.addForce(well)
+    thermodynamic_state = states.ThermodynamicState(system, temperature=300.0 * unit.kelvin)
+    sampler_state = states.SamplerState(np.zeros((1, 3)) * unit.nanometer)
+    move = panel_reference.hmc_move(1.5 / math.sqrt(k) * unit.picosecond, 5)
+    contexts = cache.ContextCache(platform=openmm.Platform.getPlatformByName("Reference"))
+    positions = []
+    for _ in range(3000):
+        move.apply(thermodynamic_state, sampler_state, context_cache=contexts)
+        positions.append(sampler_state.positions.value_in_unit(unit.nanometer)[0])
+    kT = (unit.MOLAR_GAS_CONSTANT_R * 300.0 * unit.kelvin).value_in_unit(unit.kilojoule_per_mole)
+    variance = np.var(np.array(positions)[300:]) / (kT / k)
+    assert variance == pytest.approx(1.0, abs=0.1)
+    assert move.n_proposed == 3000 and 0.2 < move.n_accepted / move.n_proposed < 0.95
+
+
 def test_mbar_over_temperatures_recovers_the_cold_population():
     # x ~ N(0, 1/beta) in two states, beta 1 and 0.4; "phi" = x - 1: P(x > 1) at beta 1 is
     # 0.1587, and the hot state's samples are reweighted to it
@@ -155,7 +196,8 @@ def test_combine_reports_the_repeats_agreement():
 
 def test_short_parallel_tempering_runs_write_references_that_combine(tmp_path):
     base = ["alanine_dipeptide_vacuum", "--ns", "0.004", "--replicas", "3", "--repeats", "1"]
-    base += ["--steps-per-iteration", "50", "--n-bootstrap", "5", "--blocks", "4"]
+    base += ["--steps-per-iteration", "50", "--timestep-fs", "2", "--n-bootstrap", "5"]
+    base += ["--blocks", "4"]
     a, b, joined = tmp_path / "a.npz", tmp_path / "b.npz", tmp_path / "ab.npz"
     assert panel_reference.main([*base, "--out", str(a), "--raw", str(tmp_path / "raw.npz")]) == 0
     assert panel_reference.main([*base, "--seed", "1", "--out", str(b)]) == 0
