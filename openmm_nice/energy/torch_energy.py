@@ -433,6 +433,74 @@ class _CustomGB(_Term):
         return energy
 
 
+class _CustomBonded(_Term):
+    """CustomBondForce (variable r), CustomAngleForce (theta, radians) and CustomTorsionForce
+    (theta, the dihedral in (-pi, pi] with OpenMM's sign): the force's Lepton expression of
+    that variable, its per-term parameters and its global parameters (at their defaults),
+    summed over the force's terms."""
+
+    # per class: atoms per term, the variable, and the methods that read the force
+    _KINDS = {
+        openmm.CustomBondForce: (2, "r", "Bond"),
+        openmm.CustomAngleForce: (3, "theta", "Angle"),
+        openmm.CustomTorsionForce: (4, "theta", "Torsion"),
+    }
+
+    def __init__(self, force: openmm.Force):
+        super().__init__()
+        self.n_atoms, variable, noun = self._KINDS[type(force)]
+        count = getattr(force, f"getNum{noun}s")()
+        self.names = [
+            getattr(force, f"getPer{noun}ParameterName")(k)
+            for k in range(getattr(force, f"getNumPer{noun}Parameters")())
+        ]
+        rows = [getattr(force, f"get{noun}Parameters")(k) for k in range(count)]
+        self.register_buffer(
+            "atoms",
+            _buffer([r[: self.n_atoms] for r in rows], torch.long).reshape(-1, self.n_atoms),
+        )
+        self.parameters = np.array([list(r[self.n_atoms]) for r in rows], dtype=np.float64).reshape(
+            count, len(self.names)
+        )
+        self.globals = {
+            force.getGlobalParameterName(k): force.getGlobalParameterDefaultValue(k)
+            for k in range(force.getNumGlobalParameters())
+        }
+        self.variable = variable
+        self.expression = parse_expression(force.getEnergyFunction())
+        unknown = sorted(
+            self.expression.variables - {variable} - set(self.names) - set(self.globals)
+        )
+        if unknown:
+            raise UserInputError(
+                f"the {type(force).__name__}'s energy {self.expression.text!r} uses {unknown}, "
+                "which are not its parameters or its variable"
+            )
+        self._bound: dict[tuple[torch.dtype, torch.device], Expression] = {}
+
+    def _bind(self, dtype: torch.dtype, device: torch.device) -> Expression:
+        key = (dtype, device)
+        if key not in self._bound:
+            parameters = torch.as_tensor(self.parameters, dtype=dtype, device=device)
+            values = dict(self.globals)
+            values |= {name: parameters[:, k] for k, name in enumerate(self.names)}
+            self._bound[key] = self.expression.bind(values)
+        return self._bound[key]
+
+    def forward(self, geometry: _Geometry) -> Tensor:
+        positions = geometry.positions
+        atoms = [geometry.atoms(self.atoms[:, k]) for k in range(self.n_atoms)]
+        if self.n_atoms == 2:
+            value = torch.linalg.vector_norm(atoms[1] - atoms[0], dim=-1)
+        elif self.n_atoms == 3:
+            value = _angle(*atoms)
+        else:
+            value = _dihedral(*atoms)
+        expression = self._bind(positions.dtype, positions.device)
+        energy = expression.evaluate({self.variable: value})
+        return _per_batch(energy, positions.shape[0], len(self.atoms), positions).sum(-1)
+
+
 def _per_batch(value, batch: int, size: int, like: Tensor) -> Tensor:
     """A value (a number, or a tensor of shape (size,) or (B, size)) as a (B, size) tensor."""
     value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
@@ -482,6 +550,9 @@ _TERMS: dict[type, Callable] = {
     openmm.NonbondedForce: _Nonbonded,
     openmm.GBSAOBCForce: _GBSAOBC,
     openmm.CustomGBForce: _CustomGB,
+    openmm.CustomBondForce: lambda force, i, j: _CustomBonded(force),
+    openmm.CustomAngleForce: lambda force, i, j: _CustomBonded(force),
+    openmm.CustomTorsionForce: lambda force, i, j: _CustomBonded(force),
 }
 
 
@@ -495,8 +566,9 @@ class TorchSystemEnergy(nn.Module):
 
     The System's forces are read once and written as torch code: HarmonicBondForce,
     HarmonicAngleForce, PeriodicTorsionForce, RBTorsionForce, NonbondedForce and GBSAOBCForce
-    with NoCutoff, and CustomGBForce with NoCutoff (its expressions translated by
-    :mod:`openmm_nice.energy.lepton`); CMMotionRemover has no energy. A System with any other force,
+    with NoCutoff, CustomGBForce with NoCutoff, and CustomBondForce, CustomAngleForce and
+    CustomTorsionForce (their expressions translated by :mod:`openmm_nice.energy.lepton`);
+    CMMotionRemover has no energy. A System with any other force,
     or a cutoff, is refused with an error naming it. Forces are the negative gradient, by
     autograd. The module's buffers follow ``.to(device)``; the expressions of a CustomGBForce
     are bound to the dtype and device of the positions when first used.

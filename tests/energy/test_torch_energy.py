@@ -114,6 +114,45 @@ def synthetic_gb(n: int) -> openmm.System:
     return system
 
 
+def custom_bonded(system: openmm.System) -> openmm.System:
+    """The System's bonds, angles and torsions as CustomBondForce, CustomAngleForce and
+    CustomTorsionForce with expressions that the harmonic forms do not have: odd powers, a
+    global parameter, a term odd in the torsion (its sign convention), select and step."""
+    forces = {type(f): f for f in system.getForces()}
+    bonds = openmm.CustomBondForce("0.5*k*(r-r0)^2 + c*(r-r0)^3")
+    bonds.addGlobalParameter("c", 300.0)
+    bonds.addPerBondParameter("r0")
+    bonds.addPerBondParameter("k")
+    harmonic = forces[openmm.HarmonicBondForce]
+    for k in range(harmonic.getNumBonds()):
+        i, j, r0, kb = harmonic.getBondParameters(k)
+        bonds.addBond(i, j, [r0._value, kb._value])
+    angles = openmm.CustomAngleForce("k*(theta-theta0)^2 + g*cos(theta)")
+    angles.addGlobalParameter("g", 2.0)
+    angles.addPerAngleParameter("theta0")
+    angles.addPerAngleParameter("k")
+    harmonic = forces[openmm.HarmonicAngleForce]
+    for k in range(harmonic.getNumAngles()):
+        i, j, m, theta0, ka = harmonic.getAngleParameters(k)
+        angles.addAngle(i, j, m, [theta0._value, 0.5 * ka._value])
+    torsions = openmm.CustomTorsionForce(
+        "k*(1+cos(n*theta-theta0)) + s*sin(theta) + select(step(theta), 0.1, 0.3)*theta^2"
+    )
+    torsions.addGlobalParameter("s", 1.5)
+    for name in ("n", "theta0", "k"):
+        torsions.addPerTorsionParameter(name)
+    periodic = forces[openmm.PeriodicTorsionForce]
+    for k in range(periodic.getNumTorsions()):
+        *atoms, n, phase, kt = periodic.getTorsionParameters(k)
+        torsions.addTorsion(*atoms, [n, phase._value, kt._value])
+    custom = openmm.System()
+    for i in range(system.getNumParticles()):
+        custom.addParticle(system.getParticleMass(i))
+    for force in (bonds, angles, torsions):
+        custom.addForce(force)
+    return custom
+
+
 @pytest.fixture(scope="module")
 def molecules(tmp_path_factory) -> dict[str, openmm.System]:
     vacuum = alanine_dipeptide_vacuum()
@@ -181,6 +220,26 @@ def test_synthetic_custom_gb_matches_openmm(configurations, kind):
     system = synthetic_gb(22)
     positions = configurations[kind]
     assert_close(*torch_values(system, positions), *reference(system, positions))
+
+
+@pytest.mark.parametrize("kind", ["random", "md", "clashing"])
+def test_custom_bonded_forces_match_openmm(molecules, configurations, kind):
+    system = custom_bonded(molecules["vacuum"])
+    positions = configurations[kind]
+    assert_close(*torch_values(system, positions), *reference(system, positions))
+    for k in range(3):  # and each force alone
+        alone = custom_bonded(molecules["vacuum"])
+        for other in sorted({0, 1, 2} - {k}, reverse=True):
+            alone.removeForce(other)
+        assert_close(*torch_values(alone, positions), *reference(alone, positions))
+
+
+def test_custom_bonded_force_with_an_unknown_variable_is_refused():
+    force = openmm.CustomBondForce("k*r^2 + q")  # q: neither a parameter nor r
+    force.addGlobalParameter("k", 1.0)
+    force.addBond(0, 1, [])
+    with pytest.raises(ValueError, match=r"CustomBondForce's energy.*\['q'\]"):
+        TorchSystemEnergy(two_particles(force))
 
 
 @pytest.mark.parametrize("molecule", ["vacuum", "implicit", "obc2", "gbn2", "amber99_obc"])
