@@ -501,13 +501,87 @@ class _CustomBonded(_Term):
         return _per_batch(energy, positions.shape[0], len(self.atoms), positions).sum(-1)
 
 
+class _CustomNonbonded(_Term):
+    """CustomNonbondedForce with NoCutoff: its Lepton expression of r over every pair i < j that
+    is not excluded, per-particle parameters with the suffixes 1 and 2 (OpenMM requires the
+    expression to be symmetric in the two), global parameters at their defaults, discrete
+    tabulated functions. Interaction groups and computed values are refused."""
+
+    def __init__(self, force: openmm.CustomNonbondedForce, pair_i: np.ndarray, pair_j: np.ndarray):
+        super().__init__()
+        _refuse_cutoff(force, force.getNonbondedMethod())
+        name = "CustomNonbondedForce"
+        if force.getNumInteractionGroups() > 0:
+            raise UserInputError(
+                f"the System's {name} has interaction groups, which the torch energy does not "
+                "evaluate: use batching='loop'"
+            )
+        if getattr(force, "getNumComputedValues", lambda: 0)() > 0:
+            raise UserInputError(
+                f"the System's {name} has computed values, which the torch energy does not "
+                "evaluate: use batching='loop'"
+            )
+        n = force.getNumParticles()
+        functions = {}
+        for k in range(force.getNumTabulatedFunctions()):
+            fname = force.getTabulatedFunctionName(k)
+            functions[fname] = _tabulated(force.getTabulatedFunction(k), fname, name)
+        self.names = [
+            force.getPerParticleParameterName(k) for k in range(force.getNumPerParticleParameters())
+        ]
+        self.particle_parameters = np.array(
+            [force.getParticleParameters(i) for i in range(n)], dtype=np.float64
+        ).reshape(n, len(self.names))
+        self.globals = {
+            force.getGlobalParameterName(k): force.getGlobalParameterDefaultValue(k)
+            for k in range(force.getNumGlobalParameters())
+        }
+        excluded = set()
+        for k in range(force.getNumExclusions()):
+            i, j = force.getExclusionParticles(k)
+            excluded.add((min(i, j), max(i, j)))
+        self.n = n
+        self.pairs = _without(pair_i, pair_j, excluded)
+        self.expression = parse_expression(force.getEnergyFunction(), functions)
+        known = {f"{p}{k}" for p in self.names for k in (1, 2)} | {"r"} | set(self.globals)
+        unknown = sorted(self.expression.variables - known)
+        if unknown:
+            raise UserInputError(
+                f"the {name}'s energy {self.expression.text!r} uses {unknown}, which are not "
+                "its parameters or r"
+            )
+        numbers = _pair_numbers(*self.pairs, n)
+        self.register_buffer("numbers", _buffer(numbers, torch.long))
+        self._bound: dict[tuple[torch.dtype, torch.device], Expression] = {}
+
+    def _bind(self, dtype: torch.dtype, device: torch.device) -> Expression:
+        key = (dtype, device)
+        if key not in self._bound:
+            parameters = torch.as_tensor(self.particle_parameters, dtype=dtype, device=device)
+            first, second = (torch.as_tensor(p, device=device) for p in self.pairs)
+            values = dict(self.globals)
+            for k, pname in enumerate(self.names):
+                values[f"{pname}1"] = parameters[first, k]
+                values[f"{pname}2"] = parameters[second, k]
+            self._bound[key] = self.expression.bind(values)
+        return self._bound[key]
+
+    def forward(self, geometry: _Geometry) -> Tensor:
+        positions = geometry.positions
+        r = geometry.distances()[:, self.numbers]
+        energy = self._bind(positions.dtype, positions.device).evaluate({"r": r})
+        return _per_batch(energy, positions.shape[0], len(self.numbers), positions).sum(-1)
+
+
 def _per_batch(value, batch: int, size: int, like: Tensor) -> Tensor:
     """A value (a number, or a tensor of shape (size,) or (B, size)) as a (B, size) tensor."""
     value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     return value.expand(batch, size)
 
 
-def _tabulated(function: openmm.TabulatedFunction, name: str) -> tuple[int, Callable]:
+def _tabulated(
+    function: openmm.TabulatedFunction, name: str, owner: str = "CustomGBForce"
+) -> tuple[int, Callable]:
     """A discrete tabulated function as (number of arguments, torch function); others refused.
 
     OpenMM rounds each argument to the nearest integer and stores the table with the first
@@ -521,7 +595,7 @@ def _tabulated(function: openmm.TabulatedFunction, name: str) -> tuple[int, Call
         shape, table = tuple(parameters[:-1]), parameters[-1]
     else:
         raise UserInputError(
-            f"the CustomGBForce's tabulated function {name!r} is a {kind}; the torch energy "
+            f"the {owner}'s tabulated function {name!r} is a {kind}; the torch energy "
             "supports Discrete1DFunction, Discrete2DFunction and Discrete3DFunction only: "
             "use batching='loop'"
         )
@@ -553,6 +627,7 @@ _TERMS: dict[type, Callable] = {
     openmm.CustomBondForce: lambda force, i, j: _CustomBonded(force),
     openmm.CustomAngleForce: lambda force, i, j: _CustomBonded(force),
     openmm.CustomTorsionForce: lambda force, i, j: _CustomBonded(force),
+    openmm.CustomNonbondedForce: _CustomNonbonded,
 }
 
 
@@ -566,8 +641,8 @@ class TorchSystemEnergy(nn.Module):
 
     The System's forces are read once and written as torch code: HarmonicBondForce,
     HarmonicAngleForce, PeriodicTorsionForce, RBTorsionForce, NonbondedForce and GBSAOBCForce
-    with NoCutoff, CustomGBForce with NoCutoff, and CustomBondForce, CustomAngleForce and
-    CustomTorsionForce (their expressions translated by :mod:`openmm_nice.energy.lepton`);
+    with NoCutoff, CustomGBForce and CustomNonbondedForce with NoCutoff, and CustomBondForce,
+    CustomAngleForce and CustomTorsionForce (their expressions translated by :mod:`openmm_nice.energy.lepton`);
     CMMotionRemover has no energy. A System with any other force,
     or a cutoff, is refused with an error naming it. Forces are the negative gradient, by
     autograd. The module's buffers follow ``.to(device)``; the expressions of a CustomGBForce

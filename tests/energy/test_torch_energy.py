@@ -153,6 +153,31 @@ def custom_bonded(system: openmm.System) -> openmm.System:
     return custom
 
 
+def custom_nonbonded(system: openmm.System) -> openmm.System:
+    """The System's Lennard-Jones and Coulomb pairs as a CustomNonbondedForce (the exceptions'
+    pairs excluded), scaled per particle type through a discrete table, with a global
+    parameter."""
+    (nonbonded,) = [f for f in system.getForces() if isinstance(f, openmm.NonbondedForce)]
+    force = openmm.CustomNonbondedForce(
+        "4*eps*((sig/r)^12 - (sig/r)^6) + kc*q1*q2/r + scale(t1)*scale(t2)*exp(-r);"
+        "sig=0.5*(sigma1+sigma2); eps=sqrt(epsilon1*epsilon2)"
+    )
+    force.addGlobalParameter("kc", ONE_4PI_EPS0)
+    for name in ("q", "sigma", "epsilon", "t"):
+        force.addPerParticleParameter(name)
+    force.addTabulatedFunction("scale", openmm.Discrete1DFunction([0.5, 1.0, 2.0]))
+    for i in range(nonbonded.getNumParticles()):
+        q, sigma, epsilon = nonbonded.getParticleParameters(i)
+        force.addParticle([q._value, sigma._value, epsilon._value, i % 3])
+    for k in range(nonbonded.getNumExceptions()):
+        force.addExclusion(*nonbonded.getExceptionParameters(k)[:2])
+    custom = openmm.System()
+    for i in range(system.getNumParticles()):
+        custom.addParticle(system.getParticleMass(i))
+    custom.addForce(force)
+    return custom
+
+
 @pytest.fixture(scope="module")
 def molecules(tmp_path_factory) -> dict[str, openmm.System]:
     vacuum = alanine_dipeptide_vacuum()
@@ -232,6 +257,32 @@ def test_custom_bonded_forces_match_openmm(molecules, configurations, kind):
         for other in sorted({0, 1, 2} - {k}, reverse=True):
             alone.removeForce(other)
         assert_close(*torch_values(alone, positions), *reference(alone, positions))
+
+
+@pytest.mark.parametrize("kind", ["random", "md", "clashing"])
+def test_custom_nonbonded_force_matches_openmm(molecules, configurations, kind):
+    system = custom_nonbonded(molecules["vacuum"])
+    positions = configurations[kind]
+    assert_close(*torch_values(system, positions), *reference(system, positions))
+
+
+def test_custom_nonbonded_force_with_groups_or_a_cutoff_is_refused():
+    def force(groups: bool, method: int) -> openmm.CustomNonbondedForce:
+        f = openmm.CustomNonbondedForce("a1*a2/r")
+        f.addPerParticleParameter("a")
+        for _ in range(2):
+            f.addParticle([1.0])
+        if groups:
+            f.addInteractionGroup([0], [1])
+        f.setNonbondedMethod(method)
+        return f
+
+    with pytest.raises(ValueError, match="interaction groups.*'loop'"):
+        TorchSystemEnergy(two_particles(force(True, openmm.CustomNonbondedForce.NoCutoff)))
+    with pytest.raises(ValueError, match="CutoffNonPeriodic"):
+        TorchSystemEnergy(
+            two_particles(force(False, openmm.CustomNonbondedForce.CutoffNonPeriodic))
+        )
 
 
 def test_custom_bonded_force_with_an_unknown_variable_is_refused():
