@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import openmm
+import openmm.unit as unit
 import torch
 from torch import Tensor, nn
 
@@ -172,15 +173,25 @@ def _refuse_cutoff(force: openmm.Force, method: int) -> None:
 
 
 class _Nonbonded(_Term):
-    """NonbondedForce with NoCutoff: Coulomb and Lennard-Jones over every pair, with exceptions.
+    """NonbondedForce with NoCutoff or CutoffNonPeriodic: Coulomb and Lennard-Jones over every
+    pair, with exceptions.
 
     Pairs use Lorentz-Berthelot mixing; an exception replaces its pair's parameters, and one
-    with zero charge product and zero epsilon removes the pair, as in OpenMM.
+    with zero charge product and zero epsilon removes the pair, as in OpenMM. With
+    CutoffNonPeriodic, as OpenMM computes it, a pair that is not an exception interacts only
+    within the cutoff r_c, its Coulomb term by the reaction field,
+    k q_i q_j (1/r + k_rf r^2 - c_rf) with k_rf = (eps - 1) / ((2 eps + 1) r_c^3) and
+    c_rf = 3 eps / ((2 eps + 1) r_c) (eps: the reaction-field dielectric), and its
+    Lennard-Jones term cut at r_c, or switched off from the switching distance by
+    1 - 10 t^3 + 15 t^4 - 6 t^5; exceptions keep plain Coulomb and Lennard-Jones at any
+    distance.
     """
 
     def __init__(self, force: openmm.NonbondedForce, pair_i: np.ndarray, pair_j: np.ndarray):
         super().__init__()
-        _refuse_cutoff(force, force.getNonbondedMethod())
+        method = force.getNonbondedMethod()
+        if method != openmm.NonbondedForce.CutoffNonPeriodic:
+            _refuse_cutoff(force, method)
         if force.getNumParticleParameterOffsets() or force.getNumExceptionParameterOffsets():
             raise UserInputError(
                 "the System's NonbondedForce has parameter offsets, which the torch energy does "
@@ -194,16 +205,31 @@ class _Nonbonded(_Term):
         charge_product = charge[pair_i] * charge[pair_j]
         pair_sigma = 0.5 * (sigma[pair_i] + sigma[pair_j])
         pair_epsilon = np.sqrt(epsilon[pair_i] * epsilon[pair_j])
+        exception = np.zeros(len(pair_i), bool)
         for k in range(force.getNumExceptions()):
             i, j, q, s, e = force.getExceptionParameters(k)
             m = _pair_numbers(np.array([i]), np.array([j]), n)[0]
             charge_product[m], pair_sigma[m], pair_epsilon[m] = q._value, s._value, e._value
+            exception[m] = True
         keep = np.flatnonzero((charge_product != 0) | (pair_epsilon != 0))
         self.register_buffer("pairs", _buffer(keep, torch.long))
         self.register_buffer("charge_product", _buffer(ONE_4PI_EPS0 * charge_product[keep]))
         self.register_buffer("sigma6", _buffer(pair_sigma[keep] ** 6))
         self.register_buffer("four_epsilon", _buffer(4 * pair_epsilon[keep]))
+        self.register_buffer("exception", _buffer(exception[keep], torch.bool))
         self._all_pairs = len(keep) == len(pair_i)
+        self.cutoff = None
+        if method == openmm.NonbondedForce.CutoffNonPeriodic:
+            cutoff = force.getCutoffDistance().value_in_unit(unit.nanometer)
+            dielectric = force.getReactionFieldDielectric()
+            self.cutoff = cutoff
+            self.k_rf = (dielectric - 1) / ((2 * dielectric + 1) * cutoff**3)
+            self.c_rf = 3 * dielectric / ((2 * dielectric + 1) * cutoff)
+            self.switch = (
+                force.getSwitchingDistance().value_in_unit(unit.nanometer)
+                if force.getUseSwitchingFunction()
+                else None
+            )
 
     def forward(self, geometry: _Geometry) -> Tensor:
         r = geometry.distances()
@@ -211,7 +237,17 @@ class _Nonbonded(_Term):
             r = r[:, self.pairs]
         inverse = 1 / r
         s6 = self.sigma6 * inverse**6
-        return (self.charge_product * inverse + self.four_epsilon * s6 * (s6 - 1)).sum(-1)
+        coulomb = self.charge_product * inverse
+        lennard_jones = self.four_epsilon * s6 * (s6 - 1)
+        if self.cutoff is None:
+            return (coulomb + lennard_jones).sum(-1)
+        field = self.charge_product * (self.k_rf * r * r - self.c_rf)
+        switched = lennard_jones
+        if self.switch is not None:
+            t = ((r - self.switch) / (self.cutoff - self.switch)).clamp(0.0, 1.0)
+            switched = lennard_jones * (1 - t**3 * (10 - 15 * t + 6 * t * t))
+        cut = torch.where(r < self.cutoff, coulomb + field + switched, torch.zeros_like(r))
+        return torch.where(self.exception, coulomb + lennard_jones, cut).sum(-1)
 
 
 class _GBSAOBC(_Term):
@@ -640,8 +676,8 @@ class TorchSystemEnergy(nn.Module):
     r"""The potential energy of an OpenMM System, as batched torch operations on any device.
 
     The System's forces are read once and written as torch code: HarmonicBondForce,
-    HarmonicAngleForce, PeriodicTorsionForce, RBTorsionForce, NonbondedForce and GBSAOBCForce
-    with NoCutoff, CustomGBForce and CustomNonbondedForce with NoCutoff, and CustomBondForce,
+    HarmonicAngleForce, PeriodicTorsionForce, RBTorsionForce, NonbondedForce (NoCutoff, or
+    CutoffNonPeriodic with its reaction field), GBSAOBCForce with NoCutoff, CustomGBForce and CustomNonbondedForce with NoCutoff, and CustomBondForce,
     CustomAngleForce and CustomTorsionForce (their expressions translated by :mod:`openmm_nice.energy.lepton`);
     CMMotionRemover has no energy. A System with any other force,
     or a cutoff, is refused with an error naming it. Forces are the negative gradient, by

@@ -285,6 +285,29 @@ def test_custom_nonbonded_force_with_groups_or_a_cutoff_is_refused():
         )
 
 
+def reaction_field(system: openmm.System, switching: bool) -> openmm.System:
+    """The System's NonbondedForce alone with CutoffNonPeriodic at 0.5 nm (alanine dipeptide is
+    about 1 nm across), optionally with the switching function from 0.4 nm."""
+    single = with_only(system, openmm.NonbondedForce)
+    force = single.getForce(0)
+    force.setNonbondedMethod(openmm.NonbondedForce.CutoffNonPeriodic)
+    force.setCutoffDistance(0.5)
+    force.setUseSwitchingFunction(switching)
+    force.setSwitchingDistance(0.4)
+    return single
+
+
+@pytest.mark.parametrize("switching", [False, True])
+@pytest.mark.parametrize("kind", ["random", "md", "clashing"])
+def test_reaction_field_cutoff_matches_openmm(molecules, configurations, kind, switching):
+    system = reaction_field(molecules["vacuum"], switching)
+    positions = configurations[kind]
+    x = positions.reshape(len(positions), -1, 3)
+    r = np.linalg.norm(x[:, :, None] - x[:, None], axis=-1)
+    assert ((r > 0.5) & (r < 1.2)).any() and ((r > 0.4) & (r < 0.5)).any()  # both regimes
+    assert_close(*torch_values(system, positions), *reference(system, positions))
+
+
 def test_custom_bonded_force_with_an_unknown_variable_is_refused():
     force = openmm.CustomBondForce("k*r^2 + q")  # q: neither a parameter nor r
     force.addGlobalParameter("k", 1.0)
@@ -394,10 +417,6 @@ def offsets() -> openmm.NonbondedForce:
     "make, match",
     [
         (external, r"a CustomExternalForce, which the torch energy cannot evaluate.*'loop'"),
-        (
-            lambda: nonbonded(openmm.NonbondedForce.CutoffNonPeriodic),
-            r"NonbondedForce uses the nonbonded method CutoffNonPeriodic.*NoCutoff only",
-        ),
         (
             lambda: gbsa(openmm.GBSAOBCForce.CutoffNonPeriodic),
             r"GBSAOBCForce uses the nonbonded method CutoffNonPeriodic.*'loop'",
