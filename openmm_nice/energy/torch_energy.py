@@ -162,6 +162,109 @@ class _RBTorsions(_Term):
 _METHODS = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic", "Ewald", "PME", "LJPME")
 
 
+# Numerical Recipes' bicubic coefficient matrix: the 16 coefficients of a cell from the values,
+# the two first derivatives and the cross derivative at its four corners (counter-clockwise).
+_BICUBIC = np.array(
+    [
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
+        [-3, 0, 0, 3, 0, 0, 0, 0, -2, 0, 0, -1, 0, 0, 0, 0],
+        [2, 0, 0, -2, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 0, -3, 0, 0, 3, 0, 0, 0, 0, -2, 0, 0, -1],
+        [0, 0, 0, 0, 2, 0, 0, -2, 0, 0, 0, 0, 1, 0, 0, 1],
+        [-3, 3, 0, 0, -2, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, -3, 3, 0, 0, -2, -1, 0, 0],
+        [9, -9, 9, -9, 6, 3, -3, -6, 6, -6, -3, 3, 4, 2, 1, 2],
+        [-6, 6, -6, 6, -4, -2, 2, 4, -3, 3, 3, -3, -2, -1, -1, -2],
+        [2, -2, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 2, -2, 0, 0, 1, 1, 0, 0],
+        [-6, 6, -6, 6, -3, -3, 3, 3, -4, 4, 2, -2, -2, -2, -1, -1],
+        [4, -4, 4, -4, 2, 2, -2, -2, 2, -2, -2, 2, 1, 1, 1, 1],
+    ],
+    dtype=np.float64,
+)
+
+
+def _cmap_coefficients(size: int, energy: np.ndarray) -> np.ndarray:
+    """Bicubic coefficients (size, size, 4, 4) of a CMAP grid, as OpenMM builds them: the grid
+    spans [0, 2 pi) in both angles, energy[i + size j] at (i delta, j delta); derivatives from
+    periodic cubic splines along each axis, the cross derivative from the splines of the first
+    derivative along the second axis."""
+    from scipy.interpolate import CubicSpline
+
+    delta = 2 * math.pi / size
+    grid = np.arange(size + 1) * delta
+    values = np.asarray(energy, dtype=np.float64).reshape(size, size).T  # [i (first), j]
+
+    def along(a: np.ndarray, axis: int) -> np.ndarray:
+        closed = np.concatenate([a, np.take(a, [0], axis=axis)], axis=axis)
+        return CubicSpline(grid, closed, axis=axis, bc_type="periodic")(grid[:-1], 1)
+
+    d1 = along(values, 0)
+    d2 = along(values, 1)
+    d12 = along(d1, 1)
+    i, j = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    corners = [(i, j), ((i + 1) % size, j), ((i + 1) % size, (j + 1) % size), (i, (j + 1) % size)]
+    x = np.stack(
+        [values[c] for c in corners]
+        + [d1[c] * delta for c in corners]
+        + [d2[c] * delta for c in corners]
+        + [d12[c] * delta * delta for c in corners],
+        axis=-1,
+    )  # (size, size, 16)
+    return (x @ _BICUBIC.T).reshape(size, size, 4, 4)
+
+
+class _CMAPTorsions(_Term):
+    """CMAPTorsionForce: each term's energy from its map at the two dihedrals (in [0, 2 pi)),
+    interpolated bicubically within the grid cell as OpenMM does."""
+
+    def __init__(self, force: openmm.CMAPTorsionForce):
+        super().__init__()
+        maps = [force.getMapParameters(k) for k in range(force.getNumMaps())]
+        sizes = {size for size, _ in maps}
+        if len(sizes) > 1:  # one grid size keeps the lookup one gather; force fields use one
+            raise UserInputError(
+                f"the System's CMAPTorsionForce has maps of sizes {sorted(sizes)}; the torch "
+                "energy supports maps of one size: use batching='loop'"
+            )
+        self.size = sizes.pop() if sizes else 1
+        coefficients = [
+            _cmap_coefficients(
+                size,
+                energy.value_in_unit(unit.kilojoule_per_mole)
+                if unit.is_quantity(energy)
+                else energy,
+            )
+            for size, energy in maps
+        ]
+        self.register_buffer(
+            "coefficients",
+            _buffer(np.stack(coefficients) if coefficients else np.zeros((0, 1, 1, 4, 4))),
+        )
+        rows = [force.getTorsionParameters(k) for k in range(force.getNumTorsions())]
+        self.register_buffer("map", _buffer([r[0] for r in rows], torch.long))
+        self.register_buffer("atoms", _buffer([r[1:] for r in rows], torch.long).reshape(-1, 8))
+
+    def forward(self, geometry: _Geometry) -> Tensor:
+        atoms = [geometry.atoms(self.atoms[:, k]) for k in range(8)]
+        two_pi = 2 * math.pi
+        delta = two_pi / self.size
+        cells, fractions = [], []
+        for angle in (_dihedral(*atoms[:4]), _dihedral(*atoms[4:])):
+            scaled = torch.remainder(angle, two_pi) / delta
+            cell = scaled.detach().floor().clamp(0, self.size - 1)
+            cells.append(cell.long())
+            fractions.append(scaled - cell)
+        c = self.coefficients[self.map, cells[0], cells[1]]  # (B, T, 4, 4)
+        t, u = fractions
+        powers_t = torch.stack([torch.ones_like(t), t, t * t, t * t * t], dim=-1)
+        powers_u = torch.stack([torch.ones_like(u), u, u * u, u * u * u], dim=-1)
+        return torch.einsum("btk,btkl,btl->b", powers_t, c, powers_u)
+
+
 def _refuse_cutoff(force: openmm.Force, method: int) -> None:
     if method != 0:
         name = _METHODS[method] if method < len(_METHODS) else str(method)
@@ -664,6 +767,7 @@ _TERMS: dict[type, Callable] = {
     openmm.CustomAngleForce: lambda force, i, j: _CustomBonded(force),
     openmm.CustomTorsionForce: lambda force, i, j: _CustomBonded(force),
     openmm.CustomNonbondedForce: _CustomNonbonded,
+    openmm.CMAPTorsionForce: lambda force, i, j: _CMAPTorsions(force),
 }
 
 
@@ -676,10 +780,12 @@ class TorchSystemEnergy(nn.Module):
     r"""The potential energy of an OpenMM System, as batched torch operations on any device.
 
     The System's forces are read once and written as torch code: HarmonicBondForce,
-    HarmonicAngleForce, PeriodicTorsionForce, RBTorsionForce, NonbondedForce (NoCutoff, or
-    CutoffNonPeriodic with its reaction field), GBSAOBCForce with NoCutoff, CustomGBForce and CustomNonbondedForce with NoCutoff, and CustomBondForce,
-    CustomAngleForce and CustomTorsionForce (their expressions translated by :mod:`openmm_nice.energy.lepton`);
-    CMMotionRemover has no energy. A System with any other force,
+    HarmonicAngleForce, PeriodicTorsionForce, RBTorsionForce, CMAPTorsionForce, NonbondedForce
+    (NoCutoff, or CutoffNonPeriodic with its reaction field), GBSAOBCForce, CustomGBForce and
+    CustomNonbondedForce with NoCutoff, and CustomBondForce, CustomAngleForce and
+    CustomTorsionForce (the custom forces' expressions translated by
+    :mod:`openmm_nice.energy.lepton`); CMMotionRemover has no energy. A System with any other
+    force,
     or a cutoff, is refused with an error naming it. Forces are the negative gradient, by
     autograd. The module's buffers follow ``.to(device)``; the expressions of a CustomGBForce
     are bound to the dtype and device of the positions when first used.

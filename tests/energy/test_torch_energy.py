@@ -190,6 +190,7 @@ def molecules(tmp_path_factory) -> dict[str, openmm.System]:
         "obc2": from_pdb(pdb, ["amber14-all.xml", "implicit/obc2.xml"]).system,
         "gbn2": from_pdb(pdb, ["amber14-all.xml", "implicit/gbn2.xml"]).system,
         "amber99_obc": from_pdb(pdb, ["amber99sbildn.xml", "amber99_obc.xml"]).system,
+        "amber19": from_pdb(pdb, ["amber19-all.xml"]).system,  # ff19SB: CMAP
     }
 
 
@@ -220,6 +221,7 @@ FORCES = [
     ("obc2", openmm.CustomGBForce),
     ("gbn2", openmm.CustomGBForce),
     ("amber99_obc", openmm.GBSAOBCForce),
+    ("amber19", openmm.CMAPTorsionForce),
 ]
 
 
@@ -308,6 +310,25 @@ def test_reaction_field_cutoff_matches_openmm(molecules, configurations, kind, s
     assert_close(*torch_values(system, positions), *reference(system, positions))
 
 
+@pytest.mark.parametrize("kind", ["random", "md", "clashing"])
+def test_random_cmap_maps_match_openmm(configurations, kind):
+    # two rough maps (random values: the splines' derivatives matter), terms on both, and a
+    # torsion pair that shares no atoms, so the grid's origin and orientation are tested
+    rng = np.random.default_rng(5)
+    force = openmm.CMAPTorsionForce()
+    for _ in range(2):
+        force.addMap(24, rng.normal(0.0, 3.0, 24 * 24).tolist())
+    force.addTorsion(0, 4, 5, 6, 8, 6, 8, 14, 16)
+    force.addTorsion(1, 8, 14, 16, 18, 14, 16, 18, 19)
+    force.addTorsion(0, 0, 1, 4, 5, 10, 8, 14, 15)
+    system = openmm.System()
+    for _ in range(22):
+        system.addParticle(1.0)
+    system.addForce(force)
+    positions = configurations[kind]
+    assert_close(*torch_values(system, positions), *reference(system, positions))
+
+
 def test_custom_bonded_force_with_an_unknown_variable_is_refused():
     force = openmm.CustomBondForce("k*r^2 + q")  # q: neither a parameter nor r
     force.addGlobalParameter("k", 1.0)
@@ -316,7 +337,9 @@ def test_custom_bonded_force_with_an_unknown_variable_is_refused():
         TorchSystemEnergy(two_particles(force))
 
 
-@pytest.mark.parametrize("molecule", ["vacuum", "implicit", "obc2", "gbn2", "amber99_obc"])
+@pytest.mark.parametrize(
+    "molecule", ["vacuum", "implicit", "obc2", "gbn2", "amber99_obc", "amber19"]
+)
 def test_whole_systems_match_openmm(molecules, configurations, molecule):
     system = molecules[molecule]
     positions = np.concatenate(list(configurations.values()))
