@@ -247,3 +247,37 @@ def test_panel_trains_samples_and_prints_its_table(tmp_path, capsys):
     # a second call reads panel.json instead of sampling again
     assert panel.main(argv) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["results"] == [row]
+
+
+def test_torch_energy_matches_openmm_on_every_panel_system(molecules):
+    # issue 32: the torch engine agrees with OpenMM to 1e-8 relative on the panel's Systems
+    import torch
+
+    from openmm_nice.energy.torch_energy import TorchSystemEnergy
+
+    rng = np.random.default_rng(0)
+    for name, molecule in molecules.items():
+        positions = molecule.positions[None] + 0.01 * rng.standard_normal((4, molecule.n_atoms, 3))
+        context = openmm.Context(
+            molecule.system,
+            openmm.VerletIntegrator(0.001),
+            openmm.Platform.getPlatformByName("Reference"),
+        )
+        energies, forces = [], []
+        for x in positions:
+            context.setPositions(x)
+            state = context.getState(getEnergy=True, getForces=True)
+            energies.append(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+            forces.append(
+                state.getForces(asNumpy=True).value_in_unit(
+                    unit.kilojoule_per_mole / unit.nanometer
+                )
+            )
+        x = torch.tensor(positions.reshape(4, -1), requires_grad=True)
+        energy = TorchSystemEnergy(molecule.system)(x)
+        (gradient,) = torch.autograd.grad(energy.sum(), x)
+        scale = np.maximum(np.abs(energies), 1.0)
+        assert (np.abs(energy.detach().numpy() - energies) <= 1e-8 * scale).all(), name
+        force_scale = np.abs(np.array(forces)).max()
+        difference = np.abs(-gradient.numpy().reshape(positions.shape) - np.array(forces))
+        assert (difference <= 1e-8 * force_scale).all(), name
