@@ -178,6 +178,23 @@ def custom_nonbonded(system: openmm.System) -> openmm.System:
     return custom
 
 
+def amber19(pdb: Path) -> openmm.System | None:
+    """Alanine dipeptide with amber19-all.xml (ff19SB: CMAP), or None where this OpenMM has no
+    such file (OpenMM 8.2, the declared floor, has none)."""
+    try:
+        return from_pdb(pdb, ["amber19-all.xml"]).system
+    except ValueError as error:
+        if "amber19-all.xml" not in str(error):
+            raise
+        return None
+
+
+def needs(molecules: dict, name: str) -> openmm.System:
+    if molecules[name] is None:
+        pytest.skip(f"this OpenMM has no force field files for {name}")
+    return molecules[name]
+
+
 @pytest.fixture(scope="module")
 def molecules(tmp_path_factory) -> dict[str, openmm.System]:
     vacuum = alanine_dipeptide_vacuum()
@@ -190,7 +207,7 @@ def molecules(tmp_path_factory) -> dict[str, openmm.System]:
         "obc2": from_pdb(pdb, ["amber14-all.xml", "implicit/obc2.xml"]).system,
         "gbn2": from_pdb(pdb, ["amber14-all.xml", "implicit/gbn2.xml"]).system,
         "amber99_obc": from_pdb(pdb, ["amber99sbildn.xml", "amber99_obc.xml"]).system,
-        "amber19": from_pdb(pdb, ["amber19-all.xml"]).system,  # ff19SB: CMAP
+        "amber19": amber19(pdb),
     }
 
 
@@ -230,7 +247,7 @@ FORCES = [
     "molecule, force_type", FORCES, ids=[f"{m}-{f.__name__}" for m, f in FORCES]
 )
 def test_force_matches_openmm(molecules, configurations, molecule, force_type, kind):
-    system = with_only(molecules[molecule], force_type)
+    system = with_only(needs(molecules, molecule), force_type)
     positions = configurations[kind]
     assert_close(*torch_values(system, positions), *reference(system, positions))
 
@@ -341,7 +358,7 @@ def test_custom_bonded_force_with_an_unknown_variable_is_refused():
     "molecule", ["vacuum", "implicit", "obc2", "gbn2", "amber99_obc", "amber19"]
 )
 def test_whole_systems_match_openmm(molecules, configurations, molecule):
-    system = molecules[molecule]
+    system = needs(molecules, molecule)
     positions = np.concatenate(list(configurations.values()))
     assert_close(*torch_values(system, positions), *reference(system, positions))
 
