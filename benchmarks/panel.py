@@ -125,7 +125,9 @@ def evaluate(name: str, folder: Path, args) -> dict:
 
 def reference(name: str) -> dict | None:
     """The reference's dF and error of each backbone region it has, or None where there is no
-    reference yet (alanine's umbrella files hold phi1>0 alone)."""
+    reference yet (alanine's umbrella files hold phi1>0 alone). A region whose reference error
+    exceeds 1 kT is left out: it is one the reference barely reached (proline's phi > 0,
+    about 30 +- 6 kT), nothing to judge a generator against."""
     path = reference_file(name)
     if path is None:
         return None
@@ -136,6 +138,7 @@ def reference(name: str) -> dict | None:
             "observables": {
                 str(n): {"df_kT": float(d), "df_error_kT": float(e)}
                 for n, d, e in zip(names, df, error)
+                if e <= 1.0
             },
             "file": str(path.relative_to(ROOT)),
         }
