@@ -48,6 +48,7 @@ def _cmd_sample(args) -> int:
         out=args.out,
         traj=args.traj,
         ais_steps=args.ais_steps,
+        ais_preconditioner=args.ais_preconditioner,
         batch_size=args.batch_size,
         seed=args.seed,
         device=args.device,
@@ -313,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="levels of annealed importance sampling in latent space after each draw (one "
         "MALA move each, exact weights); default: the run's sampling.ais_steps; 0: the model's "
         "one-shot weights",
+    )
+    p.add_argument(
+        "--ais-preconditioner",
+        choices=["identity", "fisher"],
+        help="the AIS moves: plain latent MALA, or MALA whitened by a pilot's Fisher matrix "
+        "(exact either way); default: the run's sampling.ais_preconditioner",
     )
     p.add_argument("--device", help="override the run's device")
     p.add_argument("--quiet", action="store_true")

@@ -246,6 +246,9 @@ class SamplingConfig(_Section):
     # move each; 0: the model's own one-shot importance weights), see openmm_nice.sampling.ais
     ais_steps: NonNegInt = 0
     ais_batch_size: PosInt = 4096  # chains run together by `sample`
+    # the AIS moves: plain MALA in latent space, or MALA whitened by the Fisher matrix of the
+    # target in latent space that a pilot run measures (exact either way; benchmarks/RESULTS.md)
+    ais_preconditioner: Literal["identity", "fisher"] = "identity"
 
 
 class MDConfig(_Section):

@@ -429,6 +429,7 @@ def sample_run(
     out: PathLike | None = None,
     traj: PathLike | None = None,
     ais_steps: int | None = None,
+    ais_preconditioner: str | None = None,
     batch_size: int = 65536,
     seed: int = 0,
     device: str | None = None,
@@ -443,6 +444,8 @@ def sample_run(
         traj: Also write the samples as a trajectory (.dcd, .h5, .xtc, .pdb) of a molecule.
         ais_steps: Levels of latent-space AIS instead of the run's ``sampling.ais_steps``
             (0: the model's one-shot samples and weights).
+        ais_preconditioner: ``"identity"`` or ``"fisher"`` instead of the run's
+            ``sampling.ais_preconditioner``.
         batch_size: Samples per batch of one-shot draws.
         seed: Seed of the latents and of the AIS moves.
         device: With a run folder, load the model on this device instead of the run's.
@@ -460,7 +463,7 @@ def sample_run(
             )
         rng = torch.Generator(device=model.device).manual_seed(seed)
         result = sample_as_configured(
-            model, n, config.sampling, ais_steps, batch_size, rng, progress
+            model, n, config.sampling, ais_steps, batch_size, rng, progress, ais_preconditioner
         )
         samples = Samples(
             result.x.double().cpu().numpy(),
