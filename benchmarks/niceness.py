@@ -49,17 +49,19 @@ def _rows(metrics: Path) -> list[dict]:
         return [row for row in csv.DictReader(f) if row.get("elapsed_s")]
 
 
-def train_rate(config: str, out: Path, start: int, stop: int, overrides: list[str]) -> float:
-    """Steps per second of `openmm-nice train` between the metrics rows of steps start and
-    stop; the run is stopped once the second is written."""
+def train_rows(
+    config: str, out: Path, start: int, stop: int, overrides: list[str], device: str = "cpu"
+) -> tuple[dict, dict]:
+    """The metrics rows of steps start and stop of `openmm-nice train` (the config's own
+    schedule); the run is stopped once the second is written."""
     command = [sys.executable, "-m", "openmm_nice.cli", "train", config, "--out", str(out)]
-    command += ["--quiet"] + [f"--set={item}" for item in overrides]
+    command += ["--quiet", "--device", device] + [f"--set={item}" for item in overrides]
     run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         while True:
-            rows = {int(r["step"]): float(r["elapsed_s"]) for r in _rows(out / "metrics.csv")}
+            rows = {int(r["step"]): r for r in _rows(out / "metrics.csv")}
             if stop in rows and start in rows:
-                return (stop - start) / (rows[stop] - rows[start])
+                return rows[start], rows[stop]
             if run.poll() is not None:
                 raise RuntimeError(
                     f"training ended (rc {run.returncode}) before step {stop} was reported:\n"
@@ -69,6 +71,13 @@ def train_rate(config: str, out: Path, start: int, stop: int, overrides: list[st
     finally:
         run.kill()
         run.wait()
+
+
+def train_rate(config: str, out: Path, start: int, stop: int, overrides: list[str]) -> float:
+    """Steps per second of `openmm-nice train` between the metrics rows of steps start and
+    stop (:func:`train_rows`)."""
+    first, last = train_rows(config, out, start, stop, overrides)
+    return (stop - start) / (float(last["elapsed_s"]) - float(first["elapsed_s"]))
 
 
 def main() -> None:
