@@ -64,3 +64,19 @@ def test_no_import_cycle_among_the_package_modules():
 
     cycles = sorted(m for m in graph if m in reachable(m))
     assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+def test_openmp_threads_sleep_while_they_wait_unless_the_user_says_otherwise():
+    """Importing the package before torch makes OpenMP's idle threads sleep (they spun, and
+    collapsed the torch engine beside busy processes); a policy the user set is kept."""
+    import os
+
+    code = "import os, openmm_nice, torch\nprint(os.environ['OMP_WAIT_POLICY'])\n"
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if given is not None:
+            env["OMP_WAIT_POLICY"] = given
+        result = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert result.stdout.split()[-1] == expected
