@@ -52,6 +52,7 @@ from _timing import forward_backward, own_loop
 from niceness import train_rows
 
 from openmm_nice import diagnose_weights
+from openmm_nice.energy.openmm_contexts import available_platforms
 from openmm_nice.energy.openmm_energy import TorchEnergy
 from openmm_nice.molecule.systems import (
     alanine_dipeptide_implicit,
@@ -85,17 +86,11 @@ def _best(function: Callable[[], None], repeats: int, device: torch.device) -> f
     return best
 
 
-def _platforms(names: list[str]) -> list[str]:
-    have = {
-        openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())
-    }
-    return [name for name in names if name in have]
-
-
 def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """One row per (system, method, batch): evaluations (energy + forces) per second."""
     rows = []
     rng = np.random.default_rng(0)
+    have = available_platforms()
     for name in args.systems:
         molecule = SYSTEMS[name]()
         n = molecule.system.getNumParticles()
@@ -109,7 +104,7 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
             rows.append(_row(name, n, f"torch on {device}", batch, seconds))
             print(_line(rows[-1]), flush=True)
         frames = molecule.positions + 0.005 * rng.standard_normal((args.loop_frames, n, 3))
-        for platform in _platforms(args.platforms):
+        for platform in (p for p in args.platforms if p in have):
             properties = {"Threads": "1"} if platform == "CPU" else {}
             integrator = openmm.VerletIntegrator(0.001)
             context = openmm.Context(
@@ -157,10 +152,11 @@ def train(args: argparse.Namespace, work: Path) -> dict:
         [*overrides, f"training.report_interval={interval}"],
         args.device,
     )
-    steps = args.pilot_steps - interval
+    pilot_steps = args.pilot_steps - interval
     pilot_s = float(last["elapsed_s"]) - float(first["elapsed_s"])
-    steps_per_s = steps / pilot_s
-    per_step = (float(last["energy_evaluations"]) - float(first["energy_evaluations"])) / steps
+    steps_per_s = pilot_steps / pilot_s
+    pilot_evaluations = float(last["energy_evaluations"]) - float(first["energy_evaluations"])
+    per_step = pilot_evaluations / pilot_steps
     steps = int(min(args.evaluations / per_step, steps_per_s * 60 * args.train_minutes))
     steps = max(steps, args.pilot_steps)
     print(

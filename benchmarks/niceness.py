@@ -50,12 +50,14 @@ def _rows(metrics: Path) -> list[dict]:
 
 
 def train_rows(
-    config: str, out: Path, start: int, stop: int, overrides: list[str], device: str = "cpu"
+    config: str, out: Path, start: int, stop: int, overrides: list[str], device: str | None = None
 ) -> tuple[dict, dict]:
     """The metrics rows of steps start and stop of `openmm-nice train` (the config's own
-    schedule); the run is stopped once the second is written."""
+    schedule, on ``device`` or the config's); the run is stopped once the second is written."""
     command = [sys.executable, "-m", "openmm_nice.cli", "train", config, "--out", str(out)]
-    command += ["--quiet", "--device", device] + [f"--set={item}" for item in overrides]
+    command += ["--quiet"] + [f"--set={item}" for item in overrides]
+    if device is not None:
+        command += ["--device", device]
     run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         while True:

@@ -6,7 +6,7 @@ import os as _os
 
 # Before torch loads its OpenMP runtime (which reads this once, when it loads): threads that
 # wait for work sleep instead of spinning. With spinning threads, torch's two-thread kernels ran
-# the implicit-solvent energies 10-30x slower beside two busy processes on a 2-core machine
+# the implicit-solvent energies 14-19x slower beside two busy processes on a 2-core machine
 # (benchmarks/RESULTS.md, "Torch threads beside busy processes"). A value the user set is kept.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,8 +70,6 @@ def test_no_import_cycle_among_the_package_modules():
 def test_openmp_threads_sleep_while_they_wait_unless_the_user_says_otherwise():
     """Importing the package before torch makes OpenMP's idle threads sleep (they spun, and
     collapsed the torch engine beside busy processes); a policy the user set is kept."""
-    import os
-
     code = "import os, openmm_nice, torch\nprint(os.environ['OMP_WAIT_POLICY'])\n"
     for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}

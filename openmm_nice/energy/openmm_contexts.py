@@ -112,7 +112,8 @@ def _evaluate_rows(
         _evaluate_copies(context, copies, positions, energies, forces)
 
 
-def _available_platforms() -> list[str]:
+def available_platforms() -> list[str]:
+    """The names of the OpenMM platforms this machine has, in OpenMM's order."""
     return [
         openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())
     ]
@@ -122,7 +123,7 @@ def resolve_platform(
     name: str, properties: dict[str, Any] | None, n_workers: int
 ) -> tuple[str, dict[str, str]]:
     """The platform's exact name and its properties with this adapter's defaults filled in."""
-    available = _available_platforms()
+    available = available_platforms()
     by_lower = {p.lower(): p for p in available}
     if not isinstance(name, str) or name.lower() not in by_lower:
         raise UserInputError(

@@ -235,7 +235,7 @@ def test_cpu_platform(batching, alanine, alanine_batch, alanine_reference):
 
 
 def _has_cuda() -> tuple[bool, str]:
-    platforms = openmm_contexts._available_platforms()
+    platforms = openmm_contexts.available_platforms()
     if "CUDA" not in platforms:
         return False, f"OpenMM has no CUDA platform here (platforms: {platforms})"
     if not torch.cuda.is_available():
