@@ -101,6 +101,13 @@ class ModelConfig(_Section):
     # condition torsion densities on parent torsions (a Chow-Liu forest fitted with the map),
     # so that e.g. psi's density follows phi's basin; see MolecularTransform
     torsion_tree: bool = True
+    # let the bonds' and angles' normalisation (shift and scale) follow the torsions, fitted
+    # with the map, so that the geometry around an atom can change with the rotamers around it
+    stiff_conditioning: bool = False
+    # the data-free map's torsions before the first refit: uniform, or "scan": each one's
+    # Boltzmann density at training.beta_start along an energy scan from the reference
+    # structure (rings and planar groups start closed; see MolecularTransform.from_data)
+    initial_torsions: Literal["uniform", "scan"] = "uniform"
 
 
 def _weight_ok(weight: float | list[list[float]]) -> bool:

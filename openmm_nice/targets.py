@@ -149,7 +149,17 @@ def build_generator(
         reference = molecule.positions.reshape(1, -1)
         # the stereoisomer of the reference structure, whatever frames or samples say
         handedness = handed_torsions(molecule.topology, zmatrix, reference)
-        if frames is None:
+        if frames is None and config.model.initial_torsions == "scan":
+            coordinates = MolecularTransform.from_data(
+                zmatrix,
+                reference,
+                handedness=handedness,
+                energy=target.energy,
+                scan_beta=config.training.beta_start,
+                floor=config.model.torsion_floor,
+                density_smoothing=config.model.torsion_smoothing,
+            )
+        elif frames is None:
             coordinates = MolecularTransform.from_data(zmatrix, reference, handedness=handedness)
         else:
             # The energy places each torsion's cut on a barrier, not in a basin the data missed.
@@ -162,6 +172,7 @@ def build_generator(
                 symmetry=torsion_symmetries(molecule.topology, zmatrix, molecule.system),
                 handedness=handedness,
                 torsion_tree=config.model.torsion_tree,
+                stiff_conditioning=config.model.stiff_conditioning,
             )
     m = config.model
     dim = target.energy.dim if coordinates is None else int(coordinates.dim)
@@ -229,6 +240,7 @@ def map_fitter(config: Config, target: Target, coordinates):
             weights=weights,
             handedness=handedness,
             torsion_tree=config.model.torsion_tree,
+            stiff_conditioning=config.model.stiff_conditioning,
             # the map's cuts now (a refit keeps those that still lie where samples are thinnest)
             cuts=coordinates.torsion_offset.detach().cpu() - math.pi,
         )

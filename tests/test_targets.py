@@ -26,12 +26,12 @@ def test_a_list_of_frame_files_is_pooled_in_order(tmp_path):
         load_frames([a, b], target)
 
 
-def test_torsion_tree_reaches_the_map_fitted_to_frames_and_refits():
+@pytest.mark.parametrize("stiff", [False, True])
+def test_torsion_tree_reaches_the_map_fitted_to_frames_and_refits(stiff):
     from openmm_nice.targets import build_generator, map_fitter
 
-    config = config_from_dict(
-        {"system": "alanine_dipeptide_vacuum", "model": {"torsion_tree": True, "layers": 2}}
-    )
+    model = {"torsion_tree": True, "layers": 2, "stiff_conditioning": stiff}
+    config = config_from_dict({"system": "alanine_dipeptide_vacuum", "model": model})
     target = build_target(config)
     try:
         data = Path(__file__).parents[1] / "data" / "alanine_dipeptide_md.npz"
@@ -41,6 +41,8 @@ def test_torsion_tree_reaches_the_map_fitted_to_frames_and_refits():
         weights = torch.rand(len(frames), generator=torch.Generator().manual_seed(0))
         refitted = map_fitter(config, target, generator.coordinates)(frames, weights)
         assert (refitted.torsion_parent >= 0).any()
+        for coordinates in (generator.coordinates, refitted):
+            assert coordinates.stiff_log_scale.any() == stiff  # config.model.stiff_conditioning
         generator.coordinates.load_state_dict(refitted.state_dict())
         x, log_w = generator.sample(4)
         assert torch.isfinite(x).all() and torch.isfinite(log_w).all()

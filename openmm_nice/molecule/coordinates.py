@@ -27,7 +27,11 @@ from openmm_nice.molecule.torsion_densities import (
     torsion_to_normal,
 )
 
-__all__ = ["MolecularTransform"]
+__all__ = ["MolecularTransform", "fit_stiff_normalisation", "torsion_features"]
+
+FEATURES_PER_TORSION = 4  # cos and sin of the torsion and of twice it
+STIFF_SCALE_BOUND = math.log(4.0)  # the torsions may widen or narrow a stiff coordinate 4-fold
+STIFF_RIDGE = 50.0  # the stiff normalisation's ridge, in effective frames (fit_stiff_normalisation)
 
 
 class MolecularTransform(Transform):
@@ -60,9 +64,18 @@ class MolecularTransform(Transform):
     Chow-Liu tree), so that the map's torsion density is a tree-structured joint density: the
     backbone's (phi, psi) basins, for example, get their own psi distribution for each phi;
 
+    The bonds' and angles' normalisation may follow the torsions (``stiff_mean``,
+    ``stiff_log_scale``): :math:`y = \mathrm{shift} + m(\phi) + \mathrm{scale}\,
+    e^{\ell(\phi)} s`, with :math:`m = f(\phi) A` and :math:`\ell = c \tanh(f(\phi) B / c)`
+    for the features :math:`f(\phi) = (\cos k\phi_j, \sin k\phi_j)_{j, k = 1, 2}` of all
+    torsions and :math:`c = \log 4` (:data:`STIFF_SCALE_BOUND`), so that the geometry around
+    an atom can shift and narrow with the backbone's and side chains' rotamers, which additive
+    couplings (volume-preserving) cannot narrow. The torsions depend on their own s only, so
+    the Jacobian stays triangular and adds :math:`\sum \ell(\phi)`;
+
     and :meth:`~openmm_nice.molecule.internal_coordinates.InternalCoordinates.to_cartesian` places
     the atoms in the canonical frame. The log-determinant is the sum of
-    :math:`\sum \log \mathrm{scale}`, the domain maps'
+    :math:`\sum \log \mathrm{scale} + \sum \ell(\phi)`, the domain maps'
     :math:`\sum y_b + \sum [\log\pi + \log\sigma(y_\theta) + \log\sigma(-y_\theta)]
     + \sum [\log \mathcal N(y_\phi; 0, 1) - \log g(\phi)]` and :math:`\log J(q)`, so that with
     the rigid motion integrated out, :math:`\log p_X(x) = \log p_S(s) - \mathrm{ladj}`.
@@ -86,6 +99,9 @@ class MolecularTransform(Transform):
             order: G at the K + 1 bin edges of :math:`g_j` for each of the P parent bins (bin
             j centred at :math:`-\pi + (j + 1/2) 2\pi / P`), each row rising strictly from 0
             to 1. None when no torsion has a parent.
+        stiff_mean: A of shape (4 (N - 3), 2N - 3): the bonds' and angles' normalised shift
+            that follows the torsions' features (see :func:`torsion_features`). None: zeros.
+        stiff_log_scale: B of the same shape, the log-scale that follows them. None: zeros.
 
     Use :meth:`from_data` to set shift, scale and offsets from a structure or a trajectory.
     All four are buffers (saved in the state dict, not trained) and are cast to the input's
@@ -114,6 +130,8 @@ class MolecularTransform(Transform):
         torsion_sign: np.ndarray | Tensor | None = None,
         torsion_parent: np.ndarray | Tensor | None = None,
         conditional_cdf: np.ndarray | Tensor | None = None,
+        stiff_mean: np.ndarray | Tensor | None = None,
+        stiff_log_scale: np.ndarray | Tensor | None = None,
     ):
         super().__init__()
         self.internal = InternalCoordinates(zmatrix)
@@ -194,6 +212,17 @@ class MolecularTransform(Transform):
             raise ValueError("conditional_cdf must rise strictly from 0 to 1 along each row")
         self.register_buffer("conditional_cdf", conditional)
         self._plan_torsion_tree()
+        shape = (FEATURES_PER_TORSION * n_torsions, 2 * self.internal.n_atoms - 3)
+        for name, value in (("stiff_mean", stiff_mean), ("stiff_log_scale", stiff_log_scale)):
+            value = torch.zeros(shape) if value is None else value
+            value = torch.as_tensor(value, dtype=torch.float64).clone()
+            if value.shape != shape or not torch.isfinite(value).all():
+                raise ValueError(
+                    f"{name} must hold finite numbers of shape {shape} (the torsions' "
+                    f"{FEATURES_PER_TORSION} features by the bonds and angles), got "
+                    f"{tuple(value.shape)}"
+                )
+            self.register_buffer(name, value)
 
     def _plan_torsion_tree(self) -> None:
         """The children of each depth of the torsion forest, with their parents and their rows
@@ -231,6 +260,10 @@ class MolecularTransform(Transform):
             state_dict[prefix + "conditional_cdf"] = torch.linspace(
                 0, 1, cdf.shape[1], dtype=torch.float64
             ).expand(0, 1, -1)
+        if cdf is not None:
+            # saved before the stiff coordinates followed the torsions: they do not
+            for name in ("stiff_mean", "stiff_log_scale"):
+                state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
         conditional = state_dict.get(prefix + "conditional_cdf")
         if conditional is not None and conditional.shape != self.conditional_cdf.shape:
             self.conditional_cdf = self.conditional_cdf.new_empty(conditional.shape)
@@ -259,6 +292,8 @@ class MolecularTransform(Transform):
         handedness: np.ndarray | Tensor | None = None,
         torsion_tree: bool = False,
         cuts: np.ndarray | Tensor | None = None,
+        stiff_conditioning: bool = False,
+        scan_beta: float | None = None,
     ) -> MolecularTransform:
         r"""A transform normalised to a trajectory, or to one reference structure.
 
@@ -280,7 +315,14 @@ class MolecularTransform(Transform):
         ``reference_scale`` = (bond, angle, torsion) for every coordinate of that kind. The
         defaults 0.05 (a 5% bond spread) and 0.15 (about 6 degrees near 110 degrees) are
         somewhat wider than thermal fluctuations at 300 K; 1.0 makes a standard normal s a
-        uniform torsion.
+        uniform torsion. With one frame, an ``energy`` and ``scan_beta``, each whole-circle
+        torsion's density is instead the Boltzmann density at inverse temperature
+        ``scan_beta`` (relative to the energy's) of the energy scanned along it at ``bins``
+        angles with every other coordinate at the reference, smoothed and floored as above,
+        cut at the scan's highest point, with shift 0 and scale 1: a data-free start in which a
+        ring's or a planar group's torsions stay near their closed, planar values and a
+        rotor's spread over its wells, where uniform torsions break rings (about 1e6 kT in
+        the median on phenylalanine dipeptide).
 
         Arguments:
             zmatrix: Integer array of shape (N, 4) from :func:`~openmm_nice.molecule.zmatrix.build_zmatrix`.
@@ -326,6 +368,11 @@ class MolecularTransform(Transform):
                 between two empty regions would follow the noise at their edges, and a cut
                 that jumps to the other one reorders the torsion's basins along the flow's
                 coordinate, which the flow, trained on the old order, does not survive.
+            scan_beta: With one frame and an ``energy``: scan each torsion for its initial
+                density at this inverse temperature (see above); None: uniform torsions.
+            stiff_conditioning: Let the bonds' and angles' normalisation follow the torsions
+                (see the class docstring), fitted by :func:`fit_stiff_normalisation` with
+                :data:`STIFF_RIDGE`. Needs F >= 2.
 
         Returns:
             A :class:`MolecularTransform` with float64 buffers.
@@ -384,7 +431,17 @@ class MolecularTransform(Transform):
                 ]
             )
             scale[2 * n - 3 :] = torch.where(half, reference_scale[1], scale[2 * n - 3 :])
-            return cls(zmatrix, shift, scale, offset, torsion_sign=sign)
+            if energy is None or scan_beta is None:
+                return cls(zmatrix, shift, scale, offset, torsion_sign=sign)
+            return cls(
+                zmatrix,
+                shift,
+                scale,
+                *_scanned_densities(
+                    internal, q, energy, scan_beta, half, bins, smoothing, floor, density_smoothing
+                ),
+                torsion_sign=sign,
+            )
         if not 0 < floor <= 1:
             raise ValueError(f"floor must lie in (0, 1], got {floor}")
         scan = None
@@ -458,8 +515,24 @@ class MolecularTransform(Transform):
         else:
             mean = w @ y
             std = (w @ (y - mean) ** 2).sqrt()
+        stiff_mean = stiff_log_scale = None
+        if stiff_conditioning:
+            frame_w = torch.full((len(y),), 1.0 / len(y), dtype=y.dtype) if w is None else w
+            stiff = 2 * n - 3
+            mean[:stiff], std[:stiff], stiff_mean, stiff_log_scale = fit_stiff_normalisation(
+                y[:, :stiff], torsions, frame_w, STIFF_RIDGE
+            )
         transform = cls(
-            zmatrix, mean, std.clamp_min(min_scale), offset, cdf, sign, parent, conditional
+            zmatrix,
+            mean,
+            std.clamp_min(min_scale),
+            offset,
+            cdf,
+            sign,
+            parent,
+            conditional,
+            stiff_mean,
+            stiff_log_scale,
         )
         transform.density_smoothing = widths  # what each torsion's density used, in bins
         return transform
@@ -470,14 +543,22 @@ class MolecularTransform(Transform):
         shift, scale = (b.to(s.dtype) for b in (self.shift, self.scale))
         y = shift + scale * s
         n = self.internal.n_atoms
-        y_bond, y_angle, y_torsion = y.split([n - 1, n - 2, n - 3], dim=1)
-        torsion, log_slope = self._torsions_from_normal(y_torsion)
+        torsion, log_slope = self._torsions_from_normal(y[:, 2 * n - 3 :])
+        mean, log_scale = self._stiff_normalisation(torsion)
+        stiff = (
+            y[:, : 2 * n - 3]
+            + mean
+            + scale[: 2 * n - 3] * torch.expm1(log_scale) * s[:, : 2 * n - 3]
+        )
+        y = torch.cat([stiff, y[:, 2 * n - 3 :]], dim=1)
+        y_bond, y_angle = stiff.split([n - 1, n - 2], dim=1)
         q = torch.cat([torch.exp(y_bond), math.pi * torch.sigmoid(y_angle), torsion], dim=1)
         x, log_jacobian = self.internal.to_cartesian(q)
         # An infinite angle or torsion saturates to a finite q; mark the row so that the
         # energy sees a non-finite configuration (U = +inf) instead of a degenerate one.
         x = torch.where(torch.isfinite(s).all(dim=1, keepdim=True), x, math.nan)
-        return x, self._ladj_of_maps(y, scale, log_slope) + log_jacobian
+        ladj = self._ladj_of_maps(y, scale, log_slope) + log_scale.sum(1)
+        return x, ladj + log_jacobian
 
     def inverse_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         r"""Flow coordinates s (B, 3N - 6) of positions x (B, 3N) in nm, and the inverse's ladj.
@@ -492,9 +573,28 @@ class MolecularTransform(Transform):
         bonds, angles, torsions = q.split([n - 1, n - 2, n - 3], dim=1)
         y_torsion, log_slope, inside = self._torsions_to_normal(torsions)
         y = torch.cat([torch.log(bonds), _logit_angle(angles), y_torsion], dim=1)
-        s = (y - shift) / scale
-        ladj = minus_log_jacobian - self._ladj_of_maps(y, scale, log_slope)
+        mean, log_scale = self._stiff_normalisation(torsions)
+        stiff = 2 * n - 3
+        s = torch.cat(
+            [
+                (y[:, :stiff] - shift[:stiff] - mean) / (scale[:stiff] * torch.exp(log_scale)),
+                (y[:, stiff:] - shift[stiff:]) / scale[stiff:],
+            ],
+            dim=1,
+        )
+        ladj = minus_log_jacobian - self._ladj_of_maps(y, scale, log_slope) - log_scale.sum(1)
         return s, torch.where(inside, ladj, -math.inf)
+
+    def _stiff_normalisation(self, torsion: Tensor) -> tuple[Tensor, Tensor]:
+        """The bonds' and angles' shift m and log-scale l that follow the torsions (B, T),
+        in the normalised space y; zeros where the map has no such coefficients."""
+        if not (self.stiff_mean.any() or self.stiff_log_scale.any()):
+            zeros = torsion.new_zeros(torsion.shape[0], self.stiff_mean.shape[1])
+            return zeros, zeros
+        features = torsion_features(torsion)
+        mean = features @ self.stiff_mean.to(torsion.dtype)
+        raw = features @ self.stiff_log_scale.to(torsion.dtype)
+        return mean, STIFF_SCALE_BOUND * torch.tanh(raw / STIFF_SCALE_BOUND)
 
     def _torsions_from_normal(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Torsions (B, T) from their normalised values y, and log|d torsion / d y|."""
@@ -558,6 +658,83 @@ class MolecularTransform(Transform):
         y_bond, y_angle, _ = y.split([n - 1, n - 2, n - 3], dim=1)
         angle = _log_slope_of_logistic(y_angle)
         return scale.log().sum() + y_bond.sum(1) + angle.sum(1) + log_slope.sum(1)
+
+
+def _scanned_densities(
+    internal: InternalCoordinates,
+    q: Tensor,
+    energy: Callable[[Tensor], Tensor],
+    beta: float,
+    half: Tensor,
+    bins: int,
+    smoothing: float,
+    floor: float,
+    density_smoothing: float | str,
+) -> tuple[Tensor, Tensor]:
+    """The offsets (T,) and CDFs (T, bins + 1) of torsion densities from energy scans of one
+    structure q (1, 3N - 6) at inverse temperature ``beta`` (see :meth:`MolecularTransform.from_data`)."""
+    if not beta > 0:
+        raise ValueError(f"scan_beta must be positive, got {beta}")
+    if not 0 < floor <= 1:
+        raise ValueError(f"floor must lie in (0, 1], got {floor}")
+    width = TORSION_SMOOTHING if density_smoothing == "auto" else float(density_smoothing)
+    scan = torsion_scan(internal, q, energy, 1, bins)  # at -pi + 2 pi k / bins
+    angles = -math.pi + 2 * math.pi * np.arange(bins) / bins
+    offsets, cdfs = [], []
+    for t in range(internal.n_atoms - 3):
+        free = beta * scan[t]
+        finite = np.isfinite(free)
+        if half[t] or not finite.any():  # a handed torsion has no density; a failed scan none
+            offsets.append(0.0 if half[t] else float(q[0, 2 * internal.n_atoms - 3 + t]))
+            cdfs.append(np.linspace(0, 1, bins + 1))
+            continue
+        weights = np.where(finite, np.exp(-(free - free[finite].min())), 0.0)
+        cut = cut_angle(angles, bins, smoothing, np.where(finite, scan[t], np.inf), weights)
+        offsets.append(math.remainder(cut + math.pi, 2 * math.pi))
+        cdfs.append(circular_cdf(angles - cut, bins, width, floor, weights))
+    return torch.tensor(offsets, dtype=torch.float64), torch.as_tensor(np.stack(cdfs))
+
+
+def torsion_features(torsion: Tensor) -> Tensor:
+    """The features (B, 4T) of torsions (B, T) that the stiff coordinates' normalisation follows:
+    cos and sin of each torsion and of twice it, in that order for each torsion."""
+    harmonics = torch.cat([torsion, 2 * torsion], dim=1)
+    features = torch.stack([torch.cos(harmonics), torch.sin(harmonics)], dim=2)
+    t = torsion.shape[1]
+    return features.reshape(-1, 2, t, 2).permute(0, 2, 1, 3).reshape(-1, FEATURES_PER_TORSION * t)
+
+
+def fit_stiff_normalisation(
+    y: Tensor, torsion: Tensor, weights: Tensor, ridge: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""The normalisation of stiff coordinates y (F, M) that follows the torsions (F, T), fitted
+    to weighted frames (weights summing to 1): A by weighted ridge regression of y on the
+    torsions' features, B by that of the log squared residual (plus 1.27, the mean log of a
+    :math:`\chi^2_1` variable, halved: a log standard deviation); then shift and scale are the
+    weighted mean and standard deviation of what remains. The ridge is ``ridge`` divided by
+    the frames' effective number (Kish), in units of the features' variance, so that few
+    effective frames give a map close to the unconditional one. Returns (shift, scale, A, B)."""
+    features = torsion_features(torsion)
+    centre = weights @ features
+    centred = features - centre
+    effective = 1.0 / weights.square().sum()
+    gram = centred.T @ (weights[:, None] * centred)
+    penalty = (ridge / effective) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    solve = lambda target: torch.linalg.solve(
+        gram + penalty, centred.T @ (weights[:, None] * target)
+    )
+    mean_y = weights @ y
+    a = solve(y - mean_y)
+    residual = y - mean_y - centred @ a
+    log_sd = 0.5 * (torch.log(residual.square() + 1e-12 * residual.square().max(0).values) + 1.27)
+    b = solve(log_sd - weights @ log_sd)
+    log_scale = STIFF_SCALE_BOUND * torch.tanh(features @ b / STIFF_SCALE_BOUND)
+    rest = y - features @ a
+    # the shift that leaves the normalised coordinates with mean 0 under the weights
+    inverse_scale = torch.exp(-log_scale)
+    shift = (weights @ (rest * inverse_scale)) / (weights @ inverse_scale)
+    scale = (weights @ ((rest - shift) * inverse_scale).square()).sqrt()
+    return shift, scale, a, b
 
 
 def _log_slope_of_logistic(y: Tensor) -> Tensor:

@@ -498,9 +498,14 @@ class Trainer:
         loss, state, log_w = self._loss(beta, batch)
         state.update(step=self.step + 1, beta=beta)
         if not torch.isfinite(loss):
+            terms = ", ".join(
+                f"{name} {value:.4g}"
+                for name, value in state.items()
+                if name in ("reverse_kl", "buffer_nll", "walker_nll", "nll", "energy_kT")
+            )
             raise FloatingPointError(
-                f"the loss became {float(loss)} at step {self.step + 1}; lower the learning rate "
-                "or the initial scale of S, or raise training.energy_cut"
+                f"the loss became {float(loss)} at step {self.step + 1} ({terms}); lower the "
+                "learning rate or the initial scale of S, or raise training.energy_cut"
             )
         loss.backward()  # under DistributedDataParallel this also averages the gradients
         torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.grad_clip)

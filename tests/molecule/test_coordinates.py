@@ -16,7 +16,7 @@ import torch
 from openmmtools import testsystems
 
 from openmm_nice.config import TORSION_FLOOR
-from openmm_nice.molecule.coordinates import MolecularTransform
+from openmm_nice.molecule.coordinates import MolecularTransform, torsion_features
 from openmm_nice.molecule.internal_coordinates import InternalCoordinates
 from openmm_nice.molecule.torsion_densities import (
     SMOOTHING_CANDIDATES,
@@ -773,3 +773,130 @@ def test_torsion_tree_checks(zmatrix):
         )
     with pytest.raises(ValueError, match=r"conditional_cdf must have shape \(1, P, 2\)"):
         MolecularTransform(zmatrix, *good, None, None, child_of_0, cdf)
+
+
+@pytest.fixture(scope="module")
+def stiff(zmatrix, reference):
+    """A transform whose bonds and angles follow the torsions, fitted to 3,000 weighted frames
+    in which the first angle's mean and the first bond's spread follow sin(torsion 0)."""
+    generator = torch.Generator().manual_seed(5)
+    noise = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=generator)
+    ic = InternalCoordinates(zmatrix)
+    q = near_reference(ic, reference, 3000, noise)
+    n = ic.n_atoms
+    leader = 3 * torch.rand(3000, generator=generator, dtype=torch.float64) - 1.5
+    q[:, 2 * n - 3] = leader
+    q[:, n - 1] = q[0, n - 1] + 0.1 * torch.sin(leader) + 0.03 * noise(3000)
+    q[:, 0] = q[0, 0] * torch.exp(0.02 * torch.exp(0.5 * torch.sin(leader)) * noise(3000))
+    weights = torch.rand(3000, generator=generator, dtype=torch.float64) + 0.5
+    frames = random_rigid_motion(ic.to_cartesian(q)[0])
+    fitted = MolecularTransform.from_data(zmatrix, frames, weights=weights, stiff_conditioning=True)
+    return fitted, frames, weights, leader
+
+
+def test_stiff_normalisation_follows_the_torsions(stiff):
+    transform, frames, weights, leader = stiff
+    s = transform.inverse(frames)
+    n = transform.internal.n_atoms
+    w = weights / weights.sum()
+    # the conditional map leaves the first angle and bond standard normal given the torsion,
+    # where the unconditional one leaves their mean and spread following it
+    plain = MolecularTransform.from_data(transform.internal.zmatrix, frames, weights=weights)
+    s_plain = plain.inverse(frames)
+    for values in (s[:, n - 1], s[:, 0]):
+        assert abs(w @ values) < 1e-8 and abs(w @ values.square() - 1) < 1e-8
+    low, high = leader < -0.75, leader > 0.75
+    angle, bond = s[:, n - 1], s[:, 0]
+    # (the ridge leaves a few percent of the dependence: 50 pseudo-frames among 2,700 effective)
+    shift = abs(angle[low].mean() - angle[high].mean())
+    assert shift < 0.15 * abs(s_plain[low, n - 1].mean() - s_plain[high, n - 1].mean())
+    assert 0.8 < bond[low].std() / bond[high].std() < 1.25
+    assert bond[low].std() / bond[high].std() > 0.8 * s_plain[low, 0].std() / s_plain[high, 0].std()
+    assert s_plain[low, 0].std() / s_plain[high, 0].std() < 0.6
+    # which shows up as a wider spread of the fitted frames' log-density under the plain map
+    log_q = lambda t: (
+        -0.5 * t.inverse_and_ladj(frames)[0].square().sum(1) + t.inverse_and_ladj(frames)[1]
+    )
+    assert w @ log_q(transform) > w @ log_q(plain) + 0.5
+
+
+def test_stiff_normalisation_round_trip_and_exact_log_det(stiff):
+    transform = stiff[0]
+    assert transform.stiff_mean.abs().max() > 0.1 and transform.stiff_log_scale.abs().max() > 0.1
+    assert_exact_bijection(transform, (-0.5, 0.8, 2.2))
+    s = torch.randn(4, 60, requires_grad=True)
+    x, ladj = transform.call_and_ladj(s)
+    (x.square().sum() + ladj.sum()).backward()
+    assert torch.isfinite(s.grad).all()
+    x32, _ = transform.call_and_ladj(s.detach().float())
+    torch.testing.assert_close(x32.double(), transform(s.detach()), rtol=0, atol=1e-5)
+
+
+def test_stiff_normalisation_state_dict_and_old_maps(stiff, transform):
+    fresh = MolecularTransform.from_data(transform.internal.zmatrix, transform(torch.randn(2, 60)))
+    fresh.load_state_dict(stiff[0].state_dict())
+    s = torch.randn(8, 60)
+    torch.testing.assert_close(fresh.call_and_ladj(s), stiff[0].call_and_ladj(s), rtol=0, atol=0)
+    # a map saved before the stiff coordinates followed the torsions loads without it
+    old = {
+        k: v
+        for k, v in transform.state_dict().items()
+        if k not in ("stiff_mean", "stiff_log_scale")
+    }
+    fresh.load_state_dict(old)
+    assert not fresh.stiff_mean.any() and not fresh.stiff_log_scale.any()
+    torch.testing.assert_close(fresh.call_and_ladj(s), transform.call_and_ladj(s), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="stiff_mean must hold finite numbers of shape"):
+        MolecularTransform(
+            transform.internal.zmatrix,
+            transform.shift,
+            transform.scale,
+            transform.torsion_offset,
+            stiff_mean=torch.zeros(3, 3),
+        )
+
+
+def test_torsion_features_are_the_first_two_harmonics():
+    torsion = torch.tensor([[0.3, -1.2]])
+    expected = [
+        [
+            math.cos(0.3),
+            math.sin(0.3),
+            math.cos(0.6),
+            math.sin(0.6),
+            math.cos(-1.2),
+            math.sin(-1.2),
+            math.cos(-2.4),
+            math.sin(-2.4),
+        ]
+    ]
+    torch.testing.assert_close(torsion_features(torsion), torch.tensor(expected))
+
+
+def test_scanned_torsions_follow_the_boltzmann_density_of_the_scan(zmatrix, reference):
+    """One frame and an energy: torsion 0's density is exp(-beta E) of its scan, cut at the
+    barrier; the map stays exact. A torsion whose scan is flat stays uniform."""
+    ic = InternalCoordinates(zmatrix)
+    first = 2 * ic.n_atoms - 3
+    barrier, beta = 0.5, 0.25
+
+    def energy(x: torch.Tensor) -> torch.Tensor:
+        torsion = ic.to_internal(x)[0][:, first]
+        return 40 * (1 - torch.cos(torsion - barrier - math.pi))
+
+    scanned = MolecularTransform.from_data(zmatrix, reference, energy=energy, scan_beta=beta)
+    cut = math.remainder(scanned.torsion_offset[0].item() - math.pi, 2 * math.pi)
+    assert abs(cut - barrier) < 2 * math.pi / 360 + 1e-9
+    torsion = ic.to_internal(scanned(torch.randn(20000, 60)))[0][:, first]
+    centres = torch.linspace(-math.pi, math.pi, 37)[:-1] + math.pi / 36
+    density = torch.exp(-beta * 40 * (1 - torch.cos(centres - barrier - math.pi)))
+    expected = 20000 * density / density.sum()
+    observed = torch.histc(torsion, 36, -math.pi, math.pi)
+    big = expected > 200
+    assert ((observed[big] - expected[big]).abs() < 5 * expected[big].sqrt()).all()
+    assert observed[expected < 1].sum() < 0.02 * 20000  # the floor and the smoothing's tails
+    other = ic.to_internal(scanned(torch.randn(20000, 60)))[0][:, first + 1]
+    assert torch.histc(other, 6, -math.pi, math.pi).min() > 0.9 * 20000 / 6
+    assert_exact_bijection(scanned, (0.2, 1.4, 0.9))
+    with pytest.raises(ValueError, match="scan_beta must be positive"):
+        MolecularTransform.from_data(zmatrix, reference, energy=energy, scan_beta=0.0)
