@@ -223,6 +223,12 @@ class MolecularTransform(Transform):
                     f"{tuple(value.shape)}"
                 )
             self.register_buffer(name, value)
+        self._plan_stiff_normalisation()
+
+    def _plan_stiff_normalisation(self) -> None:
+        """Whether the stiff coordinates follow the torsions, decided once (a Python flag: the
+        maps' hot path asks no device for it)."""
+        self._stiff = bool(self.stiff_mean.any() or self.stiff_log_scale.any())
 
     def _plan_torsion_tree(self) -> None:
         """The children of each depth of the torsion forest, with their parents and their rows
@@ -268,6 +274,7 @@ class MolecularTransform(Transform):
         if conditional is not None and conditional.shape != self.conditional_cdf.shape:
             self.conditional_cdf = self.conditional_cdf.new_empty(conditional.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._plan_stiff_normalisation()
         parent = state_dict.get(prefix + "torsion_parent")
         if parent is not None:
             check_torsion_forest(parent.tolist(), self.torsion_sign.tolist())
@@ -546,9 +553,9 @@ class MolecularTransform(Transform):
         torsion, log_slope = self._torsions_from_normal(y[:, 2 * n - 3 :])
         mean, log_scale = self._stiff_normalisation(torsion)
         stiff = (
-            y[:, : 2 * n - 3]
+            shift[: 2 * n - 3]
             + mean
-            + scale[: 2 * n - 3] * torch.expm1(log_scale) * s[:, : 2 * n - 3]
+            + scale[: 2 * n - 3] * torch.exp(log_scale) * s[:, : 2 * n - 3]
         )
         y = torch.cat([stiff, y[:, 2 * n - 3 :]], dim=1)
         y_bond, y_angle = stiff.split([n - 1, n - 2], dim=1)
@@ -588,7 +595,7 @@ class MolecularTransform(Transform):
     def _stiff_normalisation(self, torsion: Tensor) -> tuple[Tensor, Tensor]:
         """The bonds' and angles' shift m and log-scale l that follow the torsions (B, T),
         in the normalised space y; zeros where the map has no such coefficients."""
-        if not (self.stiff_mean.any() or self.stiff_log_scale.any()):
+        if not self._stiff:
             zeros = torsion.new_zeros(torsion.shape[0], self.stiff_mean.shape[1])
             return zeros, zeros
         features = torsion_features(torsion)
