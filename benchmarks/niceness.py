@@ -49,12 +49,23 @@ def busy_process(busy: bool):
         loop.wait()
 
 
+def train_command(
+    config: str, out: Path, overrides: list[str], device: str | None = None
+) -> list[str]:
+    """The `openmm-nice train` command line of ``config`` into ``out``, quiet, with the
+    overrides (and ``--device`` when one is given)."""
+    command = [sys.executable, "-m", "openmm_nice.cli", "train", config, "--out", str(out)]
+    command += ["--quiet"] + [f"--set={item}" for item in overrides]
+    if device is not None:
+        command += ["--device", device]
+    return command
+
+
 @contextlib.contextmanager
 def other_training(config: str, out: Path, overrides: list[str], env: dict, warm: int):
     """A second `openmm-nice train` of ``config`` inside the block, at normal priority, past
     its first ``warm`` steps (its start-up) before the block starts."""
-    command = [sys.executable, "-m", "openmm_nice.cli", "train", config, "--out", str(out)]
-    command += ["--quiet"] + [f"--set={item}" for item in overrides]
+    command = train_command(config, out, overrides)
     run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         while not any(int(r["step"]) >= warm for r in _rows(out / "metrics.csv")):
@@ -86,12 +97,12 @@ def train_rows(
     """The metrics rows of steps start and stop of `openmm-nice train` (the config's own
     schedule, on ``device`` or the config's, in the environment ``env`` or this one's); the
     run is stopped once the second is written."""
-    command = [sys.executable, "-m", "openmm_nice.cli", "train", config, "--out", str(out)]
-    command += ["--quiet"] + [f"--set={item}" for item in overrides]
-    if device is not None:
-        command += ["--device", device]
     run = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+        train_command(config, out, overrides, device),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         while True:
