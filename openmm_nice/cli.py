@@ -49,6 +49,7 @@ def _cmd_sample(args) -> int:
         traj=args.traj,
         ais_steps=args.ais_steps,
         ais_preconditioner=args.ais_preconditioner,
+        ais_schedule=args.ais_schedule,
         batch_size=args.batch_size,
         seed=args.seed,
         device=args.device,
@@ -320,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["identity", "fisher"],
         help="the AIS moves: plain latent MALA, or MALA whitened by a pilot's Fisher matrix "
         "(exact either way); default: the run's sampling.ais_preconditioner",
+    )
+    p.add_argument(
+        "--ais-schedule",
+        choices=["linear", "adaptive"],
+        help="the AIS levels: evenly spaced in beta, or placed by a pilot run's conditional "
+        "ESS (exact either way); default: the run's sampling.ais_schedule",
     )
     p.add_argument("--device", help="override the run's device")
     p.add_argument("--quiet", action="store_true")

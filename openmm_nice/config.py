@@ -256,6 +256,9 @@ class SamplingConfig(_Section):
     # the AIS moves: plain MALA in latent space, or MALA whitened by the Fisher matrix of the
     # target in latent space that a pilot run measures (exact either way; benchmarks/RESULTS.md)
     ais_preconditioner: Literal["identity", "fisher"] = "identity"
+    # where the levels sit: evenly in beta, or placed by a pilot run's conditional ESS where
+    # the model's weights change fastest (exact either way; openmm_nice.sampling.ais)
+    ais_schedule: Literal["linear", "adaptive"] = "linear"
 
 
 class MDConfig(_Section):

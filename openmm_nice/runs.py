@@ -430,6 +430,7 @@ def sample_run(
     traj: PathLike | None = None,
     ais_steps: int | None = None,
     ais_preconditioner: str | None = None,
+    ais_schedule: str | None = None,
     batch_size: int = 65536,
     seed: int = 0,
     device: str | None = None,
@@ -446,6 +447,8 @@ def sample_run(
             (0: the model's one-shot samples and weights).
         ais_preconditioner: ``"identity"`` or ``"fisher"`` instead of the run's
             ``sampling.ais_preconditioner``.
+        ais_schedule: ``"linear"`` or ``"adaptive"`` instead of the run's
+            ``sampling.ais_schedule``.
         batch_size: Samples per batch of one-shot draws.
         seed: Seed of the latents and of the AIS moves.
         device: With a run folder, load the model on this device instead of the run's.
@@ -463,7 +466,15 @@ def sample_run(
             )
         rng = torch.Generator(device=model.device).manual_seed(seed)
         result = sample_as_configured(
-            model, n, config.sampling, ais_steps, batch_size, rng, progress, ais_preconditioner
+            model,
+            n,
+            config.sampling,
+            ais_steps,
+            batch_size,
+            rng,
+            progress,
+            ais_preconditioner,
+            ais_schedule,
         )
         samples = Samples(
             result.x.double().cpu().numpy(),

@@ -73,8 +73,9 @@ def test_train_sample_reweight(tmp_path, tiny_config, capsys):
     # latent-space AIS: from the command line, and from the run's sampling.ais_steps
     ais = tmp_path / "ais.npz"
     args = ["sample", str(run), "--n", "2000", "--out", str(ais), "--quiet"]
-    for preconditioner in ("identity", "fisher"):
-        assert main([*args, "--ais-steps", "4", "--ais-preconditioner", preconditioner]) == 0
+    for preconditioner, schedule in (("identity", "linear"), ("fisher", "adaptive")):
+        options = ["--ais-preconditioner", preconditioner, "--ais-schedule", schedule]
+        assert main([*args, "--ais-steps", "4", *options]) == 0
         with np.load(ais) as data:
             assert int(data["ais_steps"]) == 4 and np.isfinite(data["log_w"]).all()
             np.testing.assert_allclose(data["u"], DoubleWell_potential(data["x"][:, 0]))
@@ -83,6 +84,7 @@ def test_train_sample_reweight(tmp_path, tiny_config, capsys):
         "ais_steps": 0,
         "ais_batch_size": 4096,
         "ais_preconditioner": "identity",
+        "ais_schedule": "linear",
     }
     config = yaml.safe_load(tiny_config.read_text())
     config["sampling"] = {"ais_steps": 3}

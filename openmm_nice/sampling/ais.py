@@ -16,6 +16,17 @@ model's own weights back. In latent space the flow has already whitened the targ
 Langevin steps can be long: this is the reparametrised ("NeuTra") AIS of the flow literature,
 and stochastic layers of stochastic normalizing flows play the same role.
 
+The levels (``schedule``): ``"linear"`` spaces :math:`\beta_k = k/K` evenly. ``"adaptive"`` lets a
+separate pilot run place them: its chains anneal with each step chosen so that the conditional
+ESS of that step's incremental weights, :math:`\exp(\Delta\beta \log w)` under the chains'
+current AIS weights, is CESS_TARGET (as adaptive sequential Monte Carlo chooses its
+temperatures); the K reported levels then sit at equal shares of the pilot's thermodynamic
+length, the sum of :math:`\sqrt{-\log \mathrm{CESS}}` over its steps, where equal steps of the
+weights' log-variance make the AIS weights' variance smallest for K levels. Where the model is
+poor the steps crowd near :math:`\beta = 0`, where :math:`\log w` is still spread widely. The
+schedule comes from pilot chains only and is frozen before the reported chains start, so their
+weights stay exact.
+
 The moves are the one MALA kernel of :mod:`openmm_nice.sampling.mala`. Step sizes: one per level, fitted
 beforehand on a separate pilot batch (adapted towards the kernel's target acceptance) and then
 frozen, so that the kernels of the reported chains do not depend on those chains.
@@ -50,13 +61,21 @@ from openmm_nice.sampling.mala import (
 __all__ = [
     "AISResult",
     "PRECONDITIONERS",
+    "SCHEDULES",
     "TARGET_ACCEPTANCE",
+    "adaptive_betas",
     "annealed_importance_sampling",
     "fisher_matrix",
     "sample_as_configured",
 ]
 
 PRECONDITIONERS = ("identity", "fisher")
+SCHEDULES = ("linear", "adaptive")
+# the adaptive pilot's step: the conditional ESS each of its steps keeps
+CESS_TARGET = 0.99
+# the adaptive pilot doubles its step's -log CESS whenever it has taken this many times K steps
+# (a model far from its target has a long path; the pilot's cost stays a few times K levels)
+PILOT_LEVELS_PER_LEVEL = 4
 # the share of the pilot's end states, by gradient norm, that the Fisher estimate keeps
 FISHER_QUANTILE = 0.9
 # the smallest eigenvalue of the Fisher estimate (a latent scale of at most 1 / sqrt of it)
@@ -73,6 +92,7 @@ class AISResult:
         u: Exact reduced energies of x (n,), float64.
         acceptance: Mean Metropolis acceptance at each level (K,).
         step_sizes: The frozen MALA step size of each level (K,).
+        betas: The levels' path parameters beta_1 < ... < beta_K = 1 (K,), float64.
     """
 
     x: Tensor
@@ -80,6 +100,11 @@ class AISResult:
     u: Tensor
     acceptance: Tensor
     step_sizes: Tensor
+    betas: Tensor = None  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.betas is None:
+            self.betas = torch.zeros(0, dtype=torch.float64)
 
 
 def _evaluate(
@@ -193,22 +218,22 @@ def _whitening(fisher: Tensor | None, beta: float) -> Tensor | None:
 def _run_chains(
     generator: BoltzmannGenerator,
     n: int,
-    steps: int,
+    betas: list[float],
     step_sizes: list[float] | None,
     rng: torch.Generator | None,
     beta: float = 1.0,
     fisher: Tensor | None = None,
 ) -> tuple[_Chains, Tensor, list[float], list[float]]:
-    """Run n chains through the K levels; adapt the step sizes when none are given; with a
-    Fisher matrix each level's move is preconditioned by it (see the module's docstring)."""
+    """Run n chains through the levels ``betas`` (beta_0 = 0 first); adapt the step sizes when
+    none are given; with a Fisher matrix each level's move is preconditioned by it (see the
+    module's docstring)."""
     adapt = step_sizes is None
     sizes = [] if adapt else list(step_sizes)
-    step = 0.25 / math.sqrt(generator.latent_dim)
+    step = _first_step(generator)
     chains = _Chains(generator, generator.latent(n, rng), beta)
     ais = torch.zeros(n, dtype=torch.float64, device=chains.z.device)
     acceptance = []
-    betas = [k / steps for k in range(steps + 1)]
-    for k in range(1, steps + 1):
+    for k in range(1, len(betas)):
         # the weight gathers pi_k / pi_{k-1} at the state reached before the level-k move
         ais = ais + (betas[k] - betas[k - 1]) * chains.log_w
         size = step if adapt else sizes[k - 1]
@@ -221,6 +246,90 @@ def _run_chains(
     return chains, ais, acceptance, sizes
 
 
+def _first_step(generator: BoltzmannGenerator) -> float:
+    return 0.25 / math.sqrt(generator.latent_dim)
+
+
+def _log_conditional_ess(log_a: Tensor, log_w: Tensor, delta: float) -> float:
+    """log of the conditional ESS (between 1/n and 1) of the incremental weights
+    exp(delta log w) under the normalised weights exp(log_a), over the chains where both are
+    finite (a chain at an undefined energy is lost whatever the step)."""
+    alive = torch.isfinite(log_a) & torch.isfinite(log_w)
+    if not alive.any():
+        return 0.0
+    log_a, log_w = log_a[alive], log_w[alive]
+    log_a = log_a - torch.logsumexp(log_a, 0)
+    once = torch.logsumexp(log_a + delta * log_w, 0)
+    twice = torch.logsumexp(log_a + 2 * delta * log_w, 0)
+    return float(2 * once - twice)
+
+
+def _next_step(log_a: Tensor, log_w: Tensor, left: float, log_target: float) -> float:
+    """The largest step (at most ``left``) whose conditional ESS is at least exp(log_target),
+    by bisection (the conditional ESS falls as the step grows)."""
+    if _log_conditional_ess(log_a, log_w, left) >= log_target:
+        return left
+    low, high = 0.0, left
+    for _ in range(60):
+        middle = 0.5 * (low + high)
+        if _log_conditional_ess(log_a, log_w, middle) >= log_target:
+            low = middle
+        else:
+            high = middle
+        if high - low <= 1e-12 + 1e-6 * high:
+            break
+    return max(low, 1e-12)
+
+
+def adaptive_betas(
+    generator: BoltzmannGenerator,
+    steps: int,
+    pilot: int = 512,
+    rng: torch.Generator | None = None,
+    beta: float = 1.0,
+) -> list[float]:
+    """K = ``steps`` levels 0 = beta_0 < ... < beta_K = 1 placed by a pilot run (see the
+    module's docstring): its chains take steps of conditional ESS CESS_TARGET (more -log CESS
+    per step if they need more than PILOT_LEVELS_PER_LEVEL K steps), and the levels split the
+    pilot's thermodynamic length, sum of sqrt(-log CESS), evenly. The pilot's chains are
+    discarded."""
+    if steps < 1:
+        raise ValueError(f"an adaptive schedule needs at least one level, got {steps}")
+    chains = _Chains(generator, generator.latent(pilot, rng), beta)
+    log_a = torch.zeros(pilot, dtype=torch.float64, device=chains.z.device)
+    log_target = math.log(CESS_TARGET)
+    step = _first_step(generator)
+    path, length = [0.0], [0.0]
+    while path[-1] < 1.0:
+        if len(path) % (PILOT_LEVELS_PER_LEVEL * steps) == 0:
+            log_target *= 2
+        delta = _next_step(log_a, chains.log_w, 1.0 - path[-1], log_target)
+        lost = -_log_conditional_ess(log_a, chains.log_w, delta)
+        log_a = log_a + delta * chains.log_w
+        # the last step ends exactly at 1
+        path.append(1.0 if delta >= 1.0 - path[-1] else path[-1] + delta)
+        length.append(length[-1] + math.sqrt(max(lost, 0.0)))
+        rate = float(chains.mala(path[-1], step, rng).double().mean())
+        step = adapt_step_size(step, rate)
+    path_t = torch.tensor(path, dtype=torch.float64)
+    length_t = torch.tensor(length, dtype=torch.float64)
+    if float(length_t[-1]) <= 0.0:  # the model is the target: any spacing is as good
+        return [k / steps for k in range(steps + 1)]
+    marks = torch.linspace(0.0, float(length_t[-1]), steps + 1, dtype=torch.float64)
+    # beta at each mark, linear between the pilot's steps
+    index = torch.searchsorted(length_t, marks, right=True).clamp(1, len(path) - 1)
+    lo, hi = length_t[index - 1], length_t[index]
+    share = torch.where(hi > lo, (marks - lo) / (hi - lo).clamp(min=1e-300), torch.ones_like(marks))
+    betas = path_t[index - 1] + share.clamp(0, 1) * (path_t[index] - path_t[index - 1])
+    betas = betas.tolist()
+    betas[0], betas[-1] = 0.0, 1.0
+    # strictly increasing: a level that would repeat its predecessor moves halfway on
+    for k in range(1, steps + 1):
+        if betas[k] <= betas[k - 1]:
+            betas[k] = betas[k - 1] + 0.5 * (1.0 - betas[k - 1]) / (steps + 1 - k)
+    return betas
+
+
 def annealed_importance_sampling(
     generator: BoltzmannGenerator,
     n: int,
@@ -231,6 +340,7 @@ def annealed_importance_sampling(
     progress: bool = False,
     beta: float = 1.0,
     preconditioner: str = "identity",
+    schedule: str = "linear",
 ) -> AISResult:
     """n independent AIS chains from the model to the target through ``steps`` levels.
 
@@ -247,7 +357,12 @@ def annealed_importance_sampling(
         preconditioner: ``"identity"`` (plain MALA in latent space) or ``"fisher"`` (MALA
             whitened by the Fisher matrix that a first pilot run measures; see the module's
             docstring). Either way the weights are exact.
+        schedule: ``"linear"`` (beta_k = k / K) or ``"adaptive"`` (levels placed by a pilot
+            run's conditional ESS; see the module's docstring). Either way the weights are
+            exact.
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(
             f"preconditioner must be one of {', '.join(PRECONDITIONERS)}, got {preconditioner!r}"
@@ -266,11 +381,15 @@ def annealed_importance_sampling(
         return AISResult(x.double(), log_w.double(), u.double(), empty, empty)
     if pilot < 1:
         raise ValueError(f"the pilot batch must have at least one chain, got {pilot}")
+    if schedule == "adaptive":
+        betas = adaptive_betas(generator, steps, pilot, rng, beta)
+    else:
+        betas = [k / steps for k in range(steps + 1)]
     fisher = None
     if preconditioner == "fisher":
-        first, _, _, _ = _run_chains(generator, pilot, steps, None, rng, beta)
+        first, _, _, _ = _run_chains(generator, pilot, betas, None, rng, beta)
         fisher = fisher_matrix(first)
-    _, _, _, sizes = _run_chains(generator, pilot, steps, None, rng, beta, fisher)
+    _, _, _, sizes = _run_chains(generator, pilot, betas, None, rng, beta, fisher)
     xs, log_ws, us, rates = [], [], [], []
     starts = range(0, n, batch_size)
     if progress:
@@ -279,7 +398,7 @@ def annealed_importance_sampling(
         starts = tqdm(starts, desc="AIS", unit="batch")
     for start in starts:
         chains, ais, acceptance, _ = _run_chains(
-            generator, min(batch_size, n - start), steps, sizes, rng, beta, fisher
+            generator, min(batch_size, n - start), betas, sizes, rng, beta, fisher
         )
         xs.append(chains.x)
         log_ws.append(ais)
@@ -292,6 +411,7 @@ def annealed_importance_sampling(
         torch.cat(us),
         acceptance,
         torch.tensor(sizes, dtype=torch.float64),
+        torch.tensor(betas[1:], dtype=torch.float64),
     )
 
 
@@ -304,6 +424,7 @@ def sample_as_configured(
     rng: torch.Generator | None = None,
     progress: bool = False,
     preconditioner: str | None = None,
+    schedule: str | None = None,
 ) -> AISResult:
     """The samples ``openmm-nice sample`` draws for a run: ``sampling.ais_steps`` levels of AIS
     (``ais_steps`` overrides it) in chains of ``sampling.ais_batch_size``, or the model's own
@@ -312,6 +433,7 @@ def sample_as_configured(
     Arguments:
         sampling: The run's :class:`~openmm_nice.config.SamplingConfig`.
         preconditioner: Overrides ``sampling.ais_preconditioner``.
+        schedule: Overrides ``sampling.ais_schedule``.
     """
     steps = sampling.ais_steps if ais_steps is None else ais_steps
     return annealed_importance_sampling(
@@ -322,4 +444,5 @@ def sample_as_configured(
         rng=rng,
         progress=progress,
         preconditioner=preconditioner or sampling.ais_preconditioner,
+        schedule=schedule or sampling.ais_schedule,
     )

@@ -17,9 +17,14 @@ from openmm_nice.analysis.reweighting import (
 from openmm_nice.energy.energies import DoubleWell1D, DoubleWell2D, Energy
 from openmm_nice.flows.generator import BoltzmannGenerator
 from openmm_nice.sampling.ais import (
+    CESS_TARGET,
     PRECONDITIONERS,
+    SCHEDULES,
     _Chains,
+    _log_conditional_ess,
+    _next_step,
     _whitening,
+    adaptive_betas,
     annealed_importance_sampling,
     fisher_matrix,
 )
@@ -64,14 +69,24 @@ def test_an_exact_model_gives_constant_weights_equal_to_log_z():
     torch.testing.assert_close(r.u, energy(r.x))
 
 
-@pytest.mark.parametrize("preconditioner", PRECONDITIONERS)
+@pytest.mark.parametrize(
+    "preconditioner, schedule",
+    [(p, "linear") for p in PRECONDITIONERS] + [("identity", "adaptive")],
+)
 @pytest.mark.parametrize("energy, latent_dim", [(DoubleWell1D(), 2), (DoubleWell2D(), 3)])
-def test_weights_are_unbiased_and_more_even_than_the_models(energy, latent_dim, preconditioner):
+def test_weights_are_unbiased_and_more_even_than_the_models(
+    energy, latent_dim, preconditioner, schedule
+):
     bg = _poor_model(energy, latent_dim)
     n = 20_000
     _, model_log_w = bg.sample(n, rng=torch.Generator().manual_seed(5))
     r = annealed_importance_sampling(
-        bg, n, 20, rng=torch.Generator().manual_seed(6), preconditioner=preconditioner
+        bg,
+        n,
+        20,
+        rng=torch.Generator().manual_seed(6),
+        preconditioner=preconditioner,
+        schedule=schedule,
     )
     log_w = r.log_w.numpy()
     assert effective_sample_size(log_w) > 1.5 * effective_sample_size(model_log_w.numpy())
@@ -108,6 +123,48 @@ def test_bad_arguments_are_refused():
         annealed_importance_sampling(bg, 10, 3, pilot=0)
     with pytest.raises(ValueError, match="preconditioner must be one of identity, fisher"):
         annealed_importance_sampling(bg, 10, 3, preconditioner="diagonal")
+    with pytest.raises(ValueError, match="schedule must be one of linear, adaptive"):
+        annealed_importance_sampling(bg, 10, 3, schedule="geometric")
+
+
+def test_the_conditional_ess_matches_its_definition_and_the_step_meets_the_target():
+    gen = torch.Generator().manual_seed(4)
+    log_a = torch.randn(300, dtype=torch.float64, generator=gen)
+    log_w = 3 * torch.randn(300, dtype=torch.float64, generator=gen)
+    log_w[:7] = -math.inf  # lost chains count for nothing, whatever the step
+    alive = torch.isfinite(log_w)
+    a = torch.softmax(log_a[alive], 0)
+    for delta in (0.0, 0.01, 0.3):
+        v = torch.exp(delta * log_w[alive])
+        expected = float((a * v).sum() ** 2 / (a * v**2).sum())
+        assert math.exp(_log_conditional_ess(log_a, log_w, delta)) == pytest.approx(expected)
+    step = _next_step(log_a, log_w, 1.0, math.log(CESS_TARGET))
+    assert 0 < step < 1
+    assert math.exp(_log_conditional_ess(log_a, log_w, step)) == pytest.approx(CESS_TARGET)
+    # room for less than the target's step: the rest of the path in one
+    assert _next_step(log_a, log_w, 1e-6, math.log(CESS_TARGET)) == 1e-6
+
+
+def test_the_adaptive_schedule_crowds_where_the_weights_spread():
+    """A model far too wide for its target: the weights' spread is largest at beta = 0 and
+    shrinks as the chains settle, so the adaptive levels start denser than the linear ones.
+    An exact model (constant weights) keeps the even spacing."""
+    bg = _poor_model(DoubleWell2D(), 3)
+    betas = adaptive_betas(bg, 20, pilot=256, rng=torch.Generator().manual_seed(1))
+    assert len(betas) == 21 and betas[0] == 0.0 and betas[-1] == 1.0
+    steps = np.diff(betas)
+    assert (steps > 0).all()
+    assert steps[0] < 0.5 / 20 and steps[-1] > steps[0]
+    exact = BoltzmannGenerator(Harmonic(3), layers=2, hidden=[8]).double()
+    assert adaptive_betas(exact, 5, pilot=64) == pytest.approx([k / 5 for k in range(6)])
+    # sampling places its levels by the same pilot (the same random stream gives the same ones)
+    r = annealed_importance_sampling(
+        bg, 64, 20, pilot=256, rng=torch.Generator().manual_seed(1), schedule="adaptive"
+    )
+    assert r.betas.tolist() == betas[1:]
+    linear = annealed_importance_sampling(bg, 64, 20, pilot=64)
+    assert linear.betas.tolist() == pytest.approx([k / 20 for k in range(1, 21)])
+    assert set(SCHEDULES) == {"linear", "adaptive"}
 
 
 def test_the_whitened_move_keeps_its_density_exactly():
