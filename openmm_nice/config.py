@@ -110,6 +110,10 @@ class ModelConfig(_Section):
     initial_torsions: Literal["uniform", "scan"] = "uniform"
 
 
+# the loss weights that may follow the step ([[step, weight], ...]); forward_alpha may too
+LOSS_WEIGHTS = ("kl_weight", "reweighted_fkl_weight", "walker_weight", "buffer_weight")
+
+
 def _weight_ok(weight: float | list[list[float]]) -> bool:
     """A loss weight is a number >= 0, or (step, weight >= 0) points with steps in order."""
     if isinstance(weight, (int, float)):
@@ -219,12 +223,7 @@ class TrainingConfig(_Section):
                 ),
                 *(
                     (_weight_ok(getattr(t, name)), _weight_message(name, getattr(t, name)))
-                    for name in (
-                        "kl_weight",
-                        "reweighted_fkl_weight",
-                        "walker_weight",
-                        "buffer_weight",
-                    )
+                    for name in LOSS_WEIGHTS
                 ),
                 (
                     t.walkers <= t.batch_size,
@@ -381,8 +380,9 @@ class Config(_Section):
         return _system(spec, info)
 
     def set_steps(self, steps: int) -> None:
-        """Change the number of training steps; fewer steps shrink the schedule (the anneal's
-        start and length, the map refits) in proportion, so that training still ends at the
+        """Change the number of training steps; fewer steps shrink the schedule in proportion
+        (the anneal's start and length, the map refits and the maximum-likelihood steps after
+        each, the steps of every loss-weight schedule), so that training still ends at the
         target temperature after the same stages."""
         if steps < 0:
             raise ConfigError(f"the number of steps must be >= 0, got {steps}")
@@ -392,6 +392,12 @@ class Config(_Section):
         t.anneal_start = int(t.anneal_start * factor)
         t.anneal_steps = int(t.anneal_steps * factor)
         t.map_refits = sorted({int(k * factor) for k in t.map_refits})
+        if t.refit_steps:
+            t.refit_steps = max(1, int(t.refit_steps * factor))
+        for name in (*LOSS_WEIGHTS, "forward_alpha"):
+            value = getattr(t, name)
+            if isinstance(value, list):
+                setattr(t, name, [[int(step * factor), weight] for step, weight in value])
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config (every key, paths absolute) as YAML, atomically."""

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from openmm_nice.config import ConfigError, config_from_dict, load_config
+from openmm_nice.training.trainer import WeightSchedule
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -99,11 +100,29 @@ def test_a_list_of_data_files_resolves_each_against_the_config_file(tmp_path):
 
 
 def test_fewer_steps_shorten_the_anneal_so_training_ends_at_the_target():
-    config = config_from_dict({"training": {"steps": 4000, "anneal_steps": 2500}})
+    config = config_from_dict(
+        {
+            "training": {
+                "steps": 4000,
+                "anneal_steps": 2500,
+                "refit_steps": 500,
+                "kl_weight": [[0, 1.0], [2000, 1.0], [2500, 0.25]],
+                "forward_alpha": [[0, 1.0], [3000, 2.0]],
+                "walker_weight": 0.5,
+            }
+        }
+    )
     config.set_steps(800)
-    assert config.training.steps == 800 and config.training.anneal_steps == 500
+    t = config.training
+    assert t.steps == 800 and t.anneal_steps == 500 and t.refit_steps == 100
+    # the loss weights change at the same stages of the shorter run
+    assert t.kl_weight == [[0, 1.0], [400, 1.0], [500, 0.25]]
+    assert t.forward_alpha == [[0, 1.0], [600, 2.0]] and t.walker_weight == 0.5
     config.set_steps(100000)
-    assert config.training.anneal_steps == 500
+    assert t.anneal_steps == 500 and t.kl_weight[-1] == [500, 0.25]
+    config.set_steps(2)  # stages that fall on one step stay in order; a refit keeps one step
+    assert t.kl_weight == [[0, 1.0], [0, 1.0], [0, 0.25]] and t.refit_steps == 1
+    assert WeightSchedule(t.kl_weight)(0) == 0.25 and WeightSchedule(t.kl_weight)(1) == 0.25
 
 
 def test_overrides_set_keys_before_validation(tmp_path):

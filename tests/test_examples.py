@@ -36,8 +36,8 @@ def test_readme_main_job_runs_shortened(tmp_path, monkeypatch):
     assert commands[0][1] == "train"
     for argv in commands:
         args = argv[1:]
-        if args[0] == "train":
-            args += ["--steps", "20", "--quiet"]
+        if args[0] == "train":  # 20 steps, each map refit fitted to 4,096 draws (not 100,000)
+            args += ["--steps", "20", "--quiet", "--set", "training.refit_samples=4096"]
         if args[0] == "sample":
             args[args.index("--n") + 1] = "2000"
         assert main(args) == 0, argv
@@ -73,7 +73,8 @@ def test_alanine_example_trains_and_samples_with_openmm_energies(tmp_path):
 
     run = tmp_path / "run"
     config = str(ROOT / "examples" / "alanine_dipeptide.yaml")
-    assert main(["train", config, "--out", str(run), "--steps", "3", "--quiet"]) == 0
+    shortened = ["--steps", "3", "--quiet", "--set", "training.refit_samples=4096"]
+    assert main(["train", config, "--out", str(run), *shortened]) == 0
     samples, traj = tmp_path / "s.npz", tmp_path / "s.dcd"
     assert main(["sample", str(run), "--n", "64", "--out", str(samples), "--traj", str(traj)]) == 0
     with np.load(samples) as data:
