@@ -292,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         help=(
-            "override training.steps; a new run's anneal longer than 5/8 of them is shortened "
-            "to that, so that training ends at the target temperature"
+            "override training.steps; fewer steps shrink the schedule in proportion (the "
+            "anneal, the map refits and their steps, the loss weights' steps), so that training "
+            "ends at the target temperature after the same stages"
         ),
     )
     p.add_argument("--seed", type=int, help="override seed")
