@@ -100,11 +100,7 @@ class AISResult:
     u: Tensor
     acceptance: Tensor
     step_sizes: Tensor
-    betas: Tensor = None  # type: ignore[assignment]
-
-    def __post_init__(self):
-        if self.betas is None:
-            self.betas = torch.zeros(0, dtype=torch.float64)
+    betas: Tensor
 
 
 def _evaluate(
@@ -378,7 +374,7 @@ def annealed_importance_sampling(
         if beta != 1.0:
             log_w = torch.where(torch.isfinite(u), log_w + (1.0 - beta) * u, -math.inf)
         empty = torch.zeros(0, dtype=torch.float64)
-        return AISResult(x.double(), log_w.double(), u.double(), empty, empty)
+        return AISResult(x.double(), log_w.double(), u.double(), empty, empty, empty)
     if pilot < 1:
         raise ValueError(f"the pilot batch must have at least one chain, got {pilot}")
     if schedule == "adaptive":
