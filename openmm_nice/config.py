@@ -104,10 +104,11 @@ class ModelConfig(_Section):
     # let the bonds' and angles' normalisation (shift and scale) follow the torsions, fitted
     # with the map, so that the geometry around an atom can change with the rotamers around it
     stiff_conditioning: bool = False
-    # the data-free map's torsions before the first refit: uniform, or "scan": each one's
+    # the data-free map's torsions before the first refit: "scan" (the default): each one's
     # Boltzmann density at training.beta_start along an energy scan from the reference
-    # structure (rings and planar groups start closed; see MolecularTransform.from_data)
-    initial_torsions: Literal["uniform", "scan"] = "uniform"
+    # structure, so that rings and planar groups start closed (see
+    # MolecularTransform.from_data); or "uniform" (phenylalanine's ring then never closes)
+    initial_torsions: Literal["uniform", "scan"] = "scan"
 
 
 # the loss weights that may follow the step ([[step, weight], ...]); forward_alpha may too

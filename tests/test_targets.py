@@ -50,6 +50,28 @@ def test_torsion_tree_reaches_the_map_fitted_to_frames_and_refits(stiff):
         target.close()
 
 
+@pytest.mark.parametrize("initial", [None, "uniform"])
+def test_the_data_free_map_starts_from_the_scan_unless_told_uniform(initial):
+    """model.initial_torsions: the default scans each torsion's energy (alanine's methyl
+    rotors and backbone get non-uniform densities); "uniform" keeps every torsion flat."""
+    from openmm_nice.targets import build_generator
+
+    model = {"layers": 2} if initial is None else {"layers": 2, "initial_torsions": initial}
+    config = config_from_dict({"system": "alanine_dipeptide_vacuum", "model": model})
+    target = build_target(config)
+    try:
+        cdf = build_generator(config, target).coordinates.torsion_cdf
+        bins = cdf.shape[1] - 1
+        flat = torch.linspace(0, 1, bins + 1, dtype=cdf.dtype)
+        departure = (cdf - flat).abs().amax(dim=1)
+        if initial is None:
+            assert bins > 1 and (departure > 0.05).any()
+        else:
+            assert (departure < 1e-12).all()
+    finally:
+        target.close()
+
+
 def one_particle_system():
     import openmm
 
