@@ -1,0 +1,134 @@
+"""Where a trained molecular model is off: each internal coordinate, the flow against its weights.
+
+The flow's one-shot samples are taken to the coordinate map's own units (the flow coordinates
+s of :class:`~openmm_nice.molecule.coordinates.MolecularTransform`: each bond, angle and torsion
+normalised as the map was fitted). For every coordinate it compares the flow's mean and standard
+deviation with the same moments under the importance weights (which estimate the target's), and
+ranks the coordinates by the Kullback-Leibler divergence of the two Gaussians with those moments,
+
+    KL_j = (r^2 + o^2 - 1) / 2 - log r,   o = (mean_q - mean_w) / sd_w,   r = sd_q / sd_w,
+
+a per-coordinate reading of where the model's reverse KL goes (a Gaussian proxy: it sees shifts
+and widths, not shape). The weighted moments are only as good as the weights: their Kish ESS is
+printed beside them. It prints one table and one JSON line.
+
+Usage:
+    python benchmarks/coordinate_fit.py RUN [--n 200000] [--top 15] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
+
+from openmm_nice.analysis.reweighting import effective_sample_size
+from openmm_nice.runs import load_run, sample_run
+
+
+def coordinate_moments(s: np.ndarray, log_w: np.ndarray) -> dict[str, np.ndarray]:
+    """Per column of ``s`` (N, d): the direct and the self-normalised weighted mean and standard
+    deviation, the offset o and width ratio r in units of the weighted one, and the Gaussian
+    KL(q_j || p_j) of the module docstring."""
+    s = np.asarray(s, dtype=np.float64)
+    log_w = np.asarray(log_w, dtype=np.float64)
+    if s.ndim != 2 or log_w.shape != (len(s),):
+        raise ValueError(f"s must be (N, d) and log_w (N,), got {s.shape} and {log_w.shape}")
+    finite = np.isfinite(log_w) & np.isfinite(s).all(axis=1)
+    s, log_w = s[finite], log_w[finite]
+    w = np.exp(log_w - log_w.max())
+    w /= w.sum()
+    mean_q, sd_q = s.mean(axis=0), s.std(axis=0)
+    mean_w = w @ s
+    sd_w = np.sqrt(np.maximum(w @ (s - mean_w) ** 2, 1e-300))
+    offset, ratio = (mean_q - mean_w) / sd_w, sd_q / sd_w
+    kl = 0.5 * (ratio**2 + offset**2 - 1) - np.log(ratio)
+    return {
+        "mean_q": mean_q,
+        "sd_q": sd_q,
+        "mean_w": mean_w,
+        "sd_w": sd_w,
+        "offset": offset,
+        "ratio": ratio,
+        "kl": kl,
+    }
+
+
+def coordinate_names(topology, zmatrix: np.ndarray) -> list[str]:
+    """A name for each internal coordinate, in the order of
+    :class:`~openmm_nice.molecule.internal_coordinates.InternalCoordinates`: bonds, angles,
+    torsions, each named by its atoms (residue name and number, atom name)."""
+    atoms = list(topology.atoms())
+    label = [f"{a.residue.name}{a.residue.index + 1}:{a.name}" for a in atoms]
+    z = np.asarray(zmatrix)
+    names = []
+    for kind, size, first in (("bond", 2, 1), ("angle", 3, 2), ("torsion", 4, 3)):
+        names += [f"{kind} " + "-".join(label[i] for i in row[:size]) for row in z[first:]]
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a trained run folder (openmm-nice train)")
+    parser.add_argument("--n", type=int, default=200_000, help="flow samples (default 200,000)")
+    parser.add_argument("--top", type=int, default=15, help="rows of the table (default 15)")
+    parser.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
+    args = parser.parse_args(argv)
+
+    with load_run(args.run) as run:
+        if not run.target.is_molecule:
+            parser.error(f"{args.run} is not a molecular run: it has no internal coordinates")
+        flow = sample_run(run, args.n, ais_steps=0, seed=args.seed)
+        coordinates = run.generator.coordinates
+        with torch.no_grad():
+            x = torch.as_tensor(flow.x, dtype=coordinates.shift.dtype)
+            s = torch.cat([coordinates.inverse_and_ladj(c)[0] for c in x.split(20_000)])
+        names = coordinate_names(run.target.molecule.topology, coordinates.internal.zmatrix)
+    if len(names) != s.shape[1]:
+        raise RuntimeError(f"{len(names)} coordinate names for {s.shape[1]} flow coordinates")
+    moments = coordinate_moments(s.numpy(), flow.log_w)
+    ess = effective_sample_size(flow.log_w)
+    order = np.argsort(-moments["kl"])
+    print(f"{args.run}: {args.n} flow samples, weighted ESS {ess:.0f} ({ess / args.n:.4f} of N)")
+    print(f"{'coordinate':<52} {'offset':>7} {'sd ratio':>8} {'KL, nats':>8}")
+    for j in order[: args.top]:
+        print(
+            f"{names[j]:<52} {moments['offset'][j]:>+7.2f} {moments['ratio'][j]:>8.2f} "
+            f"{moments['kl'][j]:>8.3f}"
+        )
+    kinds = {
+        kind: [j for j, n in enumerate(names) if n.startswith(kind)]
+        for kind in ("bond", "angle", "torsion")
+    }
+    sums = {kind: float(moments["kl"][rows].sum()) for kind, rows in kinds.items()}
+    print(
+        "sum of the per-coordinate KL, nats: " + ", ".join(f"{k}s {v:.2f}" for k, v in sums.items())
+    )
+    record = {
+        "benchmark": "coordinate_fit",
+        "run": str(args.run),
+        "n": args.n,
+        "ess": ess,
+        "kl_sum": sums,
+        "top": [
+            {
+                "coordinate": names[j],
+                "offset": float(moments["offset"][j]),
+                "sd_ratio": float(moments["ratio"][j]),
+                "kl": float(moments["kl"][j]),
+            }
+            for j in order[: args.top]
+        ],
+        "machine": machine_facts(),
+    }
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""benchmarks/coordinate_fit.py: each internal coordinate's fit, the flow against its weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import benchmarks/_machine.py
+
+import coordinate_fit  # noqa: E402
+from _panel import panel_config  # noqa: E402
+
+from openmm_nice.config import apply_overrides, config_from_dict  # noqa: E402
+from openmm_nice.runs import train_run  # noqa: E402
+
+
+def test_moments_of_a_shifted_wide_gaussian_against_its_exact_weights():
+    """q = N(0.5, 1.2^2) in the first column, N(0, 1) in the second, weights to p = N(0, 1):
+    offset 0.5, width ratio 1.2 and KL(q || p) in closed form; the second column fits."""
+    rng = np.random.default_rng(0)
+    n = 400_000
+    s = np.stack([0.5 + 1.2 * rng.standard_normal(n), rng.standard_normal(n)], axis=1)
+    log_w = -0.5 * s[:, 0] ** 2 + 0.5 * ((s[:, 0] - 0.5) / 1.2) ** 2 + math.log(1.2)
+    m = coordinate_fit.coordinate_moments(s, log_w)
+    exact_kl = 0.5 * (1.2**2 + 0.5**2 - 1) - math.log(1.2)
+    assert abs(m["offset"][0] - 0.5) < 0.02 and abs(m["ratio"][0] - 1.2) < 0.02
+    assert abs(m["kl"][0] - exact_kl) < 0.01
+    assert abs(m["offset"][1]) < 0.02 and abs(m["ratio"][1] - 1) < 0.02 and m["kl"][1] < 1e-3
+    # a sample with a non-finite weight is left out, not propagated
+    log_w[:10] = -np.inf
+    assert np.isfinite(coordinate_fit.coordinate_moments(s, log_w)["kl"]).all()
+
+
+def test_the_script_names_and_ranks_a_trained_molecule_s_coordinates(tmp_path, capsys):
+    data = panel_config("alanine_dipeptide_vacuum")
+    overrides = ["training.refit_samples=500", "training.refit_steps=2", "n_workers=1"]
+    overrides += ["training.buffer_size=500", "training.walkers=16"]
+    config = config_from_dict(apply_overrides(data, overrides))
+    config.set_steps(3)
+    train_run(config, tmp_path / "run", quiet=True, n_eval=200)
+    assert coordinate_fit.main([str(tmp_path / "run"), "--n", "600", "--top", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    record = json.loads(lines[-1])
+    assert record["n"] == 600 and len(record["top"]) == 5
+    kls = [row["kl"] for row in record["top"]]
+    assert kls == sorted(kls, reverse=True)
+    assert set(record["kl_sum"]) == {"bond", "angle", "torsion"}
+    names = [row["coordinate"] for row in record["top"]]
+    assert all(name.split()[0] in {"bond", "angle", "torsion"} for name in names)
+    # every atom of a coordinate's name is one of alanine dipeptide's (ACE1, ALA2, NME3)
+    assert all(
+        atom.split(":")[0][:3] in {"ACE", "ALA", "NME"}
+        for n in names
+        for atom in n.split()[1].split("-")
+    )
