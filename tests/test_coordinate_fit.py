@@ -49,7 +49,7 @@ def test_the_script_names_and_ranks_a_trained_molecule_s_coordinates(tmp_path, c
     assert record["n"] == 600 and len(record["top"]) == 5
     kls = [row["kl"] for row in record["top"]]
     assert kls == sorted(kls, reverse=True)
-    assert set(record["kl_sum"]) == {"bond", "angle", "torsion"}
+    assert set(record["kl_sum"]) == {"bond", "angle", "torsion"} and record["kl_model"] >= 0
     names = [row["coordinate"] for row in record["top"]]
     assert all(name.split()[0] in {"bond", "angle", "torsion"} for name in names)
     # every atom of a coordinate's name is one of alanine dipeptide's (ACE1, ALA2, NME3)
