@@ -9,15 +9,18 @@ ranks the coordinates by the Kullback-Leibler divergence of the two Gaussians wi
     KL_j = (r^2 + o^2 - 1) / 2 - log r,   o = (mean_q - mean_w) / sd_w,   r = sd_q / sd_w,
 
 a per-coordinate reading of where the model's reverse KL goes (a Gaussian proxy: it sees shifts
-and widths, not shape). Beside their sum it prints the model's whole KL(q || p) =
-log Z - E_q[log w], with log Z from the same weights (an underestimate when they are poor, so
-the KL is one too): what the marginals do not account for lies in the dependence between
-coordinates. A few clashes (U of 1e6 kT and more) can dominate that mean, so it is printed also
-without the lowest 1% of log w. The weighted moments are only as good as the weights: their
-Kish ESS is printed beside them. It prints one table and one JSON line.
+and widths, not shape). The target's moments come from the flow samples' own weights, or, with
+--target-samples, from a better-weighted sample file such as the panel's AIS samples. Beside
+the marginals' sum it prints the KL of the two Gaussians with their full covariances (what
+linear correlations add) and the model's whole KL(q || p) = log Z - E_q[log w], with log Z from
+the flow's weights (an underestimate when they are poor, so the KL is one too): what neither
+accounts for lies in the nonlinear dependence between coordinates. A few clashes (U of 1e6 kT
+and more) can dominate that mean, so it is printed also without the lowest 1% of log w. It
+prints one table and one JSON line.
 
 Usage:
-    python benchmarks/coordinate_fit.py RUN [--n 200000] [--top 15] [--seed 0]
+    python benchmarks/coordinate_fit.py RUN [--n 200000] [--top 15] [--seed 0] \\
+        [--target-samples RUN/ais_samples.npz]
 """
 
 from __future__ import annotations
@@ -32,35 +35,62 @@ import torch
 from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
 
 from openmm_nice.analysis.reweighting import effective_sample_size, log_partition_function
+from openmm_nice.io import load_samples
 from openmm_nice.runs import load_run, sample_run
 
 
-def coordinate_moments(s: np.ndarray, log_w: np.ndarray) -> dict[str, np.ndarray]:
-    """Per column of ``s`` (N, d): the direct and the self-normalised weighted mean and standard
-    deviation, the offset o and width ratio r in units of the weighted one, and the Gaussian
-    KL(q_j || p_j) of the module docstring."""
+def _weighted(s: np.ndarray, log_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The finite rows of ``s`` (N, d) and their self-normalised weights."""
     s = np.asarray(s, dtype=np.float64)
     log_w = np.asarray(log_w, dtype=np.float64)
     if s.ndim != 2 or log_w.shape != (len(s),):
         raise ValueError(f"s must be (N, d) and log_w (N,), got {s.shape} and {log_w.shape}")
     finite = np.isfinite(log_w) & np.isfinite(s).all(axis=1)
-    s, log_w = s[finite], log_w[finite]
-    w = np.exp(log_w - log_w.max())
-    w /= w.sum()
-    mean_q, sd_q = s.mean(axis=0), s.std(axis=0)
-    mean_w = w @ s
-    sd_w = np.sqrt(np.maximum(w @ (s - mean_w) ** 2, 1e-300))
-    offset, ratio = (mean_q - mean_w) / sd_w, sd_q / sd_w
+    w = np.exp(log_w[finite] - log_w[finite].max())
+    return s[finite], w / w.sum()
+
+
+def coordinate_moments(s_q: np.ndarray, s_p: np.ndarray, log_w_p: np.ndarray) -> dict:
+    """Per column: the model's mean and standard deviation (its samples ``s_q``), the target's
+    (self-normalised weighted moments of ``s_p``, ``log_w_p``: the model's own samples, or AIS
+    samples), the offset o and width ratio r in units of the target's, and the Gaussian
+    KL(q_j || p_j) of the module docstring."""
+    s_q = np.asarray(s_q, dtype=np.float64)
+    s_q = s_q[np.isfinite(s_q).all(axis=1)]
+    s_p, w = _weighted(s_p, log_w_p)
+    mean_q, sd_q = s_q.mean(axis=0), s_q.std(axis=0)
+    mean_p = w @ s_p
+    sd_p = np.sqrt(np.maximum(w @ (s_p - mean_p) ** 2, 1e-300))
+    offset, ratio = (mean_q - mean_p) / sd_p, sd_q / sd_p
     kl = 0.5 * (ratio**2 + offset**2 - 1) - np.log(ratio)
     return {
         "mean_q": mean_q,
         "sd_q": sd_q,
-        "mean_w": mean_w,
-        "sd_w": sd_w,
+        "mean_p": mean_p,
+        "sd_p": sd_p,
         "offset": offset,
         "ratio": ratio,
         "kl": kl,
     }
+
+
+def gaussian_kl(s_q: np.ndarray, s_p: np.ndarray, log_w_p: np.ndarray) -> float:
+    """KL(N(m_q, C_q) || N(m_p, C_p)) of the two sets' means and full covariances (weighted for
+    p): the part of the model's KL that linear correlations carry, beyond the marginals."""
+    s_q = np.asarray(s_q, dtype=np.float64)
+    s_q = s_q[np.isfinite(s_q).all(axis=1)]
+    s_p, w = _weighted(s_p, log_w_p)
+    mean_q, mean_p = s_q.mean(axis=0), w @ s_p
+    cov_q = np.cov(s_q, rowvar=False, bias=True)
+    centred = s_p - mean_p
+    cov_p = (centred * w[:, None]).T @ centred
+    chol = np.linalg.cholesky(cov_p)
+    solve = np.linalg.solve
+    a = solve(chol, solve(chol, cov_q).T)  # C_p^-1/2 C_q C_p^-T/2, symmetric
+    b = solve(chol, mean_q - mean_p)
+    logdet_p = 2 * np.log(np.diag(chol)).sum()
+    logdet_q = np.linalg.slogdet(cov_q)[1]
+    return float(0.5 * (np.trace(a) + b @ b - len(b) + logdet_p - logdet_q))
 
 
 def coordinate_names(topology, zmatrix: np.ndarray) -> list[str]:
@@ -82,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=200_000, help="flow samples (default 200,000)")
     parser.add_argument("--top", type=int, default=15, help="rows of the table (default 15)")
     parser.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
+    parser.add_argument(
+        "--target-samples",
+        type=Path,
+        help="a sample file (x, log_w) whose weighted moments stand for the target's, e.g. the "
+        "panel's ais_samples.npz (default: the flow samples' own weights)",
+    )
     args = parser.parse_args(argv)
 
     with load_run(args.run) as run:
@@ -89,16 +125,30 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.run} is not a molecular run: it has no internal coordinates")
         flow = sample_run(run, args.n, ais_steps=0, seed=args.seed)
         coordinates = run.generator.coordinates
-        with torch.no_grad():
-            x = torch.as_tensor(flow.x, dtype=coordinates.shift.dtype)
-            s = torch.cat([coordinates.inverse_and_ladj(c)[0] for c in x.split(20_000)])
+
+        def flow_coordinates(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                x = torch.as_tensor(x, dtype=coordinates.shift.dtype)
+                parts = [coordinates.inverse_and_ladj(c)[0] for c in x.split(20_000)]
+            return torch.cat(parts).numpy()
+
+        s = flow_coordinates(flow.x)
         names = coordinate_names(run.target.molecule.topology, coordinates.internal.zmatrix)
+        if args.target_samples is None:
+            s_p, log_w_p, source = s, flow.log_w, "the flow samples' own weights"
+        else:
+            x_p, log_w_p, _ = load_samples(args.target_samples)
+            s_p, source = flow_coordinates(x_p), str(args.target_samples)
     if len(names) != s.shape[1]:
         raise RuntimeError(f"{len(names)} coordinate names for {s.shape[1]} flow coordinates")
-    moments = coordinate_moments(s.numpy(), flow.log_w)
-    ess = effective_sample_size(flow.log_w)
+    moments = coordinate_moments(s, s_p, log_w_p)
+    kl_linear = gaussian_kl(s, s_p, log_w_p)
+    ess = effective_sample_size(log_w_p)
     order = np.argsort(-moments["kl"])
-    print(f"{args.run}: {args.n} flow samples, weighted ESS {ess:.0f} ({ess / args.n:.4f} of N)")
+    print(
+        f"{args.run}: {args.n} flow samples; the target's moments from {source} "
+        f"(ESS {ess:.0f}, {ess / len(log_w_p):.4f} of N)"
+    )
     print(f"{'coordinate':<52} {'offset':>7} {'sd ratio':>8} {'KL, nats':>8}")
     for j in order[: args.top]:
         print(
@@ -118,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "sum of the per-coordinate KL, nats: " + ", ".join(f"{k}s {v:.2f}" for k, v in sums.items())
     )
+    print(f"the two Gaussians' KL with the correlations, nats: {kl_linear:.2f}")
     print(
         f"the model's KL(q || p), nats: {kl_model:.4g} (log Z - mean log w); without the lowest "
         f"1% of log w: {kl_bulk:.2f}"
@@ -126,10 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "coordinate_fit",
         "run": str(args.run),
         "n": args.n,
-        "ess": ess,
+        "ess_target": ess,
         "kl_sum": sums,
         "kl_model": kl_model,
         "kl_bulk": kl_bulk,
+        "kl_gaussian": kl_linear,
+        "target_samples": source,
         "top": [
             {
                 "coordinate": names[j],

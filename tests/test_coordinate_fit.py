@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import benchmarks/_m
 import coordinate_fit  # noqa: E402
 from _panel import panel_config  # noqa: E402
 
+from openmm_nice.cli import main as cli_main  # noqa: E402
 from openmm_nice.config import apply_overrides, config_from_dict  # noqa: E402
 from openmm_nice.runs import train_run  # noqa: E402
 
@@ -26,14 +27,29 @@ def test_moments_of_a_shifted_wide_gaussian_against_its_exact_weights():
     n = 400_000
     s = np.stack([0.5 + 1.2 * rng.standard_normal(n), rng.standard_normal(n)], axis=1)
     log_w = -0.5 * s[:, 0] ** 2 + 0.5 * ((s[:, 0] - 0.5) / 1.2) ** 2 + math.log(1.2)
-    m = coordinate_fit.coordinate_moments(s, log_w)
+    m = coordinate_fit.coordinate_moments(s, s, log_w)
     exact_kl = 0.5 * (1.2**2 + 0.5**2 - 1) - math.log(1.2)
     assert abs(m["offset"][0] - 0.5) < 0.02 and abs(m["ratio"][0] - 1.2) < 0.02
     assert abs(m["kl"][0] - exact_kl) < 0.01
     assert abs(m["offset"][1]) < 0.02 and abs(m["ratio"][1] - 1) < 0.02 and m["kl"][1] < 1e-3
     # a sample with a non-finite weight is left out, not propagated
     log_w[:10] = -np.inf
-    assert np.isfinite(coordinate_fit.coordinate_moments(s, log_w)["kl"]).all()
+    assert np.isfinite(coordinate_fit.coordinate_moments(s, s, log_w)["kl"]).all()
+
+
+def test_the_gaussian_kl_sees_a_correlation_the_marginals_miss():
+    """q = N(0, I) against p = N(0, [[1, 0.8], [0.8, 1]]) (p's samples unweighted): every
+    marginal fits, KL(q || p) = (tr C_p^-1 - 2 + log det C_p) / 2 = 1.267 nats."""
+    rng = np.random.default_rng(1)
+    n = 400_000
+    s_q = rng.standard_normal((n, 2))
+    s_p = rng.standard_normal((n, 2)) @ np.linalg.cholesky([[1, 0.8], [0.8, 1]]).T
+    m = coordinate_fit.coordinate_moments(s_q, s_p, np.zeros(n))
+    assert (m["kl"] < 1e-3).all()
+    exact = 0.5 * (2 / 0.36 - 2 + math.log(0.36))
+    assert abs(coordinate_fit.gaussian_kl(s_q, s_p, np.zeros(n)) - exact) < 0.02
+    # and a fitted model has none
+    assert abs(coordinate_fit.gaussian_kl(s_p[: n // 2], s_p[n // 2 :], np.zeros(n // 2))) < 1e-3
 
 
 def test_the_script_names_and_ranks_a_trained_molecule_s_coordinates(tmp_path, capsys):
@@ -43,10 +59,15 @@ def test_the_script_names_and_ranks_a_trained_molecule_s_coordinates(tmp_path, c
     config = config_from_dict(apply_overrides(data, overrides))
     config.set_steps(3)
     train_run(config, tmp_path / "run", quiet=True, n_eval=200)
-    assert coordinate_fit.main([str(tmp_path / "run"), "--n", "600", "--top", "5"]) == 0
+    samples = tmp_path / "ais.npz"
+    sample = ["sample", str(tmp_path / "run"), "--n", "300", "--ais-steps", "2"]
+    assert cli_main([*sample, "--out", str(samples), "--quiet"]) == 0
+    argv = [str(tmp_path / "run"), "--n", "600", "--top", "5", "--target-samples", str(samples)]
+    assert coordinate_fit.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     record = json.loads(lines[-1])
     assert record["n"] == 600 and len(record["top"]) == 5
+    assert record["target_samples"] == str(samples) and math.isfinite(record["kl_gaussian"])
     kls = [row["kl"] for row in record["top"]]
     assert kls == sorted(kls, reverse=True)
     assert set(record["kl_sum"]) == {"bond", "angle", "torsion"} and record["kl_model"] >= 0
