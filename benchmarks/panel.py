@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
 from _panel import (
     PANEL,
@@ -194,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         "--set",
         action="append",
         default=[],
-        help="section.key=value: for quick checks of the script only (a panel figure is of the "
-        "recipe unchanged)",
+        help="section.key=value: a variant of the recipe, recorded in the row's `overrides` "
+        "(quick checks of the script, or experiments; a panel figure is of the recipe unchanged)",
     )
     p.add_argument("--flow-samples", type=int, default=200_000)
     p.add_argument("--ais-samples", type=int, default=50_000)
@@ -219,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         record = {
             "molecule": name,
             "seed": args.seed,
-            "latent_dim": panel_config(name)["model"]["latent_dim"],
+            # the run's own D: a --set model.latent_dim replaces the panel's
+            "latent_dim": yaml.safe_load((folder / "config.yaml").read_text())["model"][
+                "latent_dim"
+            ],
+            "overrides": list(args.set),
             "steps": summary["steps"],
             "energy_evaluations": summary["energy_evaluations"],
             "training_time_s": summary["training_time_s"],

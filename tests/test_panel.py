@@ -231,12 +231,14 @@ def test_panel_trains_samples_and_prints_its_table(tmp_path, capsys):
     argv += ["--set", "training.refit_samples=500", "--set", "training.refit_steps=2"]
     argv += ["--set", "training.buffer_size=500", "--set", "training.walkers=16"]
     argv += ["--set", "sampling.ais_steps=2", "--set", "n_workers=1"]
+    argv += ["--set", "model.latent_dim=80"]  # the row reports the run's own D
     argv += ["--flow-samples", "400", "--ais-samples", "100", "--n-bootstrap", "5", "--quiet"]
     assert panel.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     record = json.loads(lines[-1])
     (row,) = record["results"]
-    assert row["molecule"] == "proline_dipeptide" and row["latent_dim"] == 78
+    assert row["molecule"] == "proline_dipeptide" and row["latent_dim"] == 80
+    assert "model.latent_dim=80" in row["overrides"]
     assert len(row["flow"]["block_ess"]) == 4 and "pareto_k" in row["ais"]
     assert list(row["observables"]) == ["phi1>0", "psi1 alpha"]
     for region in row["observables"].values():
