@@ -11,16 +11,19 @@ ranks the coordinates by the Kullback-Leibler divergence of the two Gaussians wi
 a per-coordinate reading of where the model's reverse KL goes (a Gaussian proxy: it sees shifts
 and widths, not shape). The target's moments come from the flow samples' own weights, or, with
 --target-samples, from a better-weighted sample file such as the panel's AIS samples. Beside
-the marginals' sum it prints the KL of the two Gaussians with their full covariances (what
-linear correlations add) and the model's whole KL(q || p) = log Z - E_q[log w], with log Z from
-the flow's weights (an underestimate when they are poor, so the KL is one too): what neither
-accounts for lies in the nonlinear dependence between coordinates. A few clashes (U of 1e6 kT
-and more) can dominate that mean, so it is printed also without the lowest 1% of log w. It
-prints one table and one JSON line.
+the marginals' sum it prints the KL of the two Gaussians with their full covariances (linear
+correlations), with --by-backbone the marginals' KL within each backbone region (phi > 0,
+psi alpha; regions the weights barely see left out) plus the regions' shares, and the model's
+whole KL(q || p) = log Z - E_q[log w], with log Z from the flow's weights (an underestimate
+when they are poor, so the KL is one too; a few clashes of U > 1e6 kT can dominate the mean,
+so it is printed also without the lowest 1% of log w). A sum of marginal KLs is no budget of
+the joint KL: correlated coordinates count a shared misfit more than once, so the sums are to
+be compared with each other (how much worse the fit looks given the backbone region than
+overall), not read as parts of the whole. It prints one table and one JSON line.
 
 Usage:
     python benchmarks/coordinate_fit.py RUN [--n 200000] [--top 15] [--seed 0] \\
-        [--target-samples RUN/ais_samples.npz]
+        [--target-samples RUN/ais_samples.npz] [--by-backbone]
 """
 
 from __future__ import annotations
@@ -93,6 +96,51 @@ def gaussian_kl(s_q: np.ndarray, s_p: np.ndarray, log_w_p: np.ndarray) -> float:
     return float(0.5 * (np.trace(a) + b @ b - len(b) + logdet_p - logdet_q))
 
 
+def conditional_marginal_kl(
+    s_q: np.ndarray,
+    label_q: np.ndarray,
+    s_p: np.ndarray,
+    label_p: np.ndarray,
+    log_w_p: np.ndarray,
+    min_ess: float = 100.0,
+) -> tuple[float, float, float]:
+    """The marginals' Gaussian KL given a discrete state (an integer label per sample):
+    KL(q(label) || p(label)) over the states kept, sum_r q(r) sum_j KL_j(r) (the marginals'
+    KL within each state, weighted by the model's share of it), and the model's share of the
+    states left out: those whose weighted samples have a Kish ESS below ``min_ess``, where the
+    target's moments are noise."""
+    s_p, label_p, log_w_p = (np.asarray(a) for a in (s_p, label_p, log_w_p))
+    finite = np.isfinite(log_w_p)
+    w = np.zeros(len(log_w_p))
+    w[finite] = np.exp(log_w_p[finite] - log_w_p[finite].max())
+    w /= w.sum()
+    shares_kl = within = left_out = 0.0
+    for r in np.unique(label_q):
+        inside = label_p == r
+        q_r, p_r = float(np.mean(label_q == r)), float(w[inside].sum())
+        if p_r <= 0 or (label_q == r).sum() < 2 or effective_sample_size(log_w_p[inside]) < min_ess:
+            left_out += q_r
+            continue
+        shares_kl += q_r * np.log(q_r / p_r)
+        kl = coordinate_moments(s_q[label_q == r], s_p[inside], log_w_p[inside])["kl"]
+        within += q_r * float(kl.sum())
+    return shares_kl, within, left_out
+
+
+def backbone_state(x: np.ndarray, topology) -> np.ndarray:
+    """An integer per frame of Cartesian positions (N, 3 n_atoms) in nm: which of the panel's
+    backbone regions (phi > 0, psi alpha, per residue) it lies in, as bits."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _panel import backbone_observables
+
+    from openmm_nice.analysis.observables import backbone_indices, dihedrals
+
+    phi_rows, psi_rows = backbone_indices(topology)
+    xyz = np.asarray(x).reshape(len(x), -1, 3)
+    regions = backbone_observables(dihedrals(xyz, phi_rows), dihedrals(xyz, psi_rows))
+    return sum(inside.astype(np.int64) << bit for bit, inside in enumerate(regions.values()))
+
+
 def coordinate_names(topology, zmatrix: np.ndarray) -> list[str]:
     """A name for each internal coordinate, in the order of
     :class:`~openmm_nice.molecule.internal_coordinates.InternalCoordinates`: bonds, angles,
@@ -118,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         help="a sample file (x, log_w) whose weighted moments stand for the target's, e.g. the "
         "panel's ais_samples.npz (default: the flow samples' own weights)",
     )
+    parser.add_argument(
+        "--by-backbone",
+        action="store_true",
+        help="also the marginals' KL given the backbone region (phi > 0, psi alpha per residue)",
+    )
     args = parser.parse_args(argv)
 
     with load_run(args.run) as run:
@@ -135,10 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         s = flow_coordinates(flow.x)
         names = coordinate_names(run.target.molecule.topology, coordinates.internal.zmatrix)
         if args.target_samples is None:
-            s_p, log_w_p, source = s, flow.log_w, "the flow samples' own weights"
+            x_p, log_w_p, source = flow.x, flow.log_w, "the flow samples' own weights"
+            s_p = s
         else:
             x_p, log_w_p, _ = load_samples(args.target_samples)
             s_p, source = flow_coordinates(x_p), str(args.target_samples)
+        if args.by_backbone:
+            topology = run.target.mdtraj_topology()
+            label_q, label_p = backbone_state(flow.x, topology), backbone_state(x_p, topology)
     if len(names) != s.shape[1]:
         raise RuntimeError(f"{len(names)} coordinate names for {s.shape[1]} flow coordinates")
     moments = coordinate_moments(s, s_p, log_w_p)
@@ -169,6 +226,20 @@ def main(argv: list[str] | None = None) -> int:
         "sum of the per-coordinate KL, nats: " + ", ".join(f"{k}s {v:.2f}" for k, v in sums.items())
     )
     print(f"the two Gaussians' KL with the correlations, nats: {kl_linear:.2f}")
+    by_backbone = None
+    if args.by_backbone:
+        shares_kl, within, left_out = conditional_marginal_kl(s, label_q, s_p, label_p, log_w_p)
+        by_backbone = {
+            "shares": shares_kl,
+            "within": within,
+            "total": shares_kl + within,
+            "left_out": left_out,
+        }
+        print(
+            f"given the backbone region: the regions' shares {shares_kl:.2f} nats, the marginals "
+            f"within them {within:.2f}, together {shares_kl + within:.2f} (regions with a weighted "
+            f"ESS below 100 left out: {left_out:.3f} of the flow's samples)"
+        )
     print(
         f"the model's KL(q || p), nats: {kl_model:.4g} (log Z - mean log w); without the lowest "
         f"1% of log w: {kl_bulk:.2f}"
@@ -182,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "kl_model": kl_model,
         "kl_bulk": kl_bulk,
         "kl_gaussian": kl_linear,
+        "kl_by_backbone": by_backbone,
         "target_samples": source,
         "top": [
             {

@@ -52,6 +52,30 @@ def test_the_gaussian_kl_sees_a_correlation_the_marginals_miss():
     assert abs(coordinate_fit.gaussian_kl(s_p[: n // 2], s_p[n // 2 :], np.zeros(n // 2))) < 1e-3
 
 
+def test_the_marginals_given_a_state_see_a_shift_that_follows_it():
+    """p: N(+1, 1) in state 0 and N(-1, 1) in state 1, half each; q: N(0, 1) in both. The
+    unconditional marginals nearly agree (p is N(0, 2)-like); given the state each is off by
+    one sd: 0.5 nats within, 0 for the shares."""
+    rng = np.random.default_rng(2)
+    n = 400_000
+    label_q, label_p = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    s_q = rng.standard_normal((n, 1))
+    s_p = rng.standard_normal((n, 1)) + np.where(label_p == 0, 1.0, -1.0)[:, None]
+    log_w = np.zeros(n)
+    assert coordinate_fit.coordinate_moments(s_q, s_p, log_w)["kl"][0] < 0.11
+    shares, within, left_out = coordinate_fit.conditional_marginal_kl(
+        s_q, label_q, s_p, label_p, log_w
+    )
+    assert abs(shares) < 1e-3 and abs(within - 0.5) < 0.02 and left_out == 0
+    # a state the weights barely see (ESS 1) is left out, not read as a huge misfit
+    log_w[(label_p == 1)] = -50.0
+    log_w[np.flatnonzero(label_p == 1)[0]] = 0.0
+    shares, within, left_out = coordinate_fit.conditional_marginal_kl(
+        s_q, label_q, s_p, label_p, log_w
+    )
+    assert abs(left_out - np.mean(label_q == 1)) < 1e-12 and abs(within - 0.25) < 0.02
+
+
 def test_the_script_names_and_ranks_a_trained_molecule_s_coordinates(tmp_path, capsys):
     data = panel_config("alanine_dipeptide_vacuum")
     overrides = ["training.refit_samples=500", "training.refit_steps=2", "n_workers=1"]
@@ -63,11 +87,13 @@ def test_the_script_names_and_ranks_a_trained_molecule_s_coordinates(tmp_path, c
     sample = ["sample", str(tmp_path / "run"), "--n", "300", "--ais-steps", "2"]
     assert cli_main([*sample, "--out", str(samples), "--quiet"]) == 0
     argv = [str(tmp_path / "run"), "--n", "600", "--top", "5", "--target-samples", str(samples)]
+    argv += ["--by-backbone"]
     assert coordinate_fit.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     record = json.loads(lines[-1])
     assert record["n"] == 600 and len(record["top"]) == 5
     assert record["target_samples"] == str(samples) and math.isfinite(record["kl_gaussian"])
+    assert set(record["kl_by_backbone"]) == {"shares", "within", "total", "left_out"}
     kls = [row["kl"] for row in record["top"]]
     assert kls == sorted(kls, reverse=True)
     assert set(record["kl_sum"]) == {"bond", "angle", "torsion"} and record["kl_model"] >= 0
