@@ -36,21 +36,27 @@ from pathlib import Path
 import numpy as np
 import torch
 from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
+from _panel import backbone_observables
 
-from openmm_nice.analysis.reweighting import effective_sample_size, log_partition_function
+from openmm_nice.analysis.observables import backbone_indices, dihedrals
+from openmm_nice.analysis.reweighting import (
+    effective_sample_size,
+    log_partition_function,
+    normalized_weights,
+)
 from openmm_nice.io import load_samples
 from openmm_nice.runs import load_run, sample_run
 
 
 def _weighted(s: np.ndarray, log_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The finite rows of ``s`` (N, d) and their self-normalised weights."""
+    """The rows of ``s`` (N, d) with finite entries and a positive weight, and their
+    self-normalised weights."""
     s = np.asarray(s, dtype=np.float64)
-    log_w = np.asarray(log_w, dtype=np.float64)
-    if s.ndim != 2 or log_w.shape != (len(s),):
-        raise ValueError(f"s must be (N, d) and log_w (N,), got {s.shape} and {log_w.shape}")
-    finite = np.isfinite(log_w) & np.isfinite(s).all(axis=1)
-    w = np.exp(log_w[finite] - log_w[finite].max())
-    return s[finite], w / w.sum()
+    if s.ndim != 2 or np.shape(log_w) != (len(s),):
+        raise ValueError(f"s must be (N, d) and log_w (N,), got {s.shape} and {np.shape(log_w)}")
+    w = normalized_weights(log_w)
+    keep = (w > 0) & np.isfinite(s).all(axis=1)
+    return s[keep], w[keep] / w[keep].sum()
 
 
 def coordinate_moments(s_q: np.ndarray, s_p: np.ndarray, log_w_p: np.ndarray) -> dict:
@@ -110,10 +116,7 @@ def conditional_marginal_kl(
     states left out: those whose weighted samples have a Kish ESS below ``min_ess``, where the
     target's moments are noise."""
     s_p, label_p, log_w_p = (np.asarray(a) for a in (s_p, label_p, log_w_p))
-    finite = np.isfinite(log_w_p)
-    w = np.zeros(len(log_w_p))
-    w[finite] = np.exp(log_w_p[finite] - log_w_p[finite].max())
-    w /= w.sum()
+    w = normalized_weights(log_w_p)
     shares_kl = within = left_out = 0.0
     for r in np.unique(label_q):
         inside = label_p == r
@@ -130,11 +133,6 @@ def conditional_marginal_kl(
 def backbone_state(x: np.ndarray, topology) -> np.ndarray:
     """An integer per frame of Cartesian positions (N, 3 n_atoms) in nm: which of the panel's
     backbone regions (phi > 0, psi alpha, per residue) it lies in, as bits."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from _panel import backbone_observables
-
-    from openmm_nice.analysis.observables import backbone_indices, dihedrals
-
     phi_rows, psi_rows = backbone_indices(topology)
     xyz = np.asarray(x).reshape(len(x), -1, 3)
     regions = backbone_observables(dihedrals(xyz, phi_rows), dihedrals(xyz, psi_rows))
