@@ -101,9 +101,11 @@ class ModelConfig(_Section):
     # condition torsion densities on parent torsions (a Chow-Liu forest fitted with the map),
     # so that e.g. psi's density follows phi's basin; see MolecularTransform
     torsion_tree: bool = True
-    # let the bonds' and angles' normalisation (shift and scale) follow the torsions, fitted
-    # with the map, so that the geometry around an atom can change with the rotamers around it
-    stiff_conditioning: bool = False
+    # let the bonds' and angles' normalisation (shift and scale) follow the torsions, so that
+    # the geometry around an atom can change with the rotamers around it: true: fitted by
+    # regression with each map refit; "learned": trained with the flow by the loss (from zero,
+    # kept across refits); false: not at all (see MolecularTransform)
+    stiff_conditioning: bool | Literal["learned"] = False
     # the data-free map's torsions before the first refit: "scan" (the default): each one's
     # Boltzmann density at training.beta_start along an energy scan from the reference
     # structure, so that rings and planar groups start closed (see

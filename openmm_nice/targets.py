@@ -149,6 +149,8 @@ def build_generator(
         reference = molecule.positions.reshape(1, -1)
         # the stereoisomer of the reference structure, whatever frames or samples say
         handedness = handed_torsions(molecule.topology, zmatrix, reference)
+        # a fitted conditioning needs frames (the first refit brings it); learned starts at zero
+        learned_stiff = "learned" if config.model.stiff_conditioning == "learned" else False
         if frames is None and config.model.initial_torsions == "scan":
             coordinates = MolecularTransform.from_data(
                 zmatrix,
@@ -158,9 +160,12 @@ def build_generator(
                 scan_beta=config.training.beta_start,
                 floor=config.model.torsion_floor,
                 density_smoothing=config.model.torsion_smoothing,
+                stiff_conditioning=learned_stiff,
             )
         elif frames is None:
-            coordinates = MolecularTransform.from_data(zmatrix, reference, handedness=handedness)
+            coordinates = MolecularTransform.from_data(
+                zmatrix, reference, handedness=handedness, stiff_conditioning=learned_stiff
+            )
         else:
             # The energy places each torsion's cut on a barrier, not in a basin the data missed.
             coordinates = MolecularTransform.from_data(
@@ -231,6 +236,10 @@ def map_fitter(config: Config, target: Target, coordinates):
     handedness = coordinates.torsion_sign.cpu().numpy()
 
     def fit_map(x: torch.Tensor, weights: torch.Tensor):
+        learned = None
+        if config.model.stiff_conditioning == "learned":
+            # the trained coefficients stay; shift and scale are refitted to what they leave
+            learned = (coordinates.stiff_mean.detach(), coordinates.stiff_log_scale.detach())
         return MolecularTransform.from_data(
             zmatrix,
             x,
@@ -241,6 +250,7 @@ def map_fitter(config: Config, target: Target, coordinates):
             handedness=handedness,
             torsion_tree=config.model.torsion_tree,
             stiff_conditioning=config.model.stiff_conditioning,
+            stiff_coefficients=learned,
             # the map's cuts now (a refit keeps those that still lie where samples are thinnest)
             cuts=coordinates.torsion_offset.detach().cpu() - math.pi,
         )

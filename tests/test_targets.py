@@ -136,3 +136,55 @@ def test_a_model_trains_with_the_torch_engine_and_keeps_the_same_state(tmp_path)
         assert loaded.engine == "torch" and type(target.energy).__name__ == "TorchEnergy"
         x, log_w = generator.sample(8)
         assert torch.isfinite(log_w).any()
+
+
+def test_learned_stiff_conditioning_trains_from_zero_and_survives_map_refits():
+    """model.stiff_conditioning: learned: the data-free map's A and B are parameters of the
+    generator at zero, the trainer's steps move them, and a map refit keeps them (it refits the
+    torsion densities, shifts and scales around them)."""
+    from openmm_nice.targets import build_trainer
+
+    config = config_from_dict(
+        {
+            "system": "alanine_dipeptide_vacuum",
+            "model": {
+                "latent_dim": 60,
+                "layers": 2,
+                "hidden": [16],
+                "stiff_conditioning": "learned",
+            },
+            "training": {
+                "steps": 4,
+                "batch_size": 64,
+                "beta_start": 1.0,
+                "anneal_steps": 0,
+                "map_refits": [3],
+                "refit_samples": 256,
+                "refit_steps": 0,
+            },
+        }
+    )
+    target = build_target(config)
+    try:
+        trainer = build_trainer(config, target)
+        coordinates = trainer.generator.coordinates
+        learned = [coordinates.stiff_mean, coordinates.stiff_log_scale]
+        names = {n for n, p in trainer.generator.named_parameters() if any(p is q for q in learned)}
+        assert names == {"coordinates.stiff_mean", "coordinates.stiff_log_scale"}
+        assert not any(p.any() for p in learned)
+        trainer.run(3)
+        assert all(p.detach().abs().max() > 0 for p in learned)  # Adam moved them from zero
+        before = [p.detach().clone() for p in learned]
+        offset = coordinates.torsion_offset.clone()
+        shift = coordinates.shift.clone()
+        trainer.refit_map(1.0)  # what run() does at step 3, without the steps after it
+        assert coordinates.stiff_mean is learned[0] and coordinates.stiff_log_scale is learned[1]
+        for p, b in zip(learned, before, strict=True):
+            torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
+        assert not torch.equal(coordinates.shift, shift) or not torch.equal(
+            coordinates.torsion_offset, offset
+        )  # the map itself was refitted
+        x, log_w = trainer.generator.sample(8)
+        assert torch.isfinite(x).all() and torch.isfinite(log_w).all()
+    finally:
+        target.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,7 +28,12 @@ from openmm_nice.molecule.torsion_densities import (
     torsion_to_normal,
 )
 
-__all__ = ["MolecularTransform", "fit_stiff_normalisation", "torsion_features"]
+__all__ = [
+    "MolecularTransform",
+    "fit_stiff_normalisation",
+    "residual_normalisation",
+    "torsion_features",
+]
 
 FEATURES_PER_TORSION = 4  # cos and sin of the torsion and of twice it
 STIFF_SCALE_BOUND = math.log(4.0)  # the torsions may widen or narrow a stiff coordinate 4-fold
@@ -102,9 +108,13 @@ class MolecularTransform(Transform):
         stiff_mean: A of shape (4 (N - 3), 2N - 3): the bonds' and angles' normalised shift
             that follows the torsions' features (see :func:`torsion_features`). None: zeros.
         stiff_log_scale: B of the same shape, the log-scale that follows them. None: zeros.
+        learned_stiff: Make A and B trainable parameters (``nn.Parameter``), so that the loss
+            that trains the flow also trains how the bonds and angles follow the torsions;
+            the map then always applies them, even while they are zero.
 
     Use :meth:`from_data` to set shift, scale and offsets from a structure or a trajectory.
-    All four are buffers (saved in the state dict, not trained) and are cast to the input's
+    They are buffers (saved in the state dict, not trained; so are A and B unless
+    ``learned_stiff``) and are cast to the input's
     dtype, so the module works in float32 and float64. A row of s with a non-finite entry
     gives a NaN row of x (no error), which an energy treats as :math:`U = +\infty`.
 
@@ -132,8 +142,10 @@ class MolecularTransform(Transform):
         conditional_cdf: np.ndarray | Tensor | None = None,
         stiff_mean: np.ndarray | Tensor | None = None,
         stiff_log_scale: np.ndarray | Tensor | None = None,
+        learned_stiff: bool = False,
     ):
         super().__init__()
+        self.learned_stiff = bool(learned_stiff)
         self.internal = InternalCoordinates(zmatrix)
         dim, n_torsions = self.internal.dim, self.internal.n_atoms - 3
         for name, value, size in (
@@ -215,20 +227,29 @@ class MolecularTransform(Transform):
         shape = (FEATURES_PER_TORSION * n_torsions, 2 * self.internal.n_atoms - 3)
         for name, value in (("stiff_mean", stiff_mean), ("stiff_log_scale", stiff_log_scale)):
             value = torch.zeros(shape) if value is None else value
-            value = torch.as_tensor(value, dtype=torch.float64).clone()
+            # row-major whatever the source's layout (a solve's result is column-major), so
+            # that a map and its state loaded elsewhere multiply in the same order, bit for bit
+            value = torch.as_tensor(value, dtype=torch.float64).clone(
+                memory_format=torch.contiguous_format
+            )
             if value.shape != shape or not torch.isfinite(value).all():
                 raise ValueError(
                     f"{name} must hold finite numbers of shape {shape} (the torsions' "
                     f"{FEATURES_PER_TORSION} features by the bonds and angles), got "
                     f"{tuple(value.shape)}"
                 )
-            self.register_buffer(name, value)
+            if self.learned_stiff:
+                self.register_parameter(name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
         self._plan_stiff_normalisation()
 
     def _plan_stiff_normalisation(self) -> None:
         """Whether the stiff coordinates follow the torsions, decided once (a Python flag: the
-        maps' hot path asks no device for it)."""
-        self._stiff = bool(self.stiff_mean.any() or self.stiff_log_scale.any())
+        maps' hot path asks no device for it): always where A and B are learned."""
+        self._stiff = self.learned_stiff or bool(
+            self.stiff_mean.any() or self.stiff_log_scale.any()
+        )
 
     def _plan_torsion_tree(self) -> None:
         """The children of each depth of the torsion forest, with their parents and their rows
@@ -299,8 +320,9 @@ class MolecularTransform(Transform):
         handedness: np.ndarray | Tensor | None = None,
         torsion_tree: bool = False,
         cuts: np.ndarray | Tensor | None = None,
-        stiff_conditioning: bool = False,
+        stiff_conditioning: bool | Literal["learned"] = False,
         scan_beta: float | None = None,
+        stiff_coefficients: tuple[Tensor, Tensor] | None = None,
     ) -> MolecularTransform:
         r"""A transform normalised to a trajectory, or to one reference structure.
 
@@ -378,14 +400,44 @@ class MolecularTransform(Transform):
             scan_beta: With one frame and an ``energy``: scan each torsion for its initial
                 density at this inverse temperature (see above); None: uniform torsions.
             stiff_conditioning: Let the bonds' and angles' normalisation follow the torsions
-                (see the class docstring), fitted by :func:`fit_stiff_normalisation` with
-                :data:`STIFF_RIDGE`. Needs F >= 2.
+                (see the class docstring): True: A and B fitted by
+                :func:`fit_stiff_normalisation` with :data:`STIFF_RIDGE` (needs F >= 2; with
+                one frame the map has none); ``"learned"``: A and B are trainable parameters
+                (``learned_stiff``), ``stiff_coefficients`` or zeros, and the bonds' and
+                angles' shift and scale are fitted to what is left of them once A and B have
+                been taken out (see :func:`residual_normalisation`).
+            stiff_coefficients: With ``stiff_conditioning="learned"``: the (A, B) to keep, e.g.
+                the trained map's own for a refit. None: zeros, the unconditional map.
 
         Returns:
             A :class:`MolecularTransform` with float64 buffers.
         """
         internal = InternalCoordinates(zmatrix)
         n = internal.n_atoms
+        if stiff_conditioning not in (False, True, "learned"):
+            raise ValueError(
+                f"stiff_conditioning must be False, True (fitted) or 'learned', "
+                f"got {stiff_conditioning!r}"
+            )
+        learned = stiff_conditioning == "learned"
+        if stiff_coefficients is not None and not learned:
+            raise ValueError(
+                "stiff_coefficients are kept only with stiff_conditioning='learned'; "
+                f"got stiff_conditioning={stiff_conditioning!r}"
+            )
+        shape = (FEATURES_PER_TORSION * (n - 3), 2 * n - 3)
+        coefficients = (torch.zeros(shape, dtype=torch.float64),) * 2
+        if stiff_coefficients is not None:
+            coefficients = tuple(
+                torch.as_tensor(c).detach().to("cpu", torch.float64) for c in stiff_coefficients
+            )
+            if len(coefficients) != 2 or any(
+                c.shape != shape or not torch.isfinite(c).all() for c in coefficients
+            ):
+                raise ValueError(
+                    f"stiff_coefficients must be two finite arrays (A, B) of shape {shape}, "
+                    f"got shapes {[tuple(c.shape) for c in coefficients]}"
+                )
         x = torch.as_tensor(x_frames).detach().to("cpu", torch.float64)
         if x.ndim == 3:
             x = x.reshape(x.shape[0], -1)
@@ -438,16 +490,28 @@ class MolecularTransform(Transform):
                 ]
             )
             scale[2 * n - 3 :] = torch.where(half, reference_scale[1], scale[2 * n - 3 :])
-            if energy is None or scan_beta is None:
-                return cls(zmatrix, shift, scale, offset, torsion_sign=sign)
+            densities = (offset, None)
+            if energy is not None and scan_beta is not None:
+                densities = _scanned_densities(
+                    internal, q, energy, scan_beta, half, bins, smoothing, floor, density_smoothing
+                )
+            a = b = None
+            if learned:
+                a, b = coefficients
+                # the reference keeps its place and its spread under the learned coefficients
+                features = torsion_features(torsions)
+                shift[: 2 * n - 3] -= (features @ a)[0]
+                log_scale = STIFF_SCALE_BOUND * torch.tanh(features @ b / STIFF_SCALE_BOUND)
+                scale[: 2 * n - 3] *= torch.exp(-log_scale[0])
             return cls(
                 zmatrix,
                 shift,
                 scale,
-                *_scanned_densities(
-                    internal, q, energy, scan_beta, half, bins, smoothing, floor, density_smoothing
-                ),
+                *densities,
                 torsion_sign=sign,
+                stiff_mean=a,
+                stiff_log_scale=b,
+                learned_stiff=learned,
             )
         if not 0 < floor <= 1:
             raise ValueError(f"floor must lie in (0, 1], got {floor}")
@@ -523,9 +587,14 @@ class MolecularTransform(Transform):
             mean = w @ y
             std = (w @ (y - mean) ** 2).sqrt()
         stiff_mean = stiff_log_scale = None
-        if stiff_conditioning:
-            frame_w = torch.full((len(y),), 1.0 / len(y), dtype=y.dtype) if w is None else w
-            stiff = 2 * n - 3
+        frame_w = torch.full((len(y),), 1.0 / len(y), dtype=y.dtype) if w is None else w
+        stiff = 2 * n - 3
+        if learned:
+            stiff_mean, stiff_log_scale = coefficients
+            mean[:stiff], std[:stiff] = residual_normalisation(
+                y[:, :stiff], torsion_features(torsions), stiff_mean, stiff_log_scale, frame_w
+            )
+        elif stiff_conditioning:
             mean[:stiff], std[:stiff], stiff_mean, stiff_log_scale = fit_stiff_normalisation(
                 y[:, :stiff], torsions, frame_w, STIFF_RIDGE
             )
@@ -540,6 +609,7 @@ class MolecularTransform(Transform):
             conditional,
             stiff_mean,
             stiff_log_scale,
+            learned_stiff=learned,
         )
         transform.density_smoothing = widths  # what each torsion's density used, in bins
         return transform
@@ -735,13 +805,23 @@ def fit_stiff_normalisation(
     residual = y - mean_y - centred @ a
     log_sd = 0.5 * (torch.log(residual.square() + 1e-12 * residual.square().max(0).values) + 1.27)
     b = solve(log_sd - weights @ log_sd)
+    return (*residual_normalisation(y, features, a, b, weights), a, b)
+
+
+def residual_normalisation(
+    y: Tensor, features: Tensor, a: Tensor, b: Tensor, weights: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""The shift and scale (M,) of stiff coordinates y (F, M) under the torsion-following
+    shift :math:`m = f A` and log-scale :math:`\ell = c \tanh(f B / c)` (features f (F, 4T)):
+    those that leave :math:`s = (y - \mathrm{shift} - m) / (\mathrm{scale}\, e^{\ell})` with
+    weighted mean 0 and variance 1 (weights summing to 1). A refit of a map whose A and B are
+    learned fits these to the residual, so that the shift does not count m's mean twice."""
     log_scale = STIFF_SCALE_BOUND * torch.tanh(features @ b / STIFF_SCALE_BOUND)
     rest = y - features @ a
-    # the shift that leaves the normalised coordinates with mean 0 under the weights
     inverse_scale = torch.exp(-log_scale)
     shift = (weights @ (rest * inverse_scale)) / (weights @ inverse_scale)
     scale = (weights @ ((rest - shift) * inverse_scale).square()).sqrt()
-    return shift, scale, a, b
+    return shift, scale
 
 
 def _log_slope_of_logistic(y: Tensor) -> Tensor:

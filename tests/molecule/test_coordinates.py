@@ -856,6 +856,92 @@ def test_stiff_normalisation_state_dict_and_old_maps(stiff, transform):
         )
 
 
+def test_learned_stiff_normalisation_starts_as_the_plain_map_and_trains(stiff):
+    """stiff_conditioning="learned": A and B are parameters at zero, the map is the plain one,
+    and the gradient of a loss through x and the ladj reaches both."""
+    _, frames, weights, _ = stiff
+    zmatrix = stiff[0].internal.zmatrix
+    plain = MolecularTransform.from_data(zmatrix, frames, weights=weights)
+    learned = MolecularTransform.from_data(
+        zmatrix, frames, weights=weights, stiff_conditioning="learned"
+    )
+    named = dict(learned.named_parameters())
+    assert set(named) == {"stiff_mean", "stiff_log_scale"}
+    assert not learned.stiff_mean.any() and not learned.stiff_log_scale.any()
+    s = torch.randn(16, 60)
+    torch.testing.assert_close(learned.call_and_ladj(s), plain.call_and_ladj(s), rtol=0, atol=1e-12)
+    x, ladj = learned.call_and_ladj(s)
+    (x.square().sum() + ladj.sum()).backward()
+    assert learned.stiff_mean.grad.abs().max() > 0
+    # at zero only the ladj's sum of l reaches B: its features' column sums
+    assert learned.stiff_log_scale.grad.abs().max() > 0
+
+
+def test_learned_stiff_normalisation_is_exact_and_kept_by_refits(stiff):
+    """With nonzero learned A and B the map stays an exact bijection; a refit keeps them and
+    fits shift and scale to what they leave: refitting with the regression's own A and B
+    gives back the regression's map, so the shift does not count m's mean twice."""
+    fitted, frames, weights, _ = stiff
+    zmatrix = fitted.internal.zmatrix
+    coefficients = (fitted.stiff_mean, fitted.stiff_log_scale)
+    refit = MolecularTransform.from_data(
+        zmatrix,
+        frames,
+        weights=weights,
+        stiff_conditioning="learned",
+        stiff_coefficients=coefficients,
+    )
+    assert refit.learned_stiff and isinstance(refit.stiff_mean, torch.nn.Parameter)
+    torch.testing.assert_close(refit.stiff_mean.detach(), fitted.stiff_mean, rtol=0, atol=0)
+    s = torch.randn(32, 60)
+    torch.testing.assert_close(refit.call_and_ladj(s), fitted.call_and_ladj(s), rtol=0, atol=1e-10)
+    assert_exact_bijection(refit, (0.4, 0.9, -1.3))
+    # other coefficients (as training leaves them): the frames are still standard in s
+    with torch.no_grad():
+        trained = (0.5 * fitted.stiff_mean + 0.01, -0.7 * fitted.stiff_log_scale)
+    other = MolecularTransform.from_data(
+        zmatrix, frames, weights=weights, stiff_conditioning="learned", stiff_coefficients=trained
+    )
+    assert_exact_bijection(other, (-1.0, 2.0, 0.3))
+    n = other.internal.n_atoms
+    s_frames = other.inverse(frames)[:, : 2 * n - 3]
+    w = weights / weights.sum()
+    torch.testing.assert_close(w @ s_frames, torch.zeros(2 * n - 3), rtol=0, atol=1e-8)
+    torch.testing.assert_close(w @ s_frames.square(), torch.ones(2 * n - 3), rtol=0, atol=1e-8)
+    # loading a refit's state keeps the parameters themselves (the optimiser holds them)
+    kept = refit.stiff_mean
+    refit.load_state_dict(other.state_dict())
+    assert refit.stiff_mean is kept and torch.equal(kept.detach(), trained[0])
+    torch.testing.assert_close(refit.call_and_ladj(s), other.call_and_ladj(s), rtol=0, atol=0)
+
+
+def test_learned_stiff_normalisation_from_one_structure(zmatrix, reference):
+    """The data-free start: zero parameters give the plain one-frame map; given coefficients,
+    the reference keeps its place (s = 0) and its spread."""
+    plain = MolecularTransform.from_data(zmatrix, reference)
+    learned = MolecularTransform.from_data(zmatrix, reference, stiff_conditioning="learned")
+    assert learned.learned_stiff and learned._stiff
+    s = torch.randn(8, 60)
+    torch.testing.assert_close(learned.call_and_ladj(s), plain.call_and_ladj(s), rtol=0, atol=1e-12)
+    shape = learned.stiff_mean.shape
+    generator = torch.Generator().manual_seed(3)
+    a, b = (0.1 * torch.randn(*shape, generator=generator, dtype=torch.float64) for _ in "ab")
+    moved = MolecularTransform.from_data(
+        zmatrix, reference, stiff_conditioning="learned", stiff_coefficients=(a, b)
+    )
+    s_reference = moved.inverse(torch.as_tensor(reference).reshape(1, -1))
+    assert s_reference.abs().max() < 1e-9
+    assert_exact_bijection(moved, (0.2, 1.4, 0.6))
+    with pytest.raises(ValueError, match="stiff_conditioning must be False, True"):
+        MolecularTransform.from_data(zmatrix, reference, stiff_conditioning="yes")
+    with pytest.raises(ValueError, match="only with stiff_conditioning='learned'"):
+        MolecularTransform.from_data(zmatrix, reference, stiff_coefficients=(a, b))
+    with pytest.raises(ValueError, match=r"stiff_coefficients must be two finite arrays"):
+        MolecularTransform.from_data(
+            zmatrix, reference, stiff_conditioning="learned", stiff_coefficients=(a[:3], b)
+        )
+
+
 def test_torsion_features_are_the_first_two_harmonics():
     torsion = torch.tensor([[0.3, -1.2]])
     expected = [
