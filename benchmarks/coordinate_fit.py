@@ -48,6 +48,12 @@ from openmm_nice.io import load_samples
 from openmm_nice.runs import load_run, sample_run
 
 
+def _finite_rows(s: np.ndarray) -> np.ndarray:
+    """The rows of ``s`` (N, d) whose entries are all finite, in float64."""
+    s = np.asarray(s, dtype=np.float64)
+    return s[np.isfinite(s).all(axis=1)]
+
+
 def _weighted(s: np.ndarray, log_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The rows of ``s`` (N, d) with finite entries and a positive weight, and their
     self-normalised weights."""
@@ -64,8 +70,7 @@ def coordinate_moments(s_q: np.ndarray, s_p: np.ndarray, log_w_p: np.ndarray) ->
     (self-normalised weighted moments of ``s_p``, ``log_w_p``: the model's own samples, or AIS
     samples), the offset o and width ratio r in units of the target's, and the Gaussian
     KL(q_j || p_j) of the module docstring."""
-    s_q = np.asarray(s_q, dtype=np.float64)
-    s_q = s_q[np.isfinite(s_q).all(axis=1)]
+    s_q = _finite_rows(s_q)
     s_p, w = _weighted(s_p, log_w_p)
     mean_q, sd_q = s_q.mean(axis=0), s_q.std(axis=0)
     mean_p = w @ s_p
@@ -86,8 +91,7 @@ def coordinate_moments(s_q: np.ndarray, s_p: np.ndarray, log_w_p: np.ndarray) ->
 def gaussian_kl(s_q: np.ndarray, s_p: np.ndarray, log_w_p: np.ndarray) -> float:
     """KL(N(m_q, C_q) || N(m_p, C_p)) of the two sets' means and full covariances (weighted for
     p): the part of the model's KL that linear correlations carry, beyond the marginals."""
-    s_q = np.asarray(s_q, dtype=np.float64)
-    s_q = s_q[np.isfinite(s_q).all(axis=1)]
+    s_q = _finite_rows(s_q)
     s_p, w = _weighted(s_p, log_w_p)
     mean_q, mean_p = s_q.mean(axis=0), w @ s_p
     cov_q = np.cov(s_q, rowvar=False, bias=True)

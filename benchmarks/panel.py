@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 from _machine import machine_facts  # benchmarks/ is on the path of a script run from it
 from _panel import (
     PANEL,
@@ -48,7 +47,7 @@ from _panel import (
 from openmm_nice.analysis.observables import backbone_indices, dihedrals
 from openmm_nice.analysis.reweighting import region_free_energy
 from openmm_nice.analysis.weight_diagnostics import diagnose_region, diagnose_weights
-from openmm_nice.config import apply_overrides, config_from_dict
+from openmm_nice.config import apply_overrides, config_from_dict, load_config
 from openmm_nice.io import atomic_write_text, save_samples
 from openmm_nice.runs import load_run, sample_run, train_run
 
@@ -221,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             "molecule": name,
             "seed": args.seed,
             # the run's own D: a --set model.latent_dim replaces the panel's
-            "latent_dim": yaml.safe_load((folder / "config.yaml").read_text())["model"][
-                "latent_dim"
-            ],
+            "latent_dim": load_config(folder / "config.yaml").model.latent_dim,
             "overrides": list(args.set),
             "steps": summary["steps"],
             "energy_evaluations": summary["energy_evaluations"],

@@ -149,8 +149,6 @@ def build_generator(
         reference = molecule.positions.reshape(1, -1)
         # the stereoisomer of the reference structure, whatever frames or samples say
         handedness = handed_torsions(molecule.topology, zmatrix, reference)
-        # a fitted conditioning needs frames (the first refit brings it); learned starts at zero
-        learned_stiff = "learned" if config.model.stiff_conditioning == "learned" else False
         if frames is None and config.model.initial_torsions == "scan":
             coordinates = MolecularTransform.from_data(
                 zmatrix,
@@ -160,11 +158,15 @@ def build_generator(
                 scan_beta=config.training.beta_start,
                 floor=config.model.torsion_floor,
                 density_smoothing=config.model.torsion_smoothing,
-                stiff_conditioning=learned_stiff,
+                # learned: parameters from zero; fitted: none until the first refit brings frames
+                stiff_conditioning=config.model.stiff_conditioning,
             )
         elif frames is None:
             coordinates = MolecularTransform.from_data(
-                zmatrix, reference, handedness=handedness, stiff_conditioning=learned_stiff
+                zmatrix,
+                reference,
+                handedness=handedness,
+                stiff_conditioning=config.model.stiff_conditioning,
             )
         else:
             # The energy places each torsion's cut on a barrier, not in a basin the data missed.

@@ -32,6 +32,7 @@ __all__ = [
     "MolecularTransform",
     "fit_stiff_normalisation",
     "residual_normalisation",
+    "stiff_shift_and_log_scale",
     "torsion_features",
 ]
 
@@ -499,9 +500,8 @@ class MolecularTransform(Transform):
             if learned:
                 a, b = coefficients
                 # the reference keeps its place and its spread under the learned coefficients
-                features = torsion_features(torsions)
-                shift[: 2 * n - 3] -= (features @ a)[0]
-                log_scale = STIFF_SCALE_BOUND * torch.tanh(features @ b / STIFF_SCALE_BOUND)
+                mean, log_scale = stiff_shift_and_log_scale(torsion_features(torsions), a, b)
+                shift[: 2 * n - 3] -= mean[0]
                 scale[: 2 * n - 3] *= torch.exp(-log_scale[0])
             return cls(
                 zmatrix,
@@ -668,10 +668,11 @@ class MolecularTransform(Transform):
         if not self._stiff:
             zeros = torsion.new_zeros(torsion.shape[0], self.stiff_mean.shape[1])
             return zeros, zeros
-        features = torsion_features(torsion)
-        mean = features @ self.stiff_mean.to(torsion.dtype)
-        raw = features @ self.stiff_log_scale.to(torsion.dtype)
-        return mean, STIFF_SCALE_BOUND * torch.tanh(raw / STIFF_SCALE_BOUND)
+        return stiff_shift_and_log_scale(
+            torsion_features(torsion),
+            self.stiff_mean.to(torsion.dtype),
+            self.stiff_log_scale.to(torsion.dtype),
+        )
 
     def _torsions_from_normal(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Torsions (B, T) from their normalised values y, and log|d torsion / d y|."""
@@ -781,6 +782,12 @@ def torsion_features(torsion: Tensor) -> Tensor:
     return features.reshape(-1, 2, t, 2).permute(0, 2, 1, 3).reshape(-1, FEATURES_PER_TORSION * t)
 
 
+def stiff_shift_and_log_scale(features: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The stiff coordinates' torsion-following shift m = f A and log-scale
+    l = c tanh(f B / c) (c = :data:`STIFF_SCALE_BOUND`) at torsion features f (B, 4T)."""
+    return features @ a, STIFF_SCALE_BOUND * torch.tanh(features @ b / STIFF_SCALE_BOUND)
+
+
 def fit_stiff_normalisation(
     y: Tensor, torsion: Tensor, weights: Tensor, ridge: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -816,8 +823,8 @@ def residual_normalisation(
     those that leave :math:`s = (y - \mathrm{shift} - m) / (\mathrm{scale}\, e^{\ell})` with
     weighted mean 0 and variance 1 (weights summing to 1). A refit of a map whose A and B are
     learned fits these to the residual, so that the shift does not count m's mean twice."""
-    log_scale = STIFF_SCALE_BOUND * torch.tanh(features @ b / STIFF_SCALE_BOUND)
-    rest = y - features @ a
+    mean, log_scale = stiff_shift_and_log_scale(features, a, b)
+    rest = y - mean
     inverse_scale = torch.exp(-log_scale)
     shift = (weights @ (rest * inverse_scale)) / (weights @ inverse_scale)
     scale = (weights @ ((rest - shift) * inverse_scale).square()).sqrt()
