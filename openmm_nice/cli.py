@@ -26,7 +26,10 @@ def _cmd_train(args) -> int:
             )
         # the run's own config unless another is given; train_run refuses any difference that
         # changes the result (--set, --steps, --seed, another CONFIG), never rewriting config.yaml
-        config = load_config(args.config or out / "config.yaml", args.set)
+        if args.config is None:
+            config = load_config(out / "config.yaml", args.set, saved_run=True)
+        else:
+            config = load_config(args.config, args.set)
     else:
         config = load_config(args.config, args.set)
     if args.steps is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections.abc import Sequence
@@ -103,9 +104,9 @@ class ModelConfig(_Section):
     torsion_tree: bool = True
     # let the bonds' and angles' normalisation (shift and scale) follow the torsions, so that
     # the geometry around an atom can change with the rotamers around it: true: fitted by
-    # regression with each map refit; "learned": trained with the flow by the loss (from zero,
-    # kept across refits); false: not at all (see MolecularTransform)
-    stiff_conditioning: bool | Literal["learned"] = False
+    # regression with each map refit; "learned" (the default): trained with the flow by the loss
+    # (from zero, kept across refits); false: not at all (see MolecularTransform)
+    stiff_conditioning: bool | Literal["learned"] = "learned"
     # the data-free map's torsions before the first refit: "scan" (the default): each one's
     # Boltzmann density at training.beta_start along an energy scan from the reference
     # structure, so that rings and planar groups start closed (see
@@ -547,11 +548,37 @@ def apply_overrides(data: dict | None, overrides: Sequence[str]) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+# Keys that came later or whose default changed, with the value a run written before then was
+# trained with. A run's saved config (config.yaml, the checkpoint's) is a full dump, so a key it
+# lacks is one its version did not have.
+EARLIER_DEFAULTS = {
+    ("model", "stiff_conditioning"): False,
+    ("model", "initial_torsions"): "uniform",
+}
+
+
+def saved_run_config(data: dict) -> dict:
+    """A run's saved config with the values its version used for keys it lacks
+    (:data:`EARLIER_DEFAULTS`), so that an older run loads as it was trained.
+
+    Example:
+        >>> saved_run_config({"model": {"layers": 4}})["model"]["stiff_conditioning"]
+        False
+    """
+    data = copy.deepcopy(data)
+    for (section, key), value in EARLIER_DEFAULTS.items():
+        data.setdefault(section, {}).setdefault(key, value)
+    return data
+
+
+def load_config(
+    path: str | os.PathLike, overrides: Sequence[str] = (), saved_run: bool = False
+) -> Config:
     """Read a YAML config file, apply ``overrides`` (see :func:`apply_overrides`), validate.
 
     Relative paths (``training.data``, ``system.pdb``, ``system.xml``), in the file or in an
-    override, are resolved against the file's folder.
+    override, are resolved against the file's folder. ``saved_run``: the file is a run's
+    ``config.yaml`` (see :func:`saved_run_config`).
     """
     path = Path(path)
     if not path.is_file():
@@ -563,4 +590,6 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
             raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: a config is a mapping of keys, got {type(data).__name__}")
+    if saved_run:
+        data = saved_run_config(data or {})
     return config_from_dict(apply_overrides(data, overrides), base=path.resolve().parent)

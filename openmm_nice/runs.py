@@ -19,7 +19,7 @@ from openmm_nice.analysis.reweighting import (
     log_partition_function,
 )
 from openmm_nice.analysis.weight_diagnostics import WeightDiagnostics, diagnose_weights
-from openmm_nice.config import Config, config_from_dict
+from openmm_nice.config import Config, config_from_dict, saved_run_config
 from openmm_nice.errors import ConfigError, UserInputError
 from openmm_nice.flows.generator import BoltzmannGenerator
 from openmm_nice.io import atomic_write_text, load_checkpoint, save_samples, write_trajectory
@@ -271,6 +271,7 @@ def _check_resumed_config(config: Config, state: dict, checkpoint: Path) -> None
     saved = state.get("config")
     if saved is None:
         return  # a checkpoint of an older version stored no config
+    saved = saved_run_config(saved)
     differ = [k for k in config_differences(config, saved) if k not in RESUME_MAY_DIFFER]
     if differ:
         raise ConfigError(
@@ -370,7 +371,7 @@ def load_run(run: PathLike, device: str | None = None) -> Run:
             f"{run}/checkpoint.pt has format {state.get('format')}, expected {CHECKPOINT_FORMAT}; "
             "it was written by another version of openmm-nice"
         )
-    config = config_from_dict(state["config"])
+    config = config_from_dict(saved_run_config(state["config"]))
     if device is not None:
         config.device = device
     check_device(config.device)

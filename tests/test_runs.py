@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from openmm_nice.config import config_from_dict
-from openmm_nice.errors import UserInputError
+from openmm_nice.errors import ConfigError, UserInputError
 from openmm_nice.runs import Run, load_run, sample_run, train_run
 
 TINY = {
@@ -65,3 +65,38 @@ def test_a_run_folder_must_be_new_unless_resumed(tiny_run):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train_run(config, tiny_run.parent / "new", resume=True, quiet=True)
     assert torch.load(tiny_run / "checkpoint.pt", weights_only=True)["step"] == 5
+
+
+def test_a_run_saved_before_a_key_existed_loads_and_resumes_as_it_was_trained(tmp_path):
+    """model.stiff_conditioning's default is "learned" (trained parameters); a run
+    whose saved config lacks the key was written before it existed, without them: load_run and
+    a resume read it with the value it was trained with, not today's default."""
+    import yaml
+
+    from openmm_nice.config import EARLIER_DEFAULTS, load_config
+    from openmm_nice.runs import _check_resumed_config
+
+    assert config_from_dict({}).model.stiff_conditioning == "learned"
+    data = {
+        "system": "alanine_dipeptide_vacuum",
+        "model": {"latent_dim": 62, "layers": 2, "hidden": [8], "conditional_hidden": [8]},
+        "training": {"steps": 2, "batch_size": 16, "beta_start": 1.0, "anneal_steps": 0},
+    }
+    data["model"].update({key: value for (_, key), value in EARLIER_DEFAULTS.items()})
+    run = tmp_path / "old"
+    train_run(config_from_dict(data), run, quiet=True, n_eval=50)
+    # what the older version wrote: the same run without the keys it did not have
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    for section, key in EARLIER_DEFAULTS:
+        del state["config"][section][key], saved[section][key]
+    torch.save(state, run / "checkpoint.pt")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with load_run(run) as (config, _, generator):
+        assert config.model.stiff_conditioning is False
+        assert config.model.initial_torsions == "uniform"
+        assert not any("stiff" in name for name, _ in generator.named_parameters())
+    resumed = load_config(run / "config.yaml", saved_run=True)
+    _check_resumed_config(resumed, state, run / "checkpoint.pt")  # no difference: resumable
+    with pytest.raises(ConfigError, match="model.stiff_conditioning"):
+        _check_resumed_config(load_config(run / "config.yaml"), state, run / "checkpoint.pt")
