@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             "molecule": name,
             "seed": args.seed,
             # the run's own D: a --set model.latent_dim replaces the panel's
-            "latent_dim": load_config(folder / "config.yaml").model.latent_dim,
+            "latent_dim": load_config(folder / "config.yaml", saved_run=True).model.latent_dim,
             "overrides": list(args.set),
             "steps": summary["steps"],
             "energy_evaluations": summary["energy_evaluations"],
