@@ -37,6 +37,7 @@ import torch
 from openmm_nice.analysis.free_energy import free_energy_map, jensen_shannon_divergence
 from openmm_nice.analysis.observables import ramachandran
 from openmm_nice.analysis.reweighting import effective_sample_size, region_free_energy
+from openmm_nice.analysis.weight_diagnostics import diagnose_region
 from openmm_nice.io import load_checkpoint, load_samples
 from openmm_nice.runs import load_run
 from openmm_nice.sampling.ais import annealed_importance_sampling
@@ -128,6 +129,7 @@ def estimates(samples: dict, topology, reference: dict, n_bootstrap: int) -> dic
     x, log_w = samples["x"], samples["log_w"]
     phi, psi = ramachandran(x, topology)
     df = region_free_energy(phi > 0, log_w, n_bootstrap)
+    tail = diagnose_region(log_w, phi > 0)  # how many effective samples phi > 0 rests on
     c7ax = region_free_energy((phi > C7AX[0]) & (phi < C7AX[1]), log_w, n_bootstrap)
     histogram = free_energy_map(phi, psi, log_w, n_bootstrap=0).probability
     return {
@@ -135,6 +137,9 @@ def estimates(samples: dict, topology, reference: dict, n_bootstrap: int) -> dic
         "df_kT": df["df_kT"],
         "df_error_kT": df["df_error_kT"],
         "df_minus_reference_kT": df["df_kT"] - reference["df_kT"],
+        "n_phi_positive": tail.n_inside,
+        "ess_phi_positive": tail.ess_inside,
+        "pareto_k_phi_positive": tail.pareto_k_inside,
         "js_divergence": jensen_shannon_divergence(histogram, reference["histogram36"]),
         "p_c7ax": c7ax["p"],
         "p_c7ax_direct": float(np.mean((phi > C7AX[0]) & (phi < C7AX[1]))),
@@ -304,6 +309,13 @@ def _print_columns(columns: list[tuple[str, dict, int]], timed: bool = True) -> 
         ("ESS / N", lambda e, n: f"{e['ess']:.3f}"),
         ("dF(phi>0 - phi<0), kT", lambda e, n: f"{e['df_kT']:.3f} +- {e['df_error_kT']:.3f}"),
         ("dF - reference, kT", lambda e, n: f"{e['df_minus_reference_kT']:+.3f}"),
+        (
+            "phi>0: samples, ESS, k",
+            lambda e, n: (
+                f"{e['n_phi_positive']}, {e['ess_phi_positive']:.1f}, "
+                f"{e['pareto_k_phi_positive']:.2f}"
+            ),
+        ),
         ("JS vs reference (36 x 36)", lambda e, n: f"{e['js_divergence']:.4f}"),
         (
             "p(C7ax), weighted / direct",

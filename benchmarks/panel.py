@@ -114,6 +114,7 @@ def evaluate(name: str, folder: Path, args) -> dict:
                 "p": e["p"],
                 "df_kT": e["df_kT"],
                 "df_error_kT": e["df_error_kT"],
+                "ess_inside": tails[region].ess_inside,
                 "pareto_k_inside": tails[region].pareto_k_inside,
                 "pareto_k_outside": tails[region].pareto_k_outside,
                 "reliable": tails[region].reliable,
@@ -148,7 +149,7 @@ def print_table(results: list[dict]) -> None:
     print(
         f"{'molecule':<30} {'D':>4} {'flow ESS/N':>10} {'min blk':>7} {'k':>5} "
         f"{'AIS ESS/N':>9} {'min blk':>7} {'max w':>7} {'k':>5} {'region':>11} "
-        f"{'dF (kT)':>15} {'k in/out':>9} {'reference':>15} {'diff':>6} {'evals':>8} "
+        f"{'dF (kT)':>15} {'ESS in':>7} {'k in/out':>9} {'reference':>15} {'diff':>6} {'evals':>8} "
         f"{'train s':>7}"
     )
     for r in results:
@@ -177,8 +178,10 @@ def print_table(results: list[dict]) -> None:
                 if "reliable" in e
                 else ""
             )
+            # the region's effective samples (panel.json files written before it: -)
+            ess_in = f"{e['ess_inside']:>7.1f}" if "ess_inside" in e else f"{'-':>7}"
             print(
-                f"{head} {region:>11} {e['df_kT']:>7.3f} +- {e['df_error_kT']:<5.3f} {ks:>9} "
+                f"{head} {region:>11} {e['df_kT']:>7.3f} +- {e['df_error_kT']:<5.3f} {ess_in} {ks:>9} "
                 f"{tail} {evals}"
             )
 

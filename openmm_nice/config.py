@@ -107,11 +107,29 @@ class ModelConfig(_Section):
     # regression with each map refit; "learned" (the default): trained with the flow by the loss
     # (from zero, kept across refits); false: not at all (see MolecularTransform)
     stiff_conditioning: bool | Literal["learned"] = "learned"
+    # with stiff_conditioning "learned": the width of a hidden tanh layer between the torsions'
+    # features and the learned shift and log-scale, so that they may follow combinations of
+    # torsions (phi and psi together); 0 (the default): linear in each torsion's harmonics
+    stiff_hidden: NonNegInt = 0
     # the data-free map's torsions before the first refit: "scan" (the default): each one's
     # Boltzmann density at training.beta_start along an energy scan from the reference
     # structure, so that rings and planar groups start closed (see
     # MolecularTransform.from_data); or "uniform" (phenylalanine's ring then never closes)
     initial_torsions: Literal["uniform", "scan"] = "scan"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        _check(
+            [
+                (
+                    self.stiff_hidden == 0 or self.stiff_conditioning == "learned",
+                    f"model.stiff_hidden = {self.stiff_hidden} is a layer of the learned "
+                    "conditioning: set model.stiff_conditioning to learned, or stiff_hidden "
+                    f"to 0 (got stiff_conditioning {self.stiff_conditioning!r})",
+                )
+            ]
+        )
+        return self
 
 
 # the loss weights that may follow the step ([[step, weight], ...]); forward_alpha may too

@@ -84,11 +84,14 @@ def _weights_summary(diagnostics: WeightDiagnostics) -> dict:
 
 def _region_tail(log_w: np.ndarray, inside: np.ndarray, diagnostics: WeightDiagnostics) -> dict:
     """A region's estimate's own tail diagnostic (``weight_diagnostics.diagnose_region``): its
-    ``reliable`` and ``verdict``, and the Pareto k inside and outside the region."""
+    ``reliable`` and ``verdict``, the effective sample sizes and the Pareto k inside and
+    outside the region."""
     region = diagnose_region(log_w, inside, diagnostics)
     return {
         "reliable": region.reliable,
         "verdict": region.verdict,
+        "ess_inside": region.ess_inside,
+        "ess_outside": region.ess_outside,
         "pareto_k_inside": region.pareto_k_inside,
         "pareto_k_outside": region.pareto_k_outside,
     }

@@ -160,6 +160,7 @@ def build_generator(
                 density_smoothing=config.model.torsion_smoothing,
                 # learned: parameters from zero; fitted: none until the first refit brings frames
                 stiff_conditioning=config.model.stiff_conditioning,
+                stiff_hidden=config.model.stiff_hidden,
             )
         elif frames is None:
             coordinates = MolecularTransform.from_data(
@@ -167,6 +168,7 @@ def build_generator(
                 reference,
                 handedness=handedness,
                 stiff_conditioning=config.model.stiff_conditioning,
+                stiff_hidden=config.model.stiff_hidden,
             )
         else:
             # The energy places each torsion's cut on a barrier, not in a basin the data missed.
@@ -180,6 +182,7 @@ def build_generator(
                 handedness=handedness,
                 torsion_tree=config.model.torsion_tree,
                 stiff_conditioning=config.model.stiff_conditioning,
+                stiff_hidden=config.model.stiff_hidden,
             )
     m = config.model
     dim = target.energy.dim if coordinates is None else int(coordinates.dim)
@@ -241,7 +244,7 @@ def map_fitter(config: Config, target: Target, coordinates):
         learned = None
         if config.model.stiff_conditioning == "learned":
             # the trained coefficients stay; shift and scale are refitted to what they leave
-            learned = (coordinates.stiff_mean.detach(), coordinates.stiff_log_scale.detach())
+            learned = coordinates.stiff_coefficients()
         return MolecularTransform.from_data(
             zmatrix,
             x,
@@ -252,6 +255,7 @@ def map_fitter(config: Config, target: Target, coordinates):
             handedness=handedness,
             torsion_tree=config.model.torsion_tree,
             stiff_conditioning=config.model.stiff_conditioning,
+            stiff_hidden=config.model.stiff_hidden,
             stiff_coefficients=learned,
             # the map's cuts now (a refit keeps those that still lie where samples are thinnest)
             cuts=coordinates.torsion_offset.detach().cpu() - math.pi,

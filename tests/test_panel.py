@@ -242,7 +242,8 @@ def test_panel_trains_samples_and_prints_its_table(tmp_path, capsys):
     assert len(row["flow"]["block_ess"]) == 4 and "pareto_k" in row["ais"]
     assert list(row["observables"]) == ["phi1>0", "psi1 alpha"]
     for region in row["observables"].values():
-        assert {"pareto_k_inside", "pareto_k_outside", "reliable"} <= set(region)
+        assert {"ess_inside", "pareto_k_inside", "pareto_k_outside", "reliable"} <= set(region)
+        assert 0 <= region["ess_inside"] <= 100
     with np.load(tmp_path / "proline_dipeptide_seed0" / "ais_samples.npz") as samples:
         assert samples["x"].shape == (100, 78) and samples["log_w"].shape == (100,)
     assert any(line.startswith("proline_dipeptide") for line in lines)

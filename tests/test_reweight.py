@@ -86,14 +86,15 @@ def test_trajectory_to_its_own_temperature_has_zero_log_weights(tmp_path, md, ca
     assert summary["ess"] == pytest.approx(1.0, abs=1e-12)
     assert summary["log_z_ratio"] == 0.0 and summary["delta_f_kT"] == 0.0
     reweighted = dict(summary["phi>0"]["reweighted"])
-    tail = {
-        k: reweighted.pop(k) for k in ("reliable", "verdict", "pareto_k_inside", "pareto_k_outside")
-    }
+    diagnostic = ("reliable", "verdict", "ess_inside", "ess_outside")
+    tail = {k: reweighted.pop(k) for k in (*diagnostic, "pareto_k_inside", "pareto_k_outside")}
     assert summary["reliable"] is True
     assert summary["phi>0"]["direct"] == reweighted
     # 300 K MD never visits phi > 0 here: a region without samples cannot be judged
     assert reweighted["p"] == 0.0
     assert tail["reliable"] is False and "too few samples" in tail["verdict"]
+    # equal weights: every frame (all outside) counts as one sample
+    assert tail["ess_inside"] == 0.0 and tail["ess_outside"] == pytest.approx(len(md["x"]))
     assert "phi>0" in summary["warning"]
     assert "warning: the weights pass as a whole, but" in capsys.readouterr().err
 

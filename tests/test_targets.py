@@ -138,9 +138,11 @@ def test_a_model_trains_with_the_torch_engine_and_keeps_the_same_state(tmp_path)
         assert torch.isfinite(log_w).any()
 
 
-def test_learned_stiff_conditioning_trains_from_zero_and_survives_map_refits():
-    """model.stiff_conditioning: learned: the data-free map's A and B are parameters of the
-    generator at zero, the trainer's steps move them, and a map refit keeps them (it refits the
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_learned_stiff_conditioning_trains_from_zero_and_survives_map_refits(hidden):
+    """model.stiff_conditioning: learned: the data-free map's A and B (and, with
+    model.stiff_hidden, its hidden layer's W, w0, C, E) are parameters of the generator, A, B,
+    C and E at zero, the trainer's steps move them, and a map refit keeps them (it refits the
     torsion densities, shifts and scales around them)."""
     from openmm_nice.targets import build_trainer
 
@@ -152,6 +154,7 @@ def test_learned_stiff_conditioning_trains_from_zero_and_survives_map_refits():
                 "layers": 2,
                 "hidden": [16],
                 "stiff_conditioning": "learned",
+                "stiff_hidden": hidden,
             },
             "training": {
                 "steps": 4,
@@ -168,17 +171,21 @@ def test_learned_stiff_conditioning_trains_from_zero_and_survives_map_refits():
     try:
         trainer = build_trainer(config, target)
         coordinates = trainer.generator.coordinates
-        learned = [coordinates.stiff_mean, coordinates.stiff_log_scale]
+        own = ["stiff_mean", "stiff_log_scale"]
+        if hidden:
+            own += ["stiff_hidden_weight", "stiff_hidden_bias"]
+            own += ["stiff_hidden_mean", "stiff_hidden_log_scale"]
+        learned = [getattr(coordinates, name) for name in own]
         names = {n for n, p in trainer.generator.named_parameters() if any(p is q for q in learned)}
-        assert names == {"coordinates.stiff_mean", "coordinates.stiff_log_scale"}
-        assert not any(p.any() for p in learned)
+        assert names == {f"coordinates.{name}" for name in own}
+        assert [name for name, p in zip(own, learned) if p.any()] == own[2:3]  # W random
         trainer.run(3)
         assert all(p.detach().abs().max() > 0 for p in learned)  # Adam moved them from zero
         before = [p.detach().clone() for p in learned]
         offset = coordinates.torsion_offset.clone()
         shift = coordinates.shift.clone()
         trainer.refit_map(1.0)  # what run() does at step 3, without the steps after it
-        assert coordinates.stiff_mean is learned[0] and coordinates.stiff_log_scale is learned[1]
+        assert all(getattr(coordinates, n) is p for n, p in zip(own, learned, strict=True))
         for p, b in zip(learned, before, strict=True):
             torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
         assert not torch.equal(coordinates.shift, shift) or not torch.equal(

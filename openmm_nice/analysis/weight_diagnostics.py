@@ -284,6 +284,10 @@ class RegionDiagnostics:
     Attributes:
         n_inside: Samples of positive weight inside the region.
         n_outside: Samples of positive weight outside it.
+        ess_inside: Kish's effective sample size of the weights inside the region (0 where
+            none is positive): how many independent samples its probability rests on, where
+            ``n_inside`` counts what the generator drew there.
+        ess_outside: The same outside.
         pareto_k_inside: :func:`pareto_k` of the weights inside (NaN: too few to fit).
         pareto_k_outside: The same outside.
         pareto_k_threshold: :func:`pareto_k_threshold` of the smaller of the two counts.
@@ -294,6 +298,8 @@ class RegionDiagnostics:
 
     n_inside: int
     n_outside: int
+    ess_inside: float
+    ess_outside: float
     pareto_k_inside: float
     pareto_k_outside: float
     pareto_k_threshold: float
@@ -341,6 +347,8 @@ def diagnose_region(log_w, inside, weights: WeightDiagnostics | None = None) -> 
     weights = diagnose_weights(log_w) if weights is None else weights
     positive = np.isfinite(log_w)
     n_in, n_out = int((positive & inside).sum()), int((positive & ~inside).sum())
+    ess_in = effective_sample_size(log_w[inside]) if n_in else 0.0
+    ess_out = effective_sample_size(log_w[~inside]) if n_out else 0.0
     k_in = pareto_k(log_w[inside]) if n_in else math.nan
     k_out = pareto_k(log_w[~inside]) if n_out else math.nan
     threshold = pareto_k_threshold(min(n_in, n_out))
@@ -366,6 +374,8 @@ def diagnose_region(log_w, inside, weights: WeightDiagnostics | None = None) -> 
     return RegionDiagnostics(
         n_inside=n_in,
         n_outside=n_out,
+        ess_inside=ess_in,
+        ess_outside=ess_out,
         pareto_k_inside=k_in,
         pareto_k_outside=k_out,
         pareto_k_threshold=threshold,

@@ -31,6 +31,7 @@ from openmm_nice.molecule.torsion_densities import (
 __all__ = [
     "MolecularTransform",
     "fit_stiff_normalisation",
+    "initial_stiff_network",
     "residual_normalisation",
     "stiff_shift_and_log_scale",
     "torsion_features",
@@ -39,6 +40,13 @@ __all__ = [
 FEATURES_PER_TORSION = 4  # cos and sin of the torsion and of twice it
 STIFF_SCALE_BOUND = math.log(4.0)  # the torsions may widen or narrow a stiff coordinate 4-fold
 STIFF_RIDGE = 50.0  # the stiff normalisation's ridge, in effective frames (fit_stiff_normalisation)
+# the learned conditioning's hidden layer (W, w0, C, E), as the map's parameters are named
+STIFF_NETWORK = (
+    "stiff_hidden_weight",
+    "stiff_hidden_bias",
+    "stiff_hidden_mean",
+    "stiff_hidden_log_scale",
+)
 
 
 class MolecularTransform(Transform):
@@ -75,7 +83,10 @@ class MolecularTransform(Transform):
     ``stiff_log_scale``): :math:`y = \mathrm{shift} + m(\phi) + \mathrm{scale}\,
     e^{\ell(\phi)} s`, with :math:`m = f(\phi) A` and :math:`\ell = c \tanh(f(\phi) B / c)`
     for the features :math:`f(\phi) = (\cos k\phi_j, \sin k\phi_j)_{j, k = 1, 2}` of all
-    torsions and :math:`c = \log 4` (:data:`STIFF_SCALE_BOUND`), so that the geometry around
+    torsions and :math:`c = \log 4` (:data:`STIFF_SCALE_BOUND`); with a hidden layer
+    (``stiff_network``, :math:`h = \tanh(f W + w_0)`), :math:`m = f A + h C` and
+    :math:`\ell = c \tanh((f B + h E) / c)`, so that they may also follow combinations of
+    torsions (phi and psi together); either way the geometry around
     an atom can shift and narrow with the backbone's and side chains' rotamers, which additive
     couplings (volume-preserving) cannot narrow. The torsions depend on their own s only, so
     the Jacobian stays triangular and adds :math:`\sum \ell(\phi)`;
@@ -112,6 +123,9 @@ class MolecularTransform(Transform):
         learned_stiff: Make A and B trainable parameters (``nn.Parameter``), so that the loss
             that trains the flow also trains how the bonds and angles follow the torsions;
             the map then always applies them, even while they are zero.
+        stiff_network: With ``learned_stiff``: the hidden layer's (W, w0, C, E), of shapes
+            (4 (N - 3), H), (H,), (H, 2N - 3) and (H, 2N - 3), trainable parameters too.
+            None: no hidden layer (m and l are linear in the features).
 
     Use :meth:`from_data` to set shift, scale and offsets from a structure or a trajectory.
     They are buffers (saved in the state dict, not trained; so are A and B unless
@@ -144,6 +158,7 @@ class MolecularTransform(Transform):
         stiff_mean: np.ndarray | Tensor | None = None,
         stiff_log_scale: np.ndarray | Tensor | None = None,
         learned_stiff: bool = False,
+        stiff_network: tuple[np.ndarray | Tensor, ...] | None = None,
     ):
         super().__init__()
         self.learned_stiff = bool(learned_stiff)
@@ -243,6 +258,14 @@ class MolecularTransform(Transform):
                 self.register_parameter(name, nn.Parameter(value))
             else:
                 self.register_buffer(name, value)
+        self._stiff_network_names: tuple[str, ...] = ()
+        if stiff_network is not None:
+            if not self.learned_stiff:
+                raise ValueError("stiff_network is trained with the flow: it needs learned_stiff")
+            network = _check_stiff_network(stiff_network, *shape)
+            for name, value in zip(STIFF_NETWORK, network):
+                self.register_parameter(name, nn.Parameter(value))
+            self._stiff_network_names = STIFF_NETWORK
         self._plan_stiff_normalisation()
 
     def _plan_stiff_normalisation(self) -> None:
@@ -251,6 +274,18 @@ class MolecularTransform(Transform):
         self._stiff = self.learned_stiff or bool(
             self.stiff_mean.any() or self.stiff_log_scale.any()
         )
+
+    def stiff_coefficients(self) -> tuple[Tensor, ...]:
+        """The learned conditioning's coefficients, detached: (A, B), or (A, B, W, w0, C, E)
+        with a hidden layer; what :meth:`from_data` keeps across a refit
+        (``stiff_coefficients``)."""
+        if not self.learned_stiff:
+            raise ValueError("this map's stiff conditioning is not learned: it has no coefficients")
+        names = ("stiff_mean", "stiff_log_scale", *self._stiff_network_names)
+        return tuple(getattr(self, name).detach() for name in names)
+
+    def _stiff_network(self, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        return tuple(getattr(self, name).to(dtype) for name in self._stiff_network_names)
 
     def _plan_torsion_tree(self) -> None:
         """The children of each depth of the torsion forest, with their parents and their rows
@@ -323,7 +358,8 @@ class MolecularTransform(Transform):
         cuts: np.ndarray | Tensor | None = None,
         stiff_conditioning: bool | Literal["learned"] = False,
         scan_beta: float | None = None,
-        stiff_coefficients: tuple[Tensor, Tensor] | None = None,
+        stiff_coefficients: tuple[Tensor, ...] | None = None,
+        stiff_hidden: int = 0,
     ) -> MolecularTransform:
         r"""A transform normalised to a trajectory, or to one reference structure.
 
@@ -407,8 +443,13 @@ class MolecularTransform(Transform):
                 (``learned_stiff``), ``stiff_coefficients`` or zeros, and the bonds' and
                 angles' shift and scale are fitted to what is left of them once A and B have
                 been taken out (see :func:`residual_normalisation`).
-            stiff_coefficients: With ``stiff_conditioning="learned"``: the (A, B) to keep, e.g.
-                the trained map's own for a refit. None: zeros, the unconditional map.
+            stiff_coefficients: With ``stiff_conditioning="learned"``: the (A, B) to keep, or
+                (A, B, W, w0, C, E) with a hidden layer, e.g. the trained map's own for a refit
+                (:meth:`stiff_coefficients`). None: zeros (and a hidden layer from
+                :func:`initial_stiff_network`), the unconditional map.
+            stiff_hidden: With ``stiff_conditioning="learned"``: the width H of a hidden tanh
+                layer between the torsions' features and the learned shift and log-scale (see
+                the class docstring); 0: none, m and l linear in the features.
 
         Returns:
             A :class:`MolecularTransform` with float64 buffers.
@@ -426,18 +467,36 @@ class MolecularTransform(Transform):
                 "stiff_coefficients are kept only with stiff_conditioning='learned'; "
                 f"got stiff_conditioning={stiff_conditioning!r}"
             )
+        if not isinstance(stiff_hidden, int) or stiff_hidden < 0:
+            raise ValueError(f"stiff_hidden must be a width >= 0, got {stiff_hidden!r}")
+        if stiff_hidden and not learned:
+            raise ValueError(
+                "stiff_hidden is a layer of the learned conditioning; it needs "
+                f"stiff_conditioning='learned', got stiff_conditioning={stiff_conditioning!r}"
+            )
         shape = (FEATURES_PER_TORSION * (n - 3), 2 * n - 3)
         coefficients = (torch.zeros(shape, dtype=torch.float64),) * 2
+        network = initial_stiff_network(*shape, stiff_hidden) if stiff_hidden else ()
         if stiff_coefficients is not None:
             coefficients = tuple(
                 torch.as_tensor(c).detach().to("cpu", torch.float64) for c in stiff_coefficients
             )
-            if len(coefficients) != 2 or any(
-                c.shape != shape or not torch.isfinite(c).all() for c in coefficients
+            expected = 6 if stiff_hidden else 2
+            if len(coefficients) != expected or any(
+                c.shape != shape or not torch.isfinite(c).all() for c in coefficients[:2]
             ):
                 raise ValueError(
-                    f"stiff_coefficients must be two finite arrays (A, B) of shape {shape}, "
-                    f"got shapes {[tuple(c.shape) for c in coefficients]}"
+                    f"stiff_coefficients must be {expected} finite arrays, (A, B) of shape "
+                    f"{shape}"
+                    + (" and the hidden layer's (W, w0, C, E)" if stiff_hidden else "")
+                    + f" (stiff_hidden={stiff_hidden}), got shapes "
+                    f"{[tuple(c.shape) for c in coefficients]}"
+                )
+            coefficients, network = coefficients[:2], coefficients[2:]
+            if network and _check_stiff_network(network, *shape)[0].shape[1] != stiff_hidden:
+                raise ValueError(
+                    f"stiff_coefficients hold a hidden layer of width "
+                    f"{network[0].shape[1]}, not stiff_hidden={stiff_hidden}"
                 )
         x = torch.as_tensor(x_frames).detach().to("cpu", torch.float64)
         if x.ndim == 3:
@@ -500,7 +559,9 @@ class MolecularTransform(Transform):
             if learned:
                 a, b = coefficients
                 # the reference keeps its place and its spread under the learned coefficients
-                mean, log_scale = stiff_shift_and_log_scale(torsion_features(torsions), a, b)
+                mean, log_scale = stiff_shift_and_log_scale(
+                    torsion_features(torsions), a, b, network
+                )
                 shift[: 2 * n - 3] -= mean[0]
                 scale[: 2 * n - 3] *= torch.exp(-log_scale[0])
             return cls(
@@ -512,6 +573,7 @@ class MolecularTransform(Transform):
                 stiff_mean=a,
                 stiff_log_scale=b,
                 learned_stiff=learned,
+                stiff_network=network or None,
             )
         if not 0 < floor <= 1:
             raise ValueError(f"floor must lie in (0, 1], got {floor}")
@@ -592,7 +654,12 @@ class MolecularTransform(Transform):
         if learned:
             stiff_mean, stiff_log_scale = coefficients
             mean[:stiff], std[:stiff] = residual_normalisation(
-                y[:, :stiff], torsion_features(torsions), stiff_mean, stiff_log_scale, frame_w
+                y[:, :stiff],
+                torsion_features(torsions),
+                stiff_mean,
+                stiff_log_scale,
+                frame_w,
+                network,
             )
         elif stiff_conditioning:
             mean[:stiff], std[:stiff], stiff_mean, stiff_log_scale = fit_stiff_normalisation(
@@ -610,6 +677,7 @@ class MolecularTransform(Transform):
             stiff_mean,
             stiff_log_scale,
             learned_stiff=learned,
+            stiff_network=network or None,
         )
         transform.density_smoothing = widths  # what each torsion's density used, in bins
         return transform
@@ -672,6 +740,7 @@ class MolecularTransform(Transform):
             torsion_features(torsion),
             self.stiff_mean.to(torsion.dtype),
             self.stiff_log_scale.to(torsion.dtype),
+            self._stiff_network(torsion.dtype),
         )
 
     def _torsions_from_normal(self, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -782,10 +851,54 @@ def torsion_features(torsion: Tensor) -> Tensor:
     return features.reshape(-1, 2, t, 2).permute(0, 2, 1, 3).reshape(-1, FEATURES_PER_TORSION * t)
 
 
-def stiff_shift_and_log_scale(features: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def stiff_shift_and_log_scale(
+    features: Tensor, a: Tensor, b: Tensor, network: tuple[Tensor, ...] = ()
+) -> tuple[Tensor, Tensor]:
     """The stiff coordinates' torsion-following shift m = f A and log-scale
-    l = c tanh(f B / c) (c = :data:`STIFF_SCALE_BOUND`) at torsion features f (B, 4T)."""
-    return features @ a, STIFF_SCALE_BOUND * torch.tanh(features @ b / STIFF_SCALE_BOUND)
+    l = c tanh(f B / c) (c = :data:`STIFF_SCALE_BOUND`) at torsion features f (B, 4T); with a
+    hidden layer ``network`` = (W, w0, C, E) and h = tanh(f W + w0), m = f A + h C and
+    l = c tanh((f B + h E) / c)."""
+    mean, log_scale = features @ a, features @ b
+    if network:
+        w, w0, c, e = network
+        hidden = torch.tanh(features @ w + w0)
+        mean, log_scale = mean + hidden @ c, log_scale + hidden @ e
+    return mean, STIFF_SCALE_BOUND * torch.tanh(log_scale / STIFF_SCALE_BOUND)
+
+
+def initial_stiff_network(n_features: int, n_stiff: int, hidden: int) -> tuple[Tensor, ...]:
+    """A hidden layer (W, w0, C, E) of width ``hidden`` that starts as no hidden layer: W
+    random with unit-variance pre-activations for unit features (from a fixed seed, so that a
+    map's start does not depend on the global random state), w0 = 0, and C = E = 0."""
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(n_features, hidden, generator=generator, dtype=torch.float64)
+    w /= math.sqrt(n_features / 2)  # each feature's variance is 1/2 over the circle
+    zeros = torch.zeros(hidden, n_stiff, dtype=torch.float64)
+    return w, torch.zeros(hidden, dtype=torch.float64), zeros, zeros.clone()
+
+
+def _check_stiff_network(network, n_features: int, n_stiff: int) -> tuple[Tensor, ...]:
+    values = tuple(
+        torch.as_tensor(v)
+        .detach()
+        .to("cpu", torch.float64)
+        .clone(memory_format=torch.contiguous_format)
+        for v in network
+    )
+    hidden = values[0].shape[-1] if values and values[0].ndim == 2 else -1
+    shapes = [(n_features, hidden), (hidden,), (hidden, n_stiff), (hidden, n_stiff)]
+    if (
+        len(values) != 4
+        or hidden < 1
+        or [tuple(v.shape) for v in values] != shapes
+        or not all(torch.isfinite(v).all() for v in values)
+    ):
+        raise ValueError(
+            f"stiff_network must be four finite arrays (W, w0, C, E) of shapes (F, H), (H,), "
+            f"(H, M), (H, M) with F = {n_features} torsion features and M = {n_stiff} bonds "
+            f"and angles, got shapes {[tuple(v.shape) for v in values]}"
+        )
+    return values
 
 
 def fit_stiff_normalisation(
@@ -816,14 +929,20 @@ def fit_stiff_normalisation(
 
 
 def residual_normalisation(
-    y: Tensor, features: Tensor, a: Tensor, b: Tensor, weights: Tensor
+    y: Tensor,
+    features: Tensor,
+    a: Tensor,
+    b: Tensor,
+    weights: Tensor,
+    network: tuple[Tensor, ...] = (),
 ) -> tuple[Tensor, Tensor]:
     r"""The shift and scale (M,) of stiff coordinates y (F, M) under the torsion-following
     shift :math:`m = f A` and log-scale :math:`\ell = c \tanh(f B / c)` (features f (F, 4T)):
     those that leave :math:`s = (y - \mathrm{shift} - m) / (\mathrm{scale}\, e^{\ell})` with
     weighted mean 0 and variance 1 (weights summing to 1). A refit of a map whose A and B are
-    learned fits these to the residual, so that the shift does not count m's mean twice."""
-    mean, log_scale = stiff_shift_and_log_scale(features, a, b)
+    learned fits these to the residual, so that the shift does not count m's mean twice
+    (``network``: a hidden layer, see :func:`stiff_shift_and_log_scale`)."""
+    mean, log_scale = stiff_shift_and_log_scale(features, a, b, network)
     rest = y - mean
     inverse_scale = torch.exp(-log_scale)
     shift = (weights @ (rest * inverse_scale)) / (weights @ inverse_scale)

@@ -184,6 +184,11 @@ def test_a_region_with_a_heavy_tail_fails_where_the_weights_as_a_whole_pass(seed
     region = diagnose_region(log_w, inside)
     assert region.pareto_k_inside > 0.8 and region.pareto_k_outside < 0.7
     assert not region.reliable and "inside the region is too heavy" in region.verdict
+    # Kish's ESS on each side, the weights normalised within it
+    for ess, side in ((region.ess_inside, inside), (region.ess_outside, ~inside)):
+        w = np.exp(log_w[side] - log_w[side].max())
+        assert ess == pytest.approx(w.sum() ** 2 / (w**2).sum(), rel=1e-12)
+    assert region.ess_inside < 0.2 * region.n_inside  # drawn often, worth few samples
     # the same weights with light tails on both sides pass
     light = np.where(inside, -8.0, 0.0) + rng.normal(scale=0.3, size=n)
     assert diagnose_region(light, inside).reliable
@@ -193,5 +198,8 @@ def test_a_region_the_samples_miss_cannot_be_judged():
     log_w = np.random.default_rng(0).normal(scale=0.3, size=5000)
     region = diagnose_region(log_w, np.zeros(5000, dtype=bool))
     assert not region.reliable and region.n_inside == 0 and "too few" in region.verdict
+    assert region.ess_inside == 0.0 and region.ess_outside == pytest.approx(
+        effective_sample_size(log_w), rel=1e-12
+    )
     with pytest.raises(UserInputError, match="one boolean per sample"):
         diagnose_region(log_w, np.zeros(10, dtype=bool))

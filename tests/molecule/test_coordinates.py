@@ -16,7 +16,12 @@ import torch
 from openmmtools import testsystems
 
 from openmm_nice.config import TORSION_FLOOR
-from openmm_nice.molecule.coordinates import MolecularTransform, torsion_features
+from openmm_nice.molecule.coordinates import (
+    STIFF_NETWORK,
+    MolecularTransform,
+    stiff_shift_and_log_scale,
+    torsion_features,
+)
 from openmm_nice.molecule.internal_coordinates import InternalCoordinates
 from openmm_nice.molecule.torsion_densities import (
     SMOOTHING_CANDIDATES,
@@ -936,10 +941,123 @@ def test_learned_stiff_normalisation_from_one_structure(zmatrix, reference):
         MolecularTransform.from_data(zmatrix, reference, stiff_conditioning="yes")
     with pytest.raises(ValueError, match="only with stiff_conditioning='learned'"):
         MolecularTransform.from_data(zmatrix, reference, stiff_coefficients=(a, b))
-    with pytest.raises(ValueError, match=r"stiff_coefficients must be two finite arrays"):
+    with pytest.raises(ValueError, match=r"stiff_coefficients must be 2 finite arrays"):
         MolecularTransform.from_data(
             zmatrix, reference, stiff_conditioning="learned", stiff_coefficients=(a[:3], b)
         )
+
+
+def test_learned_stiff_hidden_layer_starts_plain_is_exact_and_kept_by_refits(stiff):
+    """stiff_hidden: a tanh layer between the torsions' features and m and l. It starts as
+    the linear map (C = E = 0), the loss reaches C and E, the map stays an exact bijection with
+    every coefficient nonzero, and a refit keeps all six coefficients (the optimiser's
+    parameters) and leaves the frames standard in s."""
+    _, frames, weights, _ = stiff
+    zmatrix = stiff[0].internal.zmatrix
+    linear = MolecularTransform.from_data(
+        zmatrix, frames, weights=weights, stiff_conditioning="learned"
+    )
+    hidden = MolecularTransform.from_data(
+        zmatrix, frames, weights=weights, stiff_conditioning="learned", stiff_hidden=8
+    )
+    assert set(dict(hidden.named_parameters())) == {"stiff_mean", "stiff_log_scale", *STIFF_NETWORK}
+    assert hidden.stiff_hidden_weight.shape == (4 * 19, 8)
+    assert hidden.stiff_hidden_weight.abs().max() > 0  # W random, so that C and E get gradients
+    s = torch.randn(16, 60)
+    torch.testing.assert_close(hidden.call_and_ladj(s), linear.call_and_ladj(s), rtol=0, atol=1e-12)
+    x, ladj = hidden.call_and_ladj(s)
+    (x.square().sum() + ladj.sum()).backward()
+    assert hidden.stiff_hidden_mean.grad.abs().max() > 0
+    assert hidden.stiff_hidden_log_scale.grad.abs().max() > 0
+    # every coefficient nonzero, as training leaves them
+    generator = torch.Generator().manual_seed(11)
+    trained = tuple(
+        c + 0.05 * torch.randn(c.shape, generator=generator, dtype=torch.float64)
+        for c in hidden.stiff_coefficients()
+    )
+    other = MolecularTransform.from_data(
+        zmatrix,
+        frames,
+        weights=weights,
+        stiff_conditioning="learned",
+        stiff_hidden=8,
+        stiff_coefficients=trained,
+    )
+    for kept, value in zip(other.stiff_coefficients(), trained, strict=True):
+        assert torch.equal(kept, value)
+    assert_exact_bijection(other, (0.3, 1.2, -0.4))
+    n = other.internal.n_atoms
+    s_frames = other.inverse(frames)[:, : 2 * n - 3]
+    w = weights / weights.sum()
+    torch.testing.assert_close(w @ s_frames, torch.zeros(2 * n - 3), rtol=0, atol=1e-8)
+    torch.testing.assert_close(w @ s_frames.square(), torch.ones(2 * n - 3), rtol=0, atol=1e-8)
+    # the hidden layer is not a linear function of the features: m of a sum is not the sum
+    f = torsion_features(torch.rand(3, 19, dtype=torch.float64) * 6 - 3)
+    network = trained[2:]
+    m = lambda g: stiff_shift_and_log_scale(g, trained[0], trained[1], network)[0]
+    assert (m(f[:1] + f[1:2]) - m(f[:1]) - m(f[1:2]) + m(0 * f[:1])).abs().max() > 1e-3
+    # loading a refit's state keeps the parameters the optimiser holds
+    held = dict(hidden.named_parameters())
+    hidden.load_state_dict(other.state_dict())
+    assert all(p is held[name] for name, p in hidden.named_parameters())
+    torch.testing.assert_close(hidden.call_and_ladj(s), other.call_and_ladj(s), rtol=0, atol=0)
+
+
+def test_learned_stiff_hidden_layer_from_one_structure_and_bad_arguments(zmatrix, reference):
+    plain = MolecularTransform.from_data(zmatrix, reference)
+    hidden = MolecularTransform.from_data(
+        zmatrix, reference, stiff_conditioning="learned", stiff_hidden=4
+    )
+    s = torch.randn(8, 60)
+    torch.testing.assert_close(hidden.call_and_ladj(s), plain.call_and_ladj(s), rtol=0, atol=1e-12)
+    generator = torch.Generator().manual_seed(2)
+    moved = tuple(
+        c + 0.1 * torch.randn(c.shape, generator=generator, dtype=torch.float64)
+        for c in hidden.stiff_coefficients()
+    )
+    again = MolecularTransform.from_data(
+        zmatrix, reference, stiff_conditioning="learned", stiff_hidden=4, stiff_coefficients=moved
+    )
+    # the reference keeps its place under the hidden layer too
+    assert again.inverse(torch.as_tensor(reference).reshape(1, -1)).abs().max() < 1e-9
+    assert_exact_bijection(again, (1.0, 0.5, 2.5))
+    with pytest.raises(ValueError, match="needs stiff_conditioning='learned'"):
+        MolecularTransform.from_data(zmatrix, reference, stiff_hidden=4)
+    with pytest.raises(ValueError, match="stiff_hidden must be a width >= 0"):
+        MolecularTransform.from_data(
+            zmatrix, reference, stiff_conditioning="learned", stiff_hidden=-1
+        )
+    with pytest.raises(ValueError, match=r"stiff_coefficients must be 6 finite arrays"):
+        MolecularTransform.from_data(
+            zmatrix,
+            reference,
+            stiff_conditioning="learned",
+            stiff_hidden=4,
+            stiff_coefficients=moved[:2],
+        )
+    with pytest.raises(ValueError, match="a hidden layer of width 4, not stiff_hidden=5"):
+        MolecularTransform.from_data(
+            zmatrix,
+            reference,
+            stiff_conditioning="learned",
+            stiff_hidden=5,
+            stiff_coefficients=moved,
+        )
+    with pytest.raises(ValueError, match=r"stiff_network must be four finite arrays"):
+        bad = (moved[2], moved[3], moved[4][:, :3], moved[5])
+        MolecularTransform.from_data(
+            zmatrix,
+            reference,
+            stiff_conditioning="learned",
+            stiff_hidden=4,
+            stiff_coefficients=(*moved[:2], *bad),
+        )
+    with pytest.raises(ValueError, match="it needs learned_stiff"):
+        MolecularTransform(
+            zmatrix, plain.shift, plain.scale, plain.torsion_offset, stiff_network=moved[2:]
+        )
+    with pytest.raises(ValueError, match="is not learned: it has no coefficients"):
+        plain.stiff_coefficients()
 
 
 def test_torsion_features_are_the_first_two_harmonics():
