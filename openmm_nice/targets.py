@@ -181,6 +181,7 @@ def build_generator(
                 symmetry=torsion_symmetries(molecule.topology, zmatrix, molecule.system),
                 handedness=handedness,
                 torsion_tree=config.model.torsion_tree,
+                tree_smoothing=config.model.torsion_tree_smoothing,
                 stiff_conditioning=config.model.stiff_conditioning,
                 stiff_hidden=config.model.stiff_hidden,
             )
@@ -254,6 +255,7 @@ def map_fitter(config: Config, target: Target, coordinates):
             weights=weights,
             handedness=handedness,
             torsion_tree=config.model.torsion_tree,
+            tree_smoothing=config.model.torsion_tree_smoothing,
             stiff_conditioning=config.model.stiff_conditioning,
             stiff_hidden=config.model.stiff_hidden,
             stiff_coefficients=learned,

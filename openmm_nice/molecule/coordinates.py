@@ -15,6 +15,7 @@ from openmm_nice.config import TORSION_FLOOR, TORSION_SMOOTHING
 from openmm_nice.flows.transforms import Transform
 from openmm_nice.molecule.internal_coordinates import InternalCoordinates, check_batch
 from openmm_nice.molecule.torsion_densities import (
+    SPARSE_BIN_FRAMES,
     check_torsion_forest,
     circular_cdf,
     conditional_cdfs,
@@ -355,6 +356,7 @@ class MolecularTransform(Transform):
         weights: np.ndarray | Tensor | None = None,
         handedness: np.ndarray | Tensor | None = None,
         torsion_tree: bool = False,
+        tree_smoothing: Literal["fixed", "adaptive"] = "fixed",
         cuts: np.ndarray | Tensor | None = None,
         stiff_conditioning: bool | Literal["learned"] = False,
         scan_beta: float | None = None,
@@ -427,6 +429,10 @@ class MolecularTransform(Transform):
                 the whole-circle torsions without a rotor symmetry, and each child's density
                 in each of :data:`PARENT_BINS` parent bins is its weighted, smoothed histogram
                 there, leaning to its marginal where the bin holds few frames. Needs F >= 2.
+            tree_smoothing: With ``torsion_tree``: ``"fixed"``, every parent bin's density of
+                its child smoothed by the child's own width; ``"adaptive"``, a parent bin with
+                fewer effective frames than :data:`SPARSE_BIN_FRAMES` smoothed wider, by the
+                kernel bandwidth's n^(-1/5) (see :func:`conditional_cdfs`).
             cuts: Optional current cut of each torsion (radians, shape (N - 3,), e.g. a map's
                 ``torsion_offset - pi``), for a refit: a cut is kept wherever the smoothed
                 histogram is as low there as at its least-populated bin, so that a refit
@@ -456,6 +462,10 @@ class MolecularTransform(Transform):
         """
         internal = InternalCoordinates(zmatrix)
         n = internal.n_atoms
+        if tree_smoothing not in ("fixed", "adaptive"):
+            raise ValueError(
+                f"tree_smoothing must be 'fixed' or 'adaptive', got {tree_smoothing!r}"
+            )
         if stiff_conditioning not in (False, True, "learned"):
             raise ValueError(
                 f"stiff_conditioning must be False, True (fitted) or 'learned', "
@@ -627,6 +637,7 @@ class MolecularTransform(Transform):
         cdf[half] = torch.linspace(0, 1, bins + 1, dtype=torch.float64)  # unused there
         parent, conditional = None, None
         if torsion_tree:
+            sparse_frames = SPARSE_BIN_FRAMES if tree_smoothing == "adaptive" else None
             uniform = np.full(len(x), 1.0 / len(x)) if frame_weights is None else frame_weights
             values = torsions.numpy()
             parent = fit_torsion_tree(values, uniform, (orders == 1) & ~half.numpy())
@@ -634,7 +645,13 @@ class MolecularTransform(Transform):
             cut = np.asarray(offsets) - math.pi
             conditional = [
                 conditional_cdfs(
-                    values[:, t] - cut[t], values[:, parent[t]], bins, widths[t], floor, uniform
+                    values[:, t] - cut[t],
+                    values[:, parent[t]],
+                    bins,
+                    widths[t],
+                    floor,
+                    uniform,
+                    sparse_frames,
                 )
                 for t in children
             ]

@@ -17,11 +17,13 @@ from openmm_nice.molecule.internal_coordinates import InternalCoordinates
 __all__ = [
     "PARENT_BINS",
     "SMOOTHING_CANDIDATES",
+    "SPARSE_BIN_FRAMES",
     "TREE_BINS",
     "TREE_PRIOR",
     "check_torsion_forest",
     "circular_cdf",
     "conditional_cdfs",
+    "conditional_log_density",
     "conditional_normal_to_torsion",
     "conditional_torsion_to_normal",
     "cross_validated_smoothing",
@@ -175,6 +177,10 @@ TREE_BINS = 12
 TREE_PRIOR = 2.0
 """Pseudo-count with which a parent bin's density of its child leans to the child's marginal."""
 
+SPARSE_BIN_FRAMES = 3000.0
+"""With adaptive smoothing (:func:`conditional_cdfs`), a parent bin with fewer effective frames
+than this smooths its child's histogram wider than the marginal's width."""
+
 
 def fit_torsion_tree(torsions: np.ndarray, weights: np.ndarray, eligible: np.ndarray) -> np.ndarray:
     """Parents (T,) of a maximum-mutual-information spanning forest (Chow-Liu) over the
@@ -244,11 +250,21 @@ def conditional_cdfs(
     smoothing: float,
     floor: float,
     weights: np.ndarray,
+    sparse_frames: float | None = None,
 ) -> np.ndarray:
     """G (PARENT_BINS, bins + 1) of a child torsion's density in each parent bin: its
     smoothed histogram (angles measured from its cut) with the frames weighted by their share
     of that bin (linear between bin centres), leaning to the child's marginal with TREE_PRIOR
-    pseudo-frames where the bin holds few (effective) frames, and mixed with a uniform floor."""
+    pseudo-frames where the bin holds few (effective) frames, and mixed with a uniform floor.
+
+    With ``sparse_frames`` (e.g. :data:`SPARSE_BIN_FRAMES`), a bin whose shares have a Kish
+    effective number n below it is smoothed by ``smoothing`` (sparse_frames / n)^(1/5), the
+    n^(-1/5) of a kernel density's bandwidth: a rarely visited parent angle whose few frames
+    carry unequal weights then gets a density that spreads over their basin, instead of a comb
+    of spikes each as narrow as the well-sampled bins' (which costs the model's weights there:
+    benchmarks/RESULTS.md). None: every bin is smoothed by ``smoothing``."""
+    if sparse_frames is not None and not sparse_frames > 0:
+        raise ValueError(f"sparse_frames must be a positive number of frames, got {sparse_frames}")
     ess = 1.0 / float(np.sum(weights**2))
     j0, j1, lam = (v.numpy() for v in _parent_bins(torch.as_tensor(parent_values), PARENT_BINS))
     marginal = _smoothed_histogram(values, bins, smoothing, weights)
@@ -259,12 +275,31 @@ def conditional_cdfs(
         frames = float(share.sum()) * ess
         density = marginal
         if share.sum() > 0:
-            density = _smoothed_histogram(values, bins, smoothing, share)
+            width = smoothing
+            if sparse_frames is not None:
+                # the bin's own effective frames: a few heavy weights count as few (scaled by
+                # the largest share, so that tiny weights' squares do not underflow to 0)
+                scaled = share / share.max()
+                kish = float(scaled.sum()) ** 2 / float(np.sum(scaled**2))
+                width = smoothing * max(1.0, sparse_frames / kish) ** 0.2
+            density = _smoothed_histogram(values, bins, width, share)
             density = (frames * density / density.sum() + TREE_PRIOR * marginal) / (
                 frames + TREE_PRIOR
             )
         cdfs[j] = _floored_cdf(density, floor)
     return cdfs
+
+
+def conditional_log_density(cdfs: np.ndarray, values: np.ndarray, parent_values: np.ndarray):
+    """log g(value | parent) per radian of a child's :func:`conditional_cdfs` (P, K + 1) at
+    angles ``values`` measured from its cut and parent angles ``parent_values`` (both (F,)), as
+    the map mixes the two enclosing parent bins: a held-out score of a fit."""
+    j0, j1, lam = (v.numpy() for v in _parent_bins(torch.as_tensor(parent_values), cdfs.shape[0]))
+    n_bins = cdfs.shape[1] - 1
+    density = np.diff(cdfs, axis=1) * n_bins / (2 * math.pi)
+    position = np.remainder(values, 2 * math.pi) * n_bins / (2 * math.pi)
+    k = np.minimum(position.astype(np.int64), n_bins - 1)
+    return np.log((1 - lam) * density[j0, k] + lam * density[j1, k])
 
 
 def _smoothed_histogram(

@@ -24,8 +24,12 @@ from openmm_nice.molecule.coordinates import (
 )
 from openmm_nice.molecule.internal_coordinates import InternalCoordinates
 from openmm_nice.molecule.torsion_densities import (
+    PARENT_BINS,
     SMOOTHING_CANDIDATES,
+    SPARSE_BIN_FRAMES,
     circular_cdf,
+    conditional_cdfs,
+    conditional_log_density,
     cross_validated_smoothing,
     fit_torsion_tree,
 )
@@ -750,6 +754,82 @@ def test_torsion_tree_ignores_a_frame_of_negligible_weight():
             np.concatenate([torsions, odd]), np.append(weights, 1e-200), eligible
         )
     np.testing.assert_array_equal(joined, alone)
+
+
+def test_adaptive_tree_smoothing_widens_sparse_parent_bins_and_fits_them_better():
+    """A child torsion (psi) whose basin follows its parent (phi); the parent's minor basin
+    holds 1% of 100,000 importance-weighted frames (weights log-normal, as a model's are there).
+    Fitted to one draw and scored on another, the adaptive widths give the minor basin a
+    higher held-out log-density, leave the major basin as it was, and leave a bin with at
+    least SPARSE_BIN_FRAMES effective frames exactly as the fixed width does."""
+
+    def draw(seed: int):
+        rng = np.random.default_rng(seed)
+        minor = rng.uniform(size=100_000) < 0.01
+        parent = np.where(minor, 1.2, -1.4) + 0.25 * rng.normal(size=100_000)
+        child = np.where(minor, -1.0, 2.6) + 0.35 * rng.normal(size=100_000)
+        weights = np.exp(np.where(minor, 1.5, 0.2) * rng.normal(size=100_000))
+        return np.remainder(child + math.pi, 2 * math.pi), parent, weights / weights.sum(), minor
+
+    child, parent, weights, _ = draw(0)
+    fits = {
+        name: conditional_cdfs(child, parent, 360, 2.0, 0.005, weights, sparse)
+        for name, sparse in (("fixed", None), ("adaptive", SPARSE_BIN_FRAMES))
+    }
+    # the score is a density of the child given the parent: it integrates to 1 on the circle
+    grid = (np.arange(36_000) + 0.5) * 2 * math.pi / 36_000
+    for a in (-1.4, 1.2, 0.33):
+        mass = np.exp(conditional_log_density(fits["adaptive"], grid, np.full(36_000, a)))
+        assert mass.mean() * 2 * math.pi == pytest.approx(1.0, abs=1e-9)
+    child2, parent2, weights2, minor2 = draw(1)
+    score = {name: conditional_log_density(cdfs, child2, parent2) for name, cdfs in fits.items()}
+    inside = lambda region, name: weights2[region] @ score[name][region] / weights2[region].sum()
+    assert inside(minor2, "adaptive") > inside(minor2, "fixed") + 0.03  # 0.12 nats here
+    assert inside(~minor2, "adaptive") == pytest.approx(inside(~minor2, "fixed"), abs=0.01)
+    # the minor basin's bins became smoother: no longer a comb of narrow spikes
+    centres = -math.pi + (np.arange(PARENT_BINS) + 0.5) * 2 * math.pi / PARENT_BINS
+    near = np.abs(centres - 1.2) < 0.3  # the parent bins of the minor basin
+    spikes = lambda cdfs: np.diff(cdfs[near], axis=1).max()
+    assert spikes(fits["adaptive"]) < 0.8 * spikes(fits["fixed"])
+    # equal weights in numbers above SPARSE_BIN_FRAMES per bin: the fixed width, exactly
+    rng = np.random.default_rng(2)
+    many = 36 * 4000
+    even = rng.uniform(-math.pi, math.pi, many)
+    equal = np.full(many, 1.0 / many)
+    values = rng.uniform(0, 2 * math.pi, many)
+    np.testing.assert_array_equal(
+        conditional_cdfs(values, even, 360, 2.0, 0.005, equal, SPARSE_BIN_FRAMES),
+        conditional_cdfs(values, even, 360, 2.0, 0.005, equal),
+    )
+    # a bin whose only frames weigh 1e-200 (their squares underflow): still a density
+    half = rng.uniform(-math.pi, 0.0, 1000)
+    tiny = np.append(np.full(1000, 1e-3 * (1 - 2e-200)), [1e-200, 1e-200])
+    cdfs = conditional_cdfs(
+        rng.uniform(0, 2 * math.pi, 1002),
+        np.append(half, [2.0, 2.0]),
+        360,
+        2.0,
+        0.005,
+        tiny,
+        SPARSE_BIN_FRAMES,
+    )
+    assert np.isfinite(cdfs).all() and (np.diff(cdfs, axis=1) > 0).all()
+    with pytest.raises(ValueError, match="sparse_frames must be a positive number"):
+        conditional_cdfs(values, even, 360, 2.0, 0.005, equal, 0.0)
+
+
+def test_the_map_takes_the_tree_smoothing_it_is_given(tree, zmatrix):
+    frames = tree(torch.randn(300, 60))
+    fitted = {
+        how: MolecularTransform.from_data(zmatrix, frames, torsion_tree=True, tree_smoothing=how)
+        for how in ("fixed", "adaptive")
+    }
+    # 300 frames: every parent bin is sparse, so adaptive smooths each child density wider
+    assert fitted["fixed"].conditional_cdf.shape == fitted["adaptive"].conditional_cdf.shape
+    assert not torch.equal(fitted["fixed"].conditional_cdf, fitted["adaptive"].conditional_cdf)
+    assert_exact_bijection(fitted["adaptive"], (0.2, 0.7, 1.3))
+    with pytest.raises(ValueError, match="tree_smoothing must be 'fixed' or 'adaptive'"):
+        MolecularTransform.from_data(zmatrix, frames, torsion_tree=True, tree_smoothing="wide")
 
 
 def test_torsion_tree_checks(zmatrix):
