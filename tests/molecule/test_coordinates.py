@@ -941,6 +941,17 @@ def test_stiff_normalisation_state_dict_and_old_maps(stiff, transform):
         )
 
 
+def assert_starts_as_and_trains(learned: MolecularTransform, start: MolecularTransform, names):
+    """``learned`` is the map ``start`` (to 1e-12), and the gradient of a loss through x and
+    the ladj reaches each of its parameters ``names``."""
+    s = torch.randn(16, 60)
+    torch.testing.assert_close(learned.call_and_ladj(s), start.call_and_ladj(s), rtol=0, atol=1e-12)
+    x, ladj = learned.call_and_ladj(s)
+    (x.square().sum() + ladj.sum()).backward()
+    for name in names:
+        assert getattr(learned, name).grad.abs().max() > 0, name
+
+
 def test_learned_stiff_normalisation_starts_as_the_plain_map_and_trains(stiff):
     """stiff_conditioning="learned": A and B are parameters at zero, the map is the plain one,
     and the gradient of a loss through x and the ladj reaches both."""
@@ -953,13 +964,8 @@ def test_learned_stiff_normalisation_starts_as_the_plain_map_and_trains(stiff):
     named = dict(learned.named_parameters())
     assert set(named) == {"stiff_mean", "stiff_log_scale"}
     assert not learned.stiff_mean.any() and not learned.stiff_log_scale.any()
-    s = torch.randn(16, 60)
-    torch.testing.assert_close(learned.call_and_ladj(s), plain.call_and_ladj(s), rtol=0, atol=1e-12)
-    x, ladj = learned.call_and_ladj(s)
-    (x.square().sum() + ladj.sum()).backward()
-    assert learned.stiff_mean.grad.abs().max() > 0
     # at zero only the ladj's sum of l reaches B: its features' column sums
-    assert learned.stiff_log_scale.grad.abs().max() > 0
+    assert_starts_as_and_trains(learned, plain, ("stiff_mean", "stiff_log_scale"))
 
 
 def test_learned_stiff_normalisation_is_exact_and_kept_by_refits(stiff):
@@ -1043,12 +1049,7 @@ def test_learned_stiff_hidden_layer_starts_plain_is_exact_and_kept_by_refits(sti
     assert set(dict(hidden.named_parameters())) == {"stiff_mean", "stiff_log_scale", *STIFF_NETWORK}
     assert hidden.stiff_hidden_weight.shape == (4 * 19, 8)
     assert hidden.stiff_hidden_weight.abs().max() > 0  # W random, so that C and E get gradients
-    s = torch.randn(16, 60)
-    torch.testing.assert_close(hidden.call_and_ladj(s), linear.call_and_ladj(s), rtol=0, atol=1e-12)
-    x, ladj = hidden.call_and_ladj(s)
-    (x.square().sum() + ladj.sum()).backward()
-    assert hidden.stiff_hidden_mean.grad.abs().max() > 0
-    assert hidden.stiff_hidden_log_scale.grad.abs().max() > 0
+    assert_starts_as_and_trains(hidden, linear, ("stiff_hidden_mean", "stiff_hidden_log_scale"))
     # every coefficient nonzero, as training leaves them
     generator = torch.Generator().manual_seed(11)
     trained = tuple(
@@ -1080,6 +1081,7 @@ def test_learned_stiff_hidden_layer_starts_plain_is_exact_and_kept_by_refits(sti
     held = dict(hidden.named_parameters())
     hidden.load_state_dict(other.state_dict())
     assert all(p is held[name] for name, p in hidden.named_parameters())
+    s = torch.randn(16, 60)
     torch.testing.assert_close(hidden.call_and_ladj(s), other.call_and_ladj(s), rtol=0, atol=0)
 
 
