@@ -85,13 +85,15 @@ def repartition_hydrogen_mass(system: openmm.System, topology, mass: float) -> N
                 system.setParticleMass(heavy.index, heavy_mass - extra)
 
 
-def hmc_move(timestep, trajectory_steps: int):
+def hmc_move(timestep, trajectory_steps: int, random_seed: int = 0):
     """An openmmtools MCMC move that runs one Hamiltonian Monte Carlo trajectory: velocities
     drawn afresh at the state's temperature, ``trajectory_steps`` velocity Verlet steps of
     ``timestep``, the end accepted by the Metropolis rule on the total energy (openmmtools'
     HMCIntegrator), so the state's configurational ensemble is exact whatever the step. It keeps
     its acceptance counts. (openmmtools' own HMCMove calls ``integrator.step(n_steps)`` on an
-    integrator whose every step is a whole trajectory of n_steps, n_steps squared in all.)"""
+    integrator whose every step is a whole trajectory of n_steps, n_steps squared in all.)
+    ``random_seed``: the integrator's (velocities and Metropolis draws); 0 lets OpenMM choose
+    one for each new Context."""
     from openmmtools import integrators, mcmc
 
     class HMCMove(mcmc.BaseIntegratorMove):
@@ -117,11 +119,13 @@ def hmc_move(timestep, trajectory_steps: int):
             self.n_accepted, self.n_proposed = state["n_accepted"], state["n_proposed"]
 
         def _get_integrator(self, thermodynamic_state):
-            return integrators.HMCIntegrator(
+            integrator = integrators.HMCIntegrator(
                 temperature=thermodynamic_state.temperature,
                 nsteps=self.trajectory_steps,
                 timestep=self.timestep,
             )
+            integrator.setRandomNumberSeed(random_seed)
+            return integrator
 
         def _after_integration(self, context, thermodynamic_state):
             integrator = context.getIntegrator()  # a cached one counts on: read and reset

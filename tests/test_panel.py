@@ -149,7 +149,9 @@ def test_hmc_move_samples_a_harmonic_well_exactly_at_a_long_step():
     system.addForce(well)
     thermodynamic_state = states.ThermodynamicState(system, temperature=300.0 * unit.kelvin)
     sampler_state = states.SamplerState(np.zeros((1, 3)) * unit.nanometer)
-    move = panel_reference.hmc_move(1.5 / math.sqrt(k) * unit.picosecond, 5)
+    # seeded: over seeds 1-12 the variance ratio below spreads with sd 0.035 about 0.99, so an
+    # unseeded run misses the 0.1 tolerance about once in 200 (it did, in CI: 0.896)
+    move = panel_reference.hmc_move(1.5 / math.sqrt(k) * unit.picosecond, 5, random_seed=1)
     contexts = cache.ContextCache(platform=openmm.Platform.getPlatformByName("Reference"))
     positions = []
     for _ in range(3000):
