@@ -35,6 +35,7 @@ from openmm_nice.molecule.torsion_densities import (
     SPARSE_BIN_FRAMES,
     conditional_cdfs,
     conditional_log_density,
+    parent_bin_frames,
 )
 from openmm_nice.runs import load_run
 
@@ -54,23 +55,6 @@ def torsions_and_weights(coordinates, path: Path) -> tuple[np.ndarray, np.ndarra
 STRATA = (0.0, 100.0, 1000.0, SPARSE_BIN_FRAMES)  # effective frames of the fit's parent bins
 
 
-def bin_frames(parent_values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The Kish effective number of frames (P,) of each parent bin, each frame shared between
-    its two enclosing bins as conditional_cdfs shares it."""
-    position = np.remainder(parent_values + math.pi, 2 * math.pi) * PARENT_BINS / (2 * math.pi)
-    low = np.floor(position - 0.5)
-    lam = position - 0.5 - low
-    j0 = np.remainder(low, PARENT_BINS).astype(np.int64)
-    j1 = np.remainder(j0 + 1, PARENT_BINS)
-    share = np.zeros(PARENT_BINS)
-    square = np.zeros(PARENT_BINS)
-    scale = weights.max()
-    for j, part in ((j0, 1 - lam), (j1, lam)):
-        np.add.at(share, j, weights / scale * part)
-        np.add.at(square, j, (weights / scale * part) ** 2)
-    return np.divide(share**2, square, out=np.zeros(PARENT_BINS), where=square > 0)
-
-
 def score(run, fit: Path, scored: Path) -> list[dict]:
     """Each child's held-out scores, fitted to ``fit`` and scored on ``scored``."""
     coordinates = run.generator.coordinates
@@ -85,7 +69,7 @@ def score(run, fit: Path, scored: Path) -> list[dict]:
     rows = []
     for child in np.flatnonzero(parent >= 0):
         p = int(parent[child])
-        frames = bin_frames(fit_t[:, p], fit_w)
+        frames = parent_bin_frames(fit_t[:, p], fit_w)
         bin_of = np.floor(
             np.remainder(test_t[:, p] + math.pi, 2 * math.pi) * PARENT_BINS / (2 * math.pi)
         ).astype(np.int64)

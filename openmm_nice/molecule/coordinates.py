@@ -486,7 +486,9 @@ class MolecularTransform(Transform):
             )
         shape = (FEATURES_PER_TORSION * (n - 3), 2 * n - 3)
         coefficients = (torch.zeros(shape, dtype=torch.float64),) * 2
-        network = initial_stiff_network(*shape, stiff_hidden) if stiff_hidden else ()
+        network = ()
+        if stiff_hidden and stiff_coefficients is None:
+            network = initial_stiff_network(*shape, stiff_hidden)
         if stiff_coefficients is not None:
             coefficients = tuple(
                 torch.as_tensor(c).detach().to("cpu", torch.float64) for c in stiff_coefficients
@@ -503,11 +505,13 @@ class MolecularTransform(Transform):
                     f"{[tuple(c.shape) for c in coefficients]}"
                 )
             coefficients, network = coefficients[:2], coefficients[2:]
-            if network and _check_stiff_network(network, *shape)[0].shape[1] != stiff_hidden:
-                raise ValueError(
-                    f"stiff_coefficients hold a hidden layer of width "
-                    f"{network[0].shape[1]}, not stiff_hidden={stiff_hidden}"
-                )
+            if network:
+                network = _check_stiff_network(network, *shape)
+                if network[0].shape[1] != stiff_hidden:
+                    raise ValueError(
+                        f"stiff_coefficients hold a hidden layer of width "
+                        f"{network[0].shape[1]}, not stiff_hidden={stiff_hidden}"
+                    )
         x = torch.as_tensor(x_frames).detach().to("cpu", torch.float64)
         if x.ndim == 3:
             x = x.reshape(x.shape[0], -1)

@@ -30,6 +30,7 @@ __all__ = [
     "cut_angle",
     "fit_torsion_tree",
     "normal_to_torsion",
+    "parent_bin_frames",
     "torsion_scan",
     "torsion_to_normal",
 ]
@@ -267,6 +268,9 @@ def conditional_cdfs(
         raise ValueError(f"sparse_frames must be a positive number of frames, got {sparse_frames}")
     ess = 1.0 / float(np.sum(weights**2))
     j0, j1, lam = (v.numpy() for v in _parent_bins(torch.as_tensor(parent_values), PARENT_BINS))
+    if sparse_frames is not None:
+        # each bin's own effective frames: a few heavy weights count as few
+        kish = parent_bin_frames(parent_values, weights)
     marginal = _smoothed_histogram(values, bins, smoothing, weights)
     marginal /= marginal.sum()
     cdfs = np.empty((PARENT_BINS, bins + 1))
@@ -277,11 +281,7 @@ def conditional_cdfs(
         if share.sum() > 0:
             width = smoothing
             if sparse_frames is not None:
-                # the bin's own effective frames: a few heavy weights count as few (scaled by
-                # the largest share, so that tiny weights' squares do not underflow to 0)
-                scaled = share / share.max()
-                kish = float(scaled.sum()) ** 2 / float(np.sum(scaled**2))
-                width = smoothing * max(1.0, sparse_frames / kish) ** 0.2
+                width = smoothing * max(1.0, sparse_frames / kish[j]) ** 0.2
             density = _smoothed_histogram(values, bins, width, share)
             density = (frames * density / density.sum() + TREE_PRIOR * marginal) / (
                 frames + TREE_PRIOR
@@ -292,14 +292,32 @@ def conditional_cdfs(
 
 def conditional_log_density(cdfs: np.ndarray, values: np.ndarray, parent_values: np.ndarray):
     """log g(value | parent) per radian of a child's :func:`conditional_cdfs` (P, K + 1) at
-    angles ``values`` measured from its cut and parent angles ``parent_values`` (both (F,)), as
-    the map mixes the two enclosing parent bins: a held-out score of a fit."""
-    j0, j1, lam = (v.numpy() for v in _parent_bins(torch.as_tensor(parent_values), cdfs.shape[0]))
-    n_bins = cdfs.shape[1] - 1
-    density = np.diff(cdfs, axis=1) * n_bins / (2 * math.pi)
-    position = np.remainder(values, 2 * math.pi) * n_bins / (2 * math.pi)
-    k = np.minimum(position.astype(np.int64), n_bins - 1)
-    return np.log((1 - lam) * density[j0, k] + lam * density[j1, k])
+    angles ``values`` measured from its cut and parent angles ``parent_values`` (both (F,)),
+    as the map itself evaluates it (:func:`conditional_torsion_to_normal`, the cut at 0): a
+    held-out score of a fit."""
+    _, log_g = conditional_torsion_to_normal(
+        torch.as_tensor(values, dtype=torch.float64)[:, None],
+        torch.tensor([math.pi], dtype=torch.float64),  # offset - pi = 0: values from the cut
+        torch.as_tensor(cdfs, dtype=torch.float64)[None],
+        torch.as_tensor(parent_values, dtype=torch.float64)[:, None],
+    )
+    return log_g[:, 0].numpy()
+
+
+def parent_bin_frames(parent_values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The Kish effective number of frames (PARENT_BINS,) of each parent bin, each frame
+    shared between its two enclosing bins as :func:`conditional_cdfs` shares it (0 for a bin
+    no frame reaches). Each bin's shares are scaled by its largest first, so that the squares
+    of tiny weights (1e-200) do not underflow to 0."""
+    j0, j1, lam = (v.numpy() for v in _parent_bins(torch.as_tensor(parent_values), PARENT_BINS))
+    bins = np.concatenate([j0, j1])
+    shares = np.concatenate([weights * (1 - lam), weights * lam])
+    largest = np.zeros(PARENT_BINS)
+    np.maximum.at(largest, bins, shares)
+    scaled = np.divide(shares, largest[bins], out=np.zeros_like(shares), where=largest[bins] > 0)
+    total = np.bincount(bins, scaled, minlength=PARENT_BINS)
+    squares = np.bincount(bins, scaled**2, minlength=PARENT_BINS)
+    return np.divide(total**2, squares, out=np.zeros(PARENT_BINS), where=squares > 0)
 
 
 def _smoothed_histogram(

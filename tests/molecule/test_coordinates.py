@@ -32,6 +32,7 @@ from openmm_nice.molecule.torsion_densities import (
     conditional_log_density,
     cross_validated_smoothing,
     fit_torsion_tree,
+    parent_bin_frames,
 )
 from openmm_nice.molecule.zmatrix import build_zmatrix, handed_torsions, torsion_symmetries
 
@@ -814,6 +815,22 @@ def test_adaptive_tree_smoothing_widens_sparse_parent_bins_and_fits_them_better(
         SPARSE_BIN_FRAMES,
     )
     assert np.isfinite(cdfs).all() and (np.diff(cdfs, axis=1) > 0).all()
+    # each bin's Kish frames, against the shares written out bin by bin
+    parents = np.append(half, [2.0, 2.0])
+    frames = parent_bin_frames(parents, tiny)
+    position = np.remainder(parents + math.pi, 2 * math.pi) * PARENT_BINS / (2 * math.pi) - 0.5
+    j0 = np.remainder(np.floor(position), PARENT_BINS).astype(int)
+    lam = position - np.floor(position)
+    for j in range(PARENT_BINS):
+        share = tiny * ((j0 == j) * (1 - lam) + ((j0 + 1) % PARENT_BINS == j) * lam)
+        share = share / share.max() if share.max() > 0 else share
+        expected = share.sum() ** 2 / (share**2).sum() if share.any() else 0.0
+        assert frames[j] == pytest.approx(expected, rel=1e-12)
+    assert (
+        1
+        <= frames[np.abs(-math.pi + (np.arange(PARENT_BINS) + 0.5) * math.pi / 18 - 2) < 0.2].max()
+        <= 2
+    )
     with pytest.raises(ValueError, match="sparse_frames must be a positive number"):
         conditional_cdfs(values, even, 360, 2.0, 0.005, equal, 0.0)
 
