@@ -93,7 +93,8 @@ def hmc_move(timestep, trajectory_steps: int, random_seed: int = 0):
     its acceptance counts. (openmmtools' own HMCMove calls ``integrator.step(n_steps)`` on an
     integrator whose every step is a whole trajectory of n_steps, n_steps squared in all.)
     ``random_seed``: the integrator's (velocities and Metropolis draws); 0 lets OpenMM choose
-    one for each new Context."""
+    one for each new Context. A nonzero seed gives every Context the same stream, so it is for
+    one state (a test), not for the replicas of a multistate sampler."""
     from openmmtools import integrators, mcmc
 
     class HMCMove(mcmc.BaseIntegratorMove):
