@@ -1,2 +1,2 @@
 """Sampling: the one MALA kernel, annealed importance sampling in latent space, the generator as
-an openmmtools move, and plain OpenMM MD."""
+an openmmtools move, plain OpenMM MD, and batched parallel tempering for references."""
