@@ -11,6 +11,15 @@ faster per step, exact only as the step goes to zero. Hydrogen masses are raised
 --hydrogen-mass amu, taken from the heavy atom they are bonded to: masses do not enter the
 configurational Boltzmann distribution, and the heavier hydrogens allow the longer step.
 
+`--engine torch` runs every replica of every repeat as one batch of the System's energy written
+as torch operations (float64), on --device (`openmm_nice.sampling.tempering.ParallelTempering`):
+the same HMC move, neighbour exchanges (--exchange-sweeps alternating sweeps per iteration
+instead of openmmtools' all-pairs attempts), the repeats as independent ladders. On the 2-core
+CPU it is slower than OpenMM's Reference platform (about 10,000 replica steps/s for alanine
+dipeptide on one thread, whatever the batch); it is for a GPU, where the batch is the repeats
+times the replicas, and --minutes cuts the run to the time the device is lent for. Systems with
+constraints are refused.
+
 The ladder reaches 1,200 K because 600 K is not enough: valine dipeptide's phi changes sign only
 some tens of times in 5 ns of a 300-600 K ladder, each replica carrying phi > 0 up and down for
 nanoseconds, so repeats scattered from P(phi > 0) = 0.03 to 0.21 beyond their error bars; with
@@ -41,6 +50,8 @@ It prints a table and one JSON line, and writes --out (npz).
 Usage:
     python benchmarks/panel_reference.py proline_dipeptide --ns 5 --repeats 2
     python benchmarks/panel_reference.py alanine_dipeptide_vacuum --ns 2 --replicas 8 --t-max 600
+    python benchmarks/panel_reference.py alanine_tetrapeptide_implicit --engine torch \
+        --device cuda --repeats 32 --ns 10 --minutes 8
 """
 
 from __future__ import annotations
@@ -64,6 +75,7 @@ from _panel import (
     backbone_observables,
     reference_path,
 )
+from tqdm.auto import tqdm
 
 from openmm_nice.analysis.free_energy import RAMACHANDRAN_BINS
 from openmm_nice.analysis.observables import backbone_indices, cis_frames, dihedrals
@@ -228,6 +240,121 @@ def run_parallel_tempering(molecule, args, seed: int, storage: Path) -> dict:
         "iterations": iterations,
         "acceptance": acceptance,
     }
+
+
+def _minimized_positions(molecule, system: openmm.System) -> np.ndarray:
+    """The molecule's positions (n_atoms, 3) in nm after OpenMM's local energy minimizer."""
+    context = openmm.Context(
+        system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference")
+    )
+    context.setPositions(np.asarray(molecule.positions) * unit.nanometer)
+    openmm.LocalEnergyMinimizer.minimize(context)
+    state = context.getState(getPositions=True)
+    return np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+
+
+PILOT_ITERATIONS = 20  # --minutes: the iterations timed before the run's length is chosen
+
+
+def run_torch_tempering(molecule, args) -> list[dict]:
+    """All --repeats at once: the repeats are independent ladders of one batched
+    :class:`~openmm_nice.sampling.tempering.ParallelTempering`, the System's energy as torch
+    operations (:class:`~openmm_nice.energy.torch_energy.TorchSystemEnergy`, float64) on
+    --device. Each iteration is one HMC trajectory per replica and --exchange-sweeps alternating
+    sweeps of neighbour exchanges. With --minutes, the run is cut to the iterations that fit
+    in that time (timed over the first :data:`PILOT_ITERATIONS`), for a device lent for
+    minutes. Returns one run per repeat, as :func:`run_parallel_tempering` does (the seconds are
+    the batch's, shared; ``iterations`` the number run)."""
+    import torch
+
+    from openmm_nice.energy.torch_energy import TorchSystemEnergy
+    from openmm_nice.sampling.tempering import ParallelTempering, geometric_temperatures
+
+    system = openmm.XmlSerializer.clone(molecule.system)
+    if system.getNumConstraints():
+        raise SystemExit(
+            f"{args.molecule}: the System has {system.getNumConstraints()} constraints, which "
+            "the torch engine's HMC does not hold; use --engine openmm"
+        )
+    repartition_hydrogen_mass(system, molecule.topology, args.hydrogen_mass)
+    device = torch.device(args.device)
+    masses = torch.tensor(
+        [system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(molecule.n_atoms)],
+        dtype=torch.float64,
+    )
+    energy = TorchSystemEnergy(system).to(device)
+    start = torch.as_tensor(_minimized_positions(molecule, system).reshape(-1), device=device)
+    temperatures = geometric_temperatures(300.0, args.t_max, args.replicas)
+    sweeps = args.replicas if args.exchange_sweeps is None else args.exchange_sweeps
+    sampler = ParallelTempering(
+        energy,
+        masses.to(device),
+        temperatures,
+        start.to(torch.float64),
+        n_ladders=args.repeats,
+        timestep=args.timestep_fs * 1e-3,
+        trajectory_steps=args.steps_per_iteration,
+        exchange_sweeps=sweeps,
+        seed=args.seed,
+    )
+    iterations = int(round(args.ns * 1e6 / (args.timestep_fs * args.steps_per_iteration)))
+    phi_rows, psi_rows = backbone_indices(molecule.topology)
+    handed = handed_rows(molecule)
+    start_signs = np.sign(dihedrals(np.asarray(molecule.positions)[None], handed))
+    shape = (args.repeats, args.replicas)
+    series = {k: [] for k in ("phi", "psi", "cis", "inverted", "states", "u")}
+    chunk: list[np.ndarray] = []
+
+    def observe(frames: list[np.ndarray]) -> None:
+        """The observables of a chunk of iterations' positions, (C, L, K, n) -> series."""
+        x = np.stack(frames).reshape(-1, 3 * molecule.n_atoms)
+        lead = (len(frames), *shape)
+        series["phi"].append(dihedrals(x, phi_rows).reshape(*lead, -1))
+        series["psi"].append(dihedrals(x, psi_rows).reshape(*lead, -1))
+        series["cis"].append(cis_frames(x, molecule.topology).reshape(lead))
+        inverted = (np.sign(dihedrals(x, handed)) != start_signs).any(axis=-1)
+        series["inverted"].append(inverted.reshape(lead))
+
+    started = time.perf_counter()
+    with tqdm(total=iterations, desc=f"PT {args.molecule}", disable=args.quiet) as bar:
+        i = 0
+        while i < iterations:
+            record = sampler.step()
+            i += 1
+            if args.minutes and i == PILOT_ITERATIONS:  # as many as fit in the time given
+                per_iteration = (time.perf_counter() - started) / i
+                fit = int(args.minutes * 60.0 / per_iteration)
+                if fit < iterations:
+                    iterations = max(fit, i)
+                    bar.reset(total=iterations)
+                    bar.update(i - 1)
+            chunk.append(record.positions.cpu().numpy())
+            series["states"].append(record.state.cpu().numpy())
+            series["u"].append(sampler.reduced_potentials(record.energy).cpu().numpy())
+            if len(chunk) == 200:
+                observe(chunk)
+                chunk = []
+            bar.update()
+        if chunk:
+            observe(chunk)
+    seconds = time.perf_counter() - started
+    joined = {
+        k: np.concatenate(v) if k in ("phi", "psi", "cis", "inverted") else np.stack(v)
+        for k, v in series.items()
+    }
+    acceptance = sampler.mean_acceptance
+    runs = []
+    for r in range(args.repeats):  # ladder r's series: (I, K, ...)
+        run = {k: v[:, r] for k, v in joined.items()}
+        run.update(
+            temperatures=temperatures,
+            seconds=seconds,
+            iterations=iterations,
+            acceptance=acceptance,
+            exchange_acceptance=sampler.exchange_acceptance,
+        )
+        runs.append(run)
+    return runs
 
 
 def round_trips(replica_states: np.ndarray) -> int:
@@ -431,7 +558,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--equilibration-fraction", type=float, default=0.1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--platform", default="Reference")
+    p.add_argument("--platform", default="Reference", help="OpenMM platform (--engine openmm)")
+    p.add_argument(
+        "--engine",
+        choices=("openmm", "torch"),
+        default="openmm",
+        help="openmm: openmmtools' sampler, one OpenMM Context per replica in turn; torch: every "
+        "replica of every repeat in one batch of the System's torch energy on --device "
+        "(neighbour exchanges, HMC moves; no constraints)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device (--engine torch)")
+    p.add_argument(
+        "--exchange-sweeps",
+        type=int,
+        help="--engine torch: alternating sweeps of neighbour exchanges per iteration "
+        "(default: --replicas)",
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        help="--engine torch: stop after this long (fewer iterations than --ns asks)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar (--engine torch)")
     p.add_argument("--n-bootstrap", type=int, default=50, help="bootstrap resamples (MBARs)")
     p.add_argument("--blocks", type=int, default=20, help="blocks of iterations a resample draws")
     p.add_argument("--out", type=Path, help="npz to write (default: benchmarks/reference/panel/)")
@@ -454,9 +602,13 @@ def main(argv: list[str] | None = None) -> int:
         help="run nothing: join the repeats of earlier outputs (distinct seeds, one protocol)",
     )
     args = p.parse_args(argv)
+    if args.engine == "torch" and args.move != "hmc":
+        p.error("--engine torch moves by HMC only; drop --move langevin or use --engine openmm")
 
     settings = {
-        k: v for k, v in vars(args).items() if k not in ("out", "raw", "combine", "from_raw")
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("out", "raw", "combine", "from_raw", "quiet")
     }
     if args.from_raw:
         repeats = []
@@ -477,9 +629,13 @@ def main(argv: list[str] | None = None) -> int:
         molecule = load_molecular_system(PANEL[args.molecule]["system"], ROOT)
         repeats, runs = [], []
         with tempfile.TemporaryDirectory() as folder:
+            ladders = run_torch_tempering(molecule, args) if args.engine == "torch" else None
             for r in range(args.repeats):
                 seed = args.seed + r
-                run = run_parallel_tempering(molecule, args, seed, Path(folder) / f"pt{r}.nc")
+                if ladders is None:
+                    run = run_parallel_tempering(molecule, args, seed, Path(folder) / f"pt{r}.nc")
+                else:
+                    run = ladders[r]
                 result = analyse(run, args.equilibration_fraction, args.n_bootstrap, args.blocks)
                 result.update(
                     seed=seed,
@@ -496,10 +652,13 @@ def main(argv: list[str] | None = None) -> int:
             keys = ("phi", "psi", "cis", "inverted", "states", "u", "seconds")
             np.savez(args.raw, **{f"{k}{r}": run[k] for r, run in enumerate(runs) for k in keys})
     combined = combine(repeats)
+    ns_run = repeats[0]["iterations"] * settings["steps_per_iteration"] * settings["timestep_fs"]
+    ns_run = round(ns_run * 1e-6, 4)
 
     print(
-        f"{args.molecule}: parallel tempering, {settings['replicas']} replicas "
-        f"300-{settings['t_max']:g} K, {settings['ns']:g} ns each per repeat"
+        f"{args.molecule}: parallel tempering ({settings.get('engine', 'openmm')}), "
+        f"{settings['replicas']} replicas "
+        f"300-{settings['t_max']:g} K, {ns_run:g} ns each per repeat"
     )
     print(
         f"{'seed':>6} {'region':>11} {'P':>7} {'dF (kT)':>15} {'P 300K':>7} "
