@@ -22,6 +22,7 @@ import panel_reference  # noqa: E402
 
 from openmm_nice.analysis import observables  # noqa: E402
 from openmm_nice.molecule.systems import load_molecular_system  # noqa: E402
+from openmm_nice.sampling.tempering import geometric_temperatures  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +226,32 @@ def test_short_parallel_tempering_runs_write_references_that_combine(tmp_path):
         assert json.loads(str(data["settings"]))["ns"] == 0.004
     with pytest.raises(SystemExit, match="repeat seeds"):
         panel_reference.main(["alanine_dipeptide_vacuum", "--combine", str(a), str(a)])
+
+
+def test_torch_engine_runs_the_repeats_as_ladders_of_one_batch(tmp_path, capsys):
+    argv = ["alanine_dipeptide_vacuum", "--engine", "torch", "--ns", "0.003", "--replicas", "3"]
+    argv += ["--repeats", "2", "--steps-per-iteration", "25", "--timestep-fs", "2"]
+    argv += ["--n-bootstrap", "5", "--blocks", "4", "--quiet", "--exchange-sweeps", "2"]
+    out, raw = tmp_path / "t.npz", tmp_path / "raw.npz"
+    assert panel_reference.main([*argv, "--out", str(out), "--raw", str(raw)]) == 0
+    assert "parallel tempering (torch)" in capsys.readouterr().out
+    with np.load(raw) as data:
+        assert data["u0"].shape == (60, 3, 3) and data["phi1"].shape == (60, 3, 1)
+        for r in (0, 1):  # each ladder holds one replica at each state at every iteration
+            assert (np.sort(data[f"states{r}"], axis=1) == np.arange(3)).all()
+            # u is each replica's energy over kT at every state: U / kT_s * T_s is one energy
+            u = data[f"u{r}"]
+            temperatures = geometric_temperatures(300.0, 1200.0, 3)
+            np.testing.assert_allclose(
+                u * temperatures, (u[..., :1] * 300.0).repeat(3, -1), rtol=1e-12
+            )
+        assert not np.array_equal(data["u0"], data["u1"])  # two ladders, not one twice
+    with np.load(out) as data:
+        repeats = json.loads(str(data["repeats_json"]))
+        assert [r["seed"] for r in repeats] == [0, 1]
+        assert 0.5 < repeats[0]["acceptance"] <= 1.0
+    with pytest.raises(SystemExit):  # the torch engine moves by HMC only
+        panel_reference.main([*argv, "--move", "langevin", "--out", str(out)])
 
 
 @pytest.mark.slow
