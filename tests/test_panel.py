@@ -313,3 +313,19 @@ def test_torch_energy_matches_openmm_on_every_panel_system(molecules):
         force_scale = np.abs(np.array(forces)).max()
         difference = np.abs(-gradient.numpy().reshape(positions.shape) - np.array(forces))
         assert (difference <= 1e-8 * force_scale).all(), name
+
+
+@pytest.mark.slow
+def test_the_recipe_runs_end_to_end_on_a_residue_the_panel_does_not_hold(tmp_path, capsys):
+    # glycine: no CB, no stereocentre at CA, a topology the panel's molecules never show
+    import unseen_residues
+
+    argv = ["GLY", "--out", str(tmp_path), "--steps", "3", "--samples", "200"]
+    argv += ["--ais-steps", "2", "--quiet", "--set", "training.refit_samples=300"]
+    argv += ["--set", "training.buffer_size=300", "--set", "training.walkers=16"]
+    assert unseen_residues.main(argv) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (row,) = record["rows"]
+    assert row["stage"] == "done" and row["error"] is None and row["atoms"] == 19
+    assert 0 < row["ess"] <= 1 and record["failed"] == []
+    assert (tmp_path / "GLY" / "summary.json").exists()
