@@ -102,11 +102,11 @@ class ModelConfig(_Section):
     # condition torsion densities on parent torsions (a Chow-Liu forest fitted with the map),
     # so that e.g. psi's density follows phi's basin; see MolecularTransform
     torsion_tree: bool = True
-    # how the torsion tree's child densities are smoothed in each parent bin: "fixed" (the
-    # default), by the child's own width; "adaptive", wider in a bin with fewer than 3,000
+    # how the torsion tree's child densities are smoothed in each parent bin: "fixed", by the
+    # child's own width; "adaptive" (the default), wider in a bin with fewer than 3,000
     # effective frames, by (3000 / frames)^(1/5), so that a rarely visited parent angle's few
     # heavy-weighted frames spread over their basin rather than make a comb of narrow spikes
-    torsion_tree_smoothing: Literal["fixed", "adaptive"] = "fixed"
+    torsion_tree_smoothing: Literal["fixed", "adaptive"] = "adaptive"
     # let the bonds' and angles' normalisation (shift and scale) follow the torsions, so that
     # the geometry around an atom can change with the rotamers around it: true: fitted by
     # regression with each map refit; "learned" (the default): trained with the flow by the loss
@@ -577,6 +577,7 @@ def apply_overrides(data: dict | None, overrides: Sequence[str]) -> dict:
 EARLIER_DEFAULTS = {
     ("model", "stiff_conditioning"): False,
     ("model", "initial_torsions"): "uniform",
+    ("model", "torsion_tree_smoothing"): "fixed",
 }
 
 

@@ -95,6 +95,7 @@ def test_a_run_saved_before_a_key_existed_loads_and_resumes_as_it_was_trained(tm
     with load_run(run) as (config, _, generator):
         assert config.model.stiff_conditioning is False
         assert config.model.initial_torsions == "uniform"
+        assert config.model.torsion_tree_smoothing == "fixed"
         assert not any("stiff" in name for name, _ in generator.named_parameters())
     resumed = load_config(run / "config.yaml", saved_run=True)
     _check_resumed_config(resumed, state, run / "checkpoint.pt")  # no difference: resumable
