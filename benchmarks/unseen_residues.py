@@ -2,11 +2,12 @@
 
 Outside checks run the recipe on molecules nobody here has seen. This script makes each residue's
 capped dipeptide (ACE-X-NME; ACE-X-Y-...-NME for X-Y-...) with examples/make_dipeptide.py
-(pdbfixer, amber14, in vacuum or with --implicit OBC2 solvent), builds the panel's config for it (the recipe with only `system` and D = 3N - 6 + 6 changed), trains it
-for --steps steps with the small settings below (a shrunken schedule: every stage of the recipe
-runs, briefly), and draws --samples samples with a few AIS levels. It checks that every stage runs
-on the new molecule (PDB, force field, internal coordinates, scans, refits, walkers, AIS) and that
-the weights are finite; the figures of so short a training say nothing of the recipe's quality.
+(pdbfixer, amber14, in vacuum or with --implicit OBC2 solvent), builds the panel's config for
+it (the recipe with only `system` and D = 3N - 6 + 6 changed), trains it for --steps steps with
+the small settings below (a shrunken schedule: every stage of the recipe runs, briefly), and
+draws --samples samples with a few AIS levels. It checks that every stage runs on the new
+molecule (PDB, force field, internal coordinates, scans, refits, walkers, AIS) and that the
+weights are finite; the figures of so short a training say nothing of the recipe's quality.
 A residue that fails is a bug: the table gives the stage and the error.
 
 It prints one table and one JSON line.

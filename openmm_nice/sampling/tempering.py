@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import openmm.unit as unit
 import torch
 from torch import Tensor
 
@@ -31,7 +32,7 @@ from openmm_nice.errors import UserInputError
 
 __all__ = ["MOLAR_GAS_CONSTANT", "ParallelTempering", "geometric_temperatures"]
 
-MOLAR_GAS_CONSTANT = 0.00831446261815324  # kJ/mol/K (OpenMM's BOLTZ)
+MOLAR_GAS_CONSTANT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
 
 
 def geometric_temperatures(t_min: float, t_max: float, n: int) -> list[float]:

@@ -22,16 +22,20 @@ TILT = 1.5  # kJ/mol per WIDTH: the right well lower
 SPRING = 5000.0  # kJ/mol/nm^2 on y and z
 
 
+def _well(x):
+    """The tilted double well along x (numpy or torch), kJ/mol."""
+    s = x / WIDTH
+    return HEIGHT * (s**2 - 1) ** 2 - TILT * s
+
+
 def _double_well(x: torch.Tensor) -> torch.Tensor:
-    s = x[..., 0] / WIDTH
-    return HEIGHT * (s**2 - 1) ** 2 - TILT * s + 0.5 * SPRING * (x[..., 1:] ** 2).sum(-1)
+    return _well(x[..., 0]) + 0.5 * SPRING * (x[..., 1:] ** 2).sum(-1)
 
 
 def _quadrature(temperature: float) -> tuple[float, float]:
     """P(x > 0) and the mean of x of the double well's x at ``temperature``, by quadrature."""
     x = np.linspace(-3 * WIDTH, 3 * WIDTH, 200_001)
-    s = x / WIDTH
-    u = HEIGHT * (s**2 - 1) ** 2 - TILT * s
+    u = _well(x)
     p = np.exp(-(u - u.min()) / (MOLAR_GAS_CONSTANT * temperature))
     p /= p.sum()
     return float(p[x > 0].sum()), float((p * x).sum())
