@@ -15,8 +15,7 @@ configurational Boltzmann distribution, and the heavier hydrogens allow the long
 as torch operations (float64), on --device (`openmm_nice.sampling.tempering.ParallelTempering`):
 the same HMC move, neighbour exchanges (--exchange-sweeps alternating sweeps per iteration
 instead of openmmtools' all-pairs attempts), the repeats as independent ladders. On the 2-core
-CPU it is slower than OpenMM's Reference platform (about 10,000 replica steps/s for alanine
-dipeptide on one thread, whatever the batch); it is for a GPU, where the batch is the repeats
+CPU it is slower than OpenMM's Reference platform; it is for a GPU, where the batch is the repeats
 times the replicas, and --minutes cuts the run to the time the device is lent for. Systems with
 constraints are refused.
 
