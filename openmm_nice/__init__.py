@@ -67,7 +67,7 @@ from openmm_nice.molecule.systems import (
 from openmm_nice.molecule.zmatrix import build_zmatrix
 from openmm_nice.runs import Run, Samples, load_run, sample_run, sweep_latent_dims, train_run
 from openmm_nice.sampling.ais import annealed_importance_sampling
-from openmm_nice.training.trainer import Trainer
+from openmm_nice.training.trainer import Trainer, TrainingInterrupted
 
 __all__ = [
     "AdditiveCoupling",
@@ -94,6 +94,7 @@ __all__ = [
     "TorchEnergy",
     "TorchSystemEnergy",
     "Trainer",
+    "TrainingInterrupted",
     "UserInputError",
     "WeightDiagnostics",
     "RegionDiagnostics",

@@ -13,6 +13,7 @@ from openmm_nice.analysis.reweighting import N_BOOTSTRAP
 from openmm_nice.config import load_config
 from openmm_nice.errors import UserInputError
 from openmm_nice.runs import sample_run, sweep_latent_dims, train_run
+from openmm_nice.training.trainer import TrainingInterrupted
 
 __all__ = ["main", "build_parser"]
 
@@ -488,6 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     except (UserInputError, FileNotFoundError, FileExistsError) as error:
         print(f"openmm-nice {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        hint = f"; continue with `openmm-nice train --resume --out {args.out}`"
+        print(
+            f"openmm-nice {args.command}: stopped by {stop}{hint if args.command == 'train' else ''}",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
     if not getattr(args, "quiet", False):
         print(f"done in {time.time() - started:.1f} s", file=sys.stderr)
     return code

@@ -233,6 +233,37 @@ def test_sigkill_then_resume_finishes_with_continuous_metrics(tmp_path):
     assert steps == list(range(25, steps[-1] + 1, 25))
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes(
+    tmp_path, tiny_config, capsys, monkeypatch, signum
+):
+    """The signal arrives during step 7 (of 40, checkpoints every 20): the step is finished,
+    the checkpoint holds step 7, no summary is written, the handlers are put back, and the
+    command says how to go on; the resumed run finishes."""
+    from openmm_nice.training.trainer import Trainer
+
+    take_step = Trainer._train_step
+
+    def step_with_signal(self):
+        if self.step == 6:
+            os.kill(os.getpid(), signum)
+        return take_step(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", step_with_signal)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_config), "--out", str(run), "--quiet"]) == 128 + signum
+    err = capsys.readouterr().err
+    assert f"{signal.Signals(signum).name} after step 7" in err and "--resume" in err
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 7
+    assert not (run / "summary.json").exists()
+    assert {s: signal.getsignal(s) for s in before} == before
+    monkeypatch.undo()
+    assert main(["train", "--resume", "--out", str(run), "--quiet"]) == 0
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 40
+    assert (run / "summary.json").is_file()
+
+
 def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path, tiny_config, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

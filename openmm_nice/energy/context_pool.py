@@ -150,7 +150,10 @@ def _worker_main(
     that block until none are left, then reply None, or a traceback on failure. ``None`` or a
     closed pipe ends the worker.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller decides how to stop us
+    # the caller decides how to stop us: Ctrl-C and a SIGTERM sent to the whole process group
+    # (a scheduler's) let it finish its step and close the pool; its exit closes our pipe
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if core is not None:
         os.sched_setaffinity(0, {core})
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import bisect
 import inspect
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +23,57 @@ from openmm_nice.flows.generator import BoltzmannGenerator
 from openmm_nice.training.buffer import SampleBuffer
 from openmm_nice.training.walkers import Walkers
 
-__all__ = ["Trainer", "TrainingSchedule", "reverse_kl", "nll", "reweighted_forward_kl"]
+__all__ = [
+    "Trainer",
+    "TrainingInterrupted",
+    "TrainingSchedule",
+    "reverse_kl",
+    "nll",
+    "reweighted_forward_kl",
+]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM after a whole step, its reporters (the
+    checkpoint among them) told as at the end of a run; ``step`` is the last step taken and
+    ``signum`` the signal. A ``KeyboardInterrupt``, so code that stops on Ctrl-C still does."""
+
+    def __init__(self, step: int, signum: int):
+        self.step = int(step)
+        self.signum = int(signum)
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} after step {self.step}: the checkpoint holds that step")
+
+
+class _StopRequests:
+    """While open, SIGINT and SIGTERM set ``signum`` instead of stopping the process at once, so
+    that training stops between steps; the first signal puts the previous handler back, so a
+    second one stops at once as before. Only in the main thread of a single process: ranks of a
+    torch.distributed run could stop at different steps and wait on each other for ever."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        if threading.current_thread() is threading.main_thread() and not distributed:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            # None: a handler not installed from Python (an embedding host's); the default then
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 def reverse_kl(
@@ -664,6 +716,15 @@ class Trainer:
         target = self.steps if steps is None else min(int(steps), self.steps)
         self.generator.train()
         next_report = [r.describeNextReport(self) for r in self.reporters]
+        with _StopRequests() as stop:
+            self._run_steps(target, next_report, stop)
+        self.generator.eval()
+        if stop.signum is not None:
+            raise TrainingInterrupted(self.step, stop.signum)
+
+    def _run_steps(self, target: int, next_report: list[int], stop: _StopRequests) -> None:
+        """Steps until ``target``, or until a stop is requested: then the step in progress is
+        finished and every reporter is told as at the end of the run."""
         while self.step < target:
             start = time.perf_counter()
             if self.step in self.map_refits:
@@ -682,12 +743,13 @@ class Trainer:
             state["elapsed_s"] = self.elapsed
             state["energy_evaluations"] = self.generator.energy.evaluation_count
             state["non_finite_energies"] = self.non_finite_energies
+            if stop.signum is not None:
+                target = self.step
             for i, reporter in enumerate(self.reporters):
                 next_report[i] -= 1
                 if next_report[i] <= 0 or self.step == target:
                     reporter.report(self, state)
                     next_report[i] = reporter.describeNextReport(self)
-        self.generator.eval()
 
     def state_dict(self) -> dict:
         """Everything needed to resume: model, optimiser, schedule, step, random states."""

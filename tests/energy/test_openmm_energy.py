@@ -499,6 +499,21 @@ def test_dead_worker_raises_then_recovers(alanine_two_workers, alanine_batch, al
     assert energy.worker_pids != [pid]
 
 
+def test_workers_leave_ctrl_c_and_sigterm_to_the_caller(
+    alanine_two_workers, alanine_batch, alanine_reference
+):
+    """A signal to the whole process group (Ctrl-C, a scheduler's SIGTERM) does not kill the
+    workers under a caller that stops between steps: they keep evaluating until it closes them."""
+    energy = alanine_two_workers
+    check_alanine(energy, alanine_batch[:4], tuple(a[:4] for a in alanine_reference))
+    (pid,) = energy.worker_pids
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    check_alanine(energy, alanine_batch, alanine_reference)
+    assert energy.worker_pids == [pid]
+
+
 def test_worker_killed_during_batch(alanine_two_workers, alanine_batch):
     energy = alanine_two_workers
     energy(torch.tensor(alanine_batch[:2].reshape(2, -1)))
