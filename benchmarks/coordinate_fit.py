@@ -13,7 +13,10 @@ and widths, not shape). The target's moments come from the flow samples' own wei
 --target-samples, from a better-weighted sample file such as the panel's AIS samples. Beside
 the marginals' sum it prints the KL of the two Gaussians with their full covariances (linear
 correlations), with --by-backbone the marginals' KL within each backbone region (phi > 0,
-psi alpha; regions the weights barely see left out) plus the regions' shares, and the model's
+psi alpha; regions the weights barely see left out) plus the regions' shares, with
+--torsion-states the ESS/N the flow's own samples would have if their weights were constant
+within each torsion's (or torsion pair's) 120-degree states (is the spread between rotamer
+states, or within them?), and the model's
 whole KL(q || p) = log Z - E_q[log w], with log Z from the flow's weights (an underestimate
 when they are poor, so the KL is one too; a few clashes of U > 1e6 kT can dominate the mean,
 so it is printed also without the lowest 1% of log w). A sum of marginal KLs is no budget of
@@ -23,7 +26,7 @@ overall), not read as parts of the whole. It prints one table and one JSON line.
 
 Usage:
     python benchmarks/coordinate_fit.py RUN [--n 200000] [--top 15] [--seed 0] \\
-        [--target-samples RUN/ais_samples.npz] [--by-backbone]
+        [--target-samples RUN/ais_samples.npz] [--by-backbone] [--torsion-states]
 """
 
 from __future__ import annotations
@@ -134,6 +137,43 @@ def conditional_marginal_kl(
     return shares_kl, within, left_out
 
 
+def state_ess_bound(labels: np.ndarray, log_w: np.ndarray) -> float:
+    """The ESS/N that a model's own samples would have if their weights were constant within
+    each discrete state (``labels``: (N,) or (N, k), one state per distinct row): 1 / sum_s
+    P_w(s)^2 / P_q(s), with P_q a state's share of the samples and P_w its share of the
+    weights. Only the states' shares being off lowers it; the gap between it and the samples'
+    ESS/N is the weights' spread within the states."""
+    labels = np.asarray(labels)
+    _, state = np.unique(labels.reshape(len(labels), -1), axis=0, return_inverse=True)
+    state = state.reshape(-1)
+    w = normalized_weights(log_w)
+    p_q = np.bincount(state) / len(state)
+    p_w = np.bincount(state, weights=w, minlength=len(p_q))
+    return float(1.0 / np.sum(p_w**2 / p_q))
+
+
+def torsion_states(x: np.ndarray, zmatrix: np.ndarray) -> np.ndarray:
+    """Each Z-matrix torsion of frames ``x`` (N, 3 n_atoms) in one of three 120-degree arcs,
+    [0, 120), [120, 240), [240, 360) degrees: (N, T) integers. The arcs' edges fall between
+    the staggered wells (60, 180, 300) of a rotor, so that each well is one state."""
+    rows = np.asarray(zmatrix)[3:]
+    xyz = np.asarray(x, dtype=np.float64).reshape(len(x), -1, 3)
+    angle = np.mod(dihedrals(xyz, rows), 2 * np.pi)
+    return np.minimum((angle / (2 * np.pi / 3)).astype(np.int64), 2)
+
+
+def torsion_state_bounds(states: np.ndarray, log_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`state_ess_bound` of each torsion's states alone (T,) and of each pair's joint
+    states (T, T), the model's own samples and weights."""
+    t = states.shape[1]
+    single = np.array([state_ess_bound(states[:, j], log_w) for j in range(t)])
+    pairs = np.ones((t, t))
+    for i in range(t):
+        for j in range(i + 1, t):
+            pairs[i, j] = pairs[j, i] = state_ess_bound(states[:, [i, j]], log_w)
+    return single, pairs
+
+
 def backbone_state(x: np.ndarray, topology) -> np.ndarray:
     """An integer per frame of Cartesian positions (N, 3 n_atoms) in nm: which of the panel's
     backbone regions (phi > 0, psi alpha, per residue) it lies in, as bits."""
@@ -173,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also the marginals' KL given the backbone region (phi > 0, psi alpha per residue)",
     )
+    parser.add_argument(
+        "--torsion-states",
+        action="store_true",
+        help="also the flow's ESS/N bound from each torsion's (and pair's) 120-degree states: "
+        "how much of its weights' spread lies between rotamer states",
+    )
     args = parser.parse_args(argv)
 
     with load_run(args.run) as run:
@@ -198,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.by_backbone:
             topology = run.target.mdtraj_topology()
             label_q, label_p = backbone_state(flow.x, topology), backbone_state(x_p, topology)
+        if args.torsion_states:
+            states = torsion_states(flow.x, coordinates.internal.zmatrix)
     if len(names) != s.shape[1]:
         raise RuntimeError(f"{len(names)} coordinate names for {s.shape[1]} flow coordinates")
     moments = coordinate_moments(s, s_p, log_w_p)
@@ -242,6 +290,28 @@ def main(argv: list[str] | None = None) -> int:
             f"within them {within:.2f}, together {shares_kl + within:.2f} (regions with a weighted "
             f"ESS below 100 left out: {left_out:.3f} of the flow's samples)"
         )
+    by_state = None
+    if args.torsion_states:
+        finite = np.isfinite(flow.log_w)
+        single, pairs = torsion_state_bounds(states[finite], flow.log_w[finite])
+        torsion_names = names[len(names) - len(single) :]
+        i, j = np.triu_indices(len(single), 1)
+        worst = np.argsort(pairs[i, j])[:3]
+        by_state = {
+            "flow_ess": float(effective_sample_size(flow.log_w[finite]) / finite.sum()),
+            "single": {torsion_names[k]: float(single[k]) for k in np.argsort(single)[:3]},
+            "pairs": [
+                [torsion_names[i[k]], torsion_names[j[k]], float(pairs[i[k], j[k]])] for k in worst
+            ],
+        }
+        print(
+            f"the flow's ESS/N {by_state['flow_ess']:.4f}; with its weights constant within each "
+            "torsion's 120-degree states, at most:"
+        )
+        for name, bound in by_state["single"].items():
+            print(f"  {name:<60} {bound:.3f}")
+        for a, b, bound in by_state["pairs"]:
+            print(f"  {a} x {b.split()[1]:<30} {bound:.3f}")
     print(
         f"the model's KL(q || p), nats: {kl_model:.4g} (log Z - mean log w); without the lowest "
         f"1% of log w: {kl_bulk:.2f}"
@@ -256,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "kl_bulk": kl_bulk,
         "kl_gaussian": kl_linear,
         "kl_by_backbone": by_backbone,
+        "torsion_states": by_state,
         "target_samples": source,
         "top": [
             {

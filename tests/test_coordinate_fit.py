@@ -76,6 +76,43 @@ def test_the_marginals_given_a_state_see_a_shift_that_follows_it():
     assert abs(left_out - np.mean(label_q == 1)) < 1e-12 and abs(within - 0.25) < 0.02
 
 
+def test_the_state_bound_sees_only_the_states_shares():
+    """q: two states, half each; weights that put 0.8 of the mass in state 0, constant within
+    each state: the bound is 1 / (0.8^2 / 0.5 + 0.2^2 / 0.5) and equals the samples' ESS/N.
+    Weights that also spread within a state lower the ESS, not the bound."""
+    rng = np.random.default_rng(3)
+    n = 100_000
+    label = np.repeat([0, 1], n // 2)
+    log_w = np.log(np.where(label == 0, 0.8, 0.2))
+    exact = 1 / (0.8**2 / 0.5 + 0.2**2 / 0.5)
+    bound = coordinate_fit.state_ess_bound(label, log_w)
+    w = np.exp(log_w) / np.exp(log_w).sum()
+    assert abs(bound - exact) < 1e-12 and abs(1 / (n * (w**2).sum()) - exact) < 1e-12
+    spread = log_w + rng.standard_normal(n)
+    w = np.exp(spread) / np.exp(spread).sum()
+    assert 1 / (n * (w**2).sum()) < 0.5 * exact
+    assert abs(coordinate_fit.state_ess_bound(label, spread) - exact) < 0.01
+    # pairs of labels are joint states: a second column that splits state 0 evenly adds none
+    both = np.stack([label, rng.integers(0, 2, n) * (label == 0)], axis=1)
+    assert abs(coordinate_fit.state_ess_bound(both, log_w) - exact) < 1e-12
+
+
+def test_torsion_states_are_the_three_rotor_wells():
+    """A four-atom chain turned to torsions of 60, 180 and 300 degrees: states 0, 1, 2."""
+    frames = []
+    for degrees in (60.0, 180.0, 300.0, -60.0):
+        a = np.radians(degrees)
+        xyz = [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [np.cos(a), 1.0, np.sin(a)]]
+        frames.append(np.asarray(xyz)[::-1].ravel() * 0.15)  # atom 3 first, as a Z-matrix row
+    zmatrix = np.array([[3, -1, -1, -1], [2, 3, -1, -1], [1, 2, 3, -1], [0, 1, 2, 3]])
+    states = coordinate_fit.torsion_states(np.asarray(frames), zmatrix)
+    assert states.shape == (4, 1)
+    turned = coordinate_fit.dihedrals(np.asarray(frames).reshape(4, 4, 3), zmatrix[3:])[:, 0]
+    expected = (np.mod(turned, 2 * np.pi) // (2 * np.pi / 3)).astype(int)
+    assert sorted(states[:3, 0]) == [0, 1, 2] and (states[:, 0] == expected).all()
+    assert states[2, 0] == states[3, 0]
+
+
 def test_the_script_names_and_ranks_a_trained_molecule_s_coordinates(tmp_path, capsys):
     data = panel_config("alanine_dipeptide_vacuum")
     overrides = ["training.refit_samples=500", "training.refit_steps=2", "n_workers=1"]
@@ -87,13 +124,17 @@ def test_the_script_names_and_ranks_a_trained_molecule_s_coordinates(tmp_path, c
     sample = ["sample", str(tmp_path / "run"), "--n", "300", "--ais-steps", "2"]
     assert cli_main([*sample, "--out", str(samples), "--quiet"]) == 0
     argv = [str(tmp_path / "run"), "--n", "600", "--top", "5", "--target-samples", str(samples)]
-    argv += ["--by-backbone"]
+    argv += ["--by-backbone", "--torsion-states"]
     assert coordinate_fit.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     record = json.loads(lines[-1])
     assert record["n"] == 600 and len(record["top"]) == 5
     assert record["target_samples"] == str(samples) and math.isfinite(record["kl_gaussian"])
     assert set(record["kl_by_backbone"]) == {"shares", "within", "total", "left_out"}
+    states = record["torsion_states"]
+    bounds = [*states["single"].values()] + [pair[2] for pair in states["pairs"]]
+    assert len(states["single"]) == 3 and len(states["pairs"]) == 3
+    assert all(states["flow_ess"] - 1e-9 <= b <= 1 + 1e-9 for b in bounds)
     kls = [row["kl"] for row in record["top"]]
     assert kls == sorted(kls, reverse=True)
     assert set(record["kl_sum"]) == {"bond", "angle", "torsion"} and record["kl_model"] >= 0
