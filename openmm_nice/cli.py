@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -270,6 +272,45 @@ def _add_set(p: argparse.ArgumentParser, configs: str = "the config") -> None:
     )
 
 
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch's threads in this process (the OpenMM worker processes are separate); "
+        "default: OMP_NUM_THREADS where it is set, else 1: the models' operations are small, "
+        "and on 2 CPU cores one thread trained the examples 2x faster than two "
+        "(benchmarks/threads.py)",
+    )
+
+
+def _torch_threads(args) -> int | None:
+    """The number of torch threads a command runs with: --threads, else 1 unless the user set
+    OMP_NUM_THREADS (then torch's own choice, None)."""
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise UserInputError(f"--threads must be at least 1, got {threads}")
+    if threads is None and "OMP_NUM_THREADS" not in os.environ and hasattr(args, "threads"):
+        threads = 1
+    return threads
+
+
+@contextlib.contextmanager
+def _torch_thread_count(threads: int | None):
+    """torch's intra-op threads set to ``threads`` inside the block (unchanged for None), and
+    restored after it, so that a caller of :func:`main` in Python keeps its own setting."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _version() -> str:
     from openmm_nice import __version__
 
@@ -305,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="override device (cpu, cuda, cuda:1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     _add_set(p, "CONFIG")
+    _add_threads(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="draw samples with importance weights from a trained run")
@@ -335,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="override the run's device")
     p.add_argument("--quiet", action="store_true")
+    _add_threads(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser(
@@ -349,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=20000, help="fresh latents for J_R and its error")
     p.add_argument("--quiet", action="store_true")
     _add_set(p)
+    _add_threads(p)
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser(
@@ -474,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the proposals and the Langevin noise")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    _add_threads(p)
     p.set_defaults(func=_cmd_mcmc)
     return parser
 
@@ -485,7 +530,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("train needs a CONFIG (or --resume with --out RUN)")
     started = time.time()
     try:
-        code = args.func(args)
+        threads = _torch_threads(args)
+        with _torch_thread_count(threads):
+            code = args.func(args)
     except (UserInputError, FileNotFoundError, FileExistsError) as error:
         print(f"openmm-nice {args.command}: error: {error}", file=sys.stderr)
         return 2

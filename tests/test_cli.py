@@ -355,3 +355,34 @@ def test_a_file_that_is_not_an_npz_and_a_latent_dim_below_d_get_one_line(tmp_pat
     assert main(["train", str(small), "--out", str(tmp_path / "run"), "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model.latent_dim is 10" in err and "at least 60" in err, err
+
+
+def test_commands_run_torch_on_one_thread_unless_told_and_restore_the_callers(
+    monkeypatch, tmp_path, capsys
+):
+    import openmm_nice.cli as cli
+    from openmm_nice.errors import UserInputError
+
+    seen = []
+
+    def train_run(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise UserInputError("stop here")
+
+    monkeypatch.setattr(cli, "train_run", train_run)
+    argv = ["train", str(ROOT / "examples" / "double_well_1d.yaml"), "--out", str(tmp_path / "r")]
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(2)
+        assert main(argv) == 2 and seen[-1] == 1  # the default: one thread
+        assert main([*argv, "--threads", "2"]) == 2 and seen[-1] == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's setting is torch's business
+        torch.set_num_threads(3)
+        assert main(argv) == 2 and seen[-1] == 3
+        assert torch.get_num_threads() == 3  # the caller's count is back after each command
+        capsys.readouterr()
+        assert main([*argv, "--threads", "0"]) == 2
+        assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

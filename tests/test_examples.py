@@ -17,6 +17,9 @@ from openmm_nice.analysis.reweighting import (
 from openmm_nice.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
+# shortened molecule runs: the map refits and the buffer additions draw 1,024 samples (not 100,000
+# and 4,096), so that the smoke tests spend their time on every stage, not on one
+SMALL_DRAWS = ["--set", "training.refit_samples=1024", "--set", "training.buffer_draws=1024"]
 
 
 def _readme_main_job() -> list[list[str]]:
@@ -36,10 +39,10 @@ def test_readme_main_job_runs_shortened(tmp_path, monkeypatch):
     assert commands[0][1] == "train"
     for argv in commands:
         args = argv[1:]
-        if args[0] == "train":  # 20 steps, each map refit fitted to 4,096 draws (not 100,000)
-            args += ["--steps", "20", "--quiet", "--set", "training.refit_samples=4096"]
-        if args[0] == "sample":
-            args[args.index("--n") + 1] = "2000"
+        if args[0] == "train":  # 20 steps; the map refit and the buffer take 1,024 draws each
+            args += ["--steps", "20", "--quiet", *SMALL_DRAWS]
+        if args[0] == "sample":  # the configured AIS levels on 256 samples
+            args[args.index("--n") + 1] = "256"
         assert main(args) == 0, argv
 
 
@@ -73,7 +76,7 @@ def test_alanine_example_trains_and_samples_with_openmm_energies(tmp_path):
 
     run = tmp_path / "run"
     config = str(ROOT / "examples" / "alanine_dipeptide.yaml")
-    shortened = ["--steps", "3", "--quiet", "--set", "training.refit_samples=4096"]
+    shortened = ["--steps", "3", "--quiet", *SMALL_DRAWS]
     assert main(["train", config, "--out", str(run), *shortened]) == 0
     samples, traj = tmp_path / "s.npz", tmp_path / "s.dcd"
     assert main(["sample", str(run), "--n", "64", "--out", str(samples), "--traj", str(traj)]) == 0

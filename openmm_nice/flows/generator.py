@@ -61,6 +61,7 @@ class Draw:
 
 
 _MODEL_DEFAULTS = ModelConfig()  # one set of defaults: the config's
+_LOG_PROB_ROWS = 65536  # rows per flow pass when log_prob averages over draws of y
 
 
 class BoltzmannGenerator(nn.Module):
@@ -277,9 +278,16 @@ class BoltzmannGenerator(nn.Module):
         x_flow, ladj = self._from_target(x)
         if self.conditional is None:
             return self.flow_log_prob(x_flow, x_flow[:, :0]) + ladj
-        terms = []
-        for _ in range(n_y):
-            y = self.conditional.sample(x_flow, rng)
-            terms.append(self.flow_log_prob(x_flow, y) - self.conditional.log_prob(y, x_flow))
-        stacked = torch.stack(terms)
-        return torch.logsumexp(stacked, 0) - math.log(n_y) + ladj
+        if n_y < 1:
+            raise ValueError(f"n_y must be at least 1, got {n_y}")
+        # the n_y draws of y for every row go through the flow as one batch, in chunks of about
+        # _LOG_PROB_ROWS rows, so that a large n_y costs memory in proportion to the chunk only
+        per_chunk = max(1, _LOG_PROB_ROWS // max(1, len(x_flow)))
+        partial = []
+        for start in range(0, n_y, per_chunk):
+            k = min(per_chunk, n_y - start)
+            rows = x_flow.repeat(k, 1)  # k copies of the batch, draw-major
+            y = self.conditional.sample(rows, rng)
+            terms = self.flow_log_prob(rows, y) - self.conditional.log_prob(y, rows)
+            partial.append(torch.logsumexp(terms.view(k, len(x_flow)), 0))
+        return torch.logsumexp(torch.stack(partial), 0) - math.log(n_y) + ladj

@@ -10,6 +10,7 @@ import torch
 
 from openmm_nice.analysis.reweighting import bootstrap_error, log_partition_function, probability
 from openmm_nice.energy.energies import DoubleWell1D, DoubleWell2D
+from openmm_nice.flows import generator as generator_module
 from openmm_nice.flows.generator import BoltzmannGenerator, standard_normal_log_prob
 
 
@@ -69,7 +70,11 @@ def test_joint_density_is_the_change_of_variables_with_an_autograd_jacobian():
         torch.testing.assert_close(log_p[i], ref)
 
 
-def test_marginal_log_prob_for_redundant_latents_matches_quadrature_over_y():
+@pytest.mark.parametrize("rows", [65536, 310], ids=["one-pass", "chunked"])
+def test_marginal_log_prob_for_redundant_latents_matches_quadrature_over_y(rows, monkeypatch):
+    # rows: the flow passes' batch limit; 310 splits the 20,000 draws of y into 194 chunks of 103
+    # and a last one of 18
+    monkeypatch.setattr(generator_module, "_LOG_PROB_ROWS", rows)
     bg = _random_generator(DoubleWell1D(), 2)
     x = torch.tensor([[-1.2], [0.3], [1.4]])
     grid = torch.linspace(-12, 12, 24001)
@@ -81,6 +86,11 @@ def test_marginal_log_prob_for_redundant_latents_matches_quadrature_over_y():
     with torch.no_grad():
         estimate = bg.log_prob(x, n_y=20000, rng=torch.Generator().manual_seed(0))
     torch.testing.assert_close(estimate, exact, atol=0.02, rtol=0)
+
+
+def test_log_prob_refuses_fewer_than_one_draw_of_y():
+    with pytest.raises(ValueError, match="n_y must be at least 1"):
+        _random_generator(DoubleWell1D(), 2).log_prob(torch.zeros(2, 1), n_y=0)
 
 
 def test_log_prob_is_exact_without_redundant_latents():
