@@ -20,24 +20,16 @@ import tempfile
 from pathlib import Path
 
 from _machine import cpu_counters, machine_facts, stolen_fraction
-from niceness import train_rate
+from niceness import add_rate_arguments, print_rates, rate_overrides, train_rate
 
 ENGINES = ("openmm", "torch")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="examples/alanine_dipeptide.yaml")
-    parser.add_argument("--repeats", type=int, default=2, help="trials of each engine")
-    parser.add_argument("--start", type=int, default=50, help="step the rate is timed from")
-    parser.add_argument("--stop", type=int, default=300, help="step the rate is timed to")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_rate_arguments(parser)
     args = parser.parse_args()
-    if not 0 < args.start < args.stop or args.stop % args.start:
-        parser.error("--start and --stop must satisfy 0 < start < stop, stop a multiple of start")
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    overrides = [f"training.report_interval={args.start}"] + args.set
+    overrides = rate_overrides(parser, args)
     rates: dict[str, list[float]] = {engine: [] for engine in ENGINES}
     counters = cpu_counters()
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,12 +45,8 @@ def main() -> None:
             rates[engine].append(rate)
             print(f"trial {trial}: engine {engine:6s} {rate:.2f} steps/s", flush=True)
     stolen = stolen_fraction(counters, cpu_counters())
-    mean = {engine: sum(v) / len(v) for engine, v in rates.items()}
+    mean = print_rates(rates, "engine")
     ratio = mean["torch"] / mean["openmm"]
-    print(f"\n{'engine':8s} {'steps/s (each trial)':28s} mean")
-    for engine, values in rates.items():
-        listed = ", ".join(f"{v:.2f}" for v in values)
-        print(f"{engine:8s} {listed:28s} {mean[engine]:.2f}")
     print(f"torch / openmm: {ratio:.2f}x (the faster should be the default)")
     line = {
         "benchmark": "engines",

@@ -129,13 +129,41 @@ def train_rate(
     return (stop - start) / (float(last["elapsed_s"]) - float(first["elapsed_s"]))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_rate_arguments(parser: argparse.ArgumentParser, stop: int = 300) -> None:
+    """The options every training-rate benchmark shares: the config, the trials of each
+    condition, the steps the rate is timed between, and config overrides."""
     parser.add_argument("--config", default="examples/alanine_dipeptide.yaml")
     parser.add_argument("--repeats", type=int, default=2, help="trials of each condition")
     parser.add_argument("--start", type=int, default=50, help="step the rate is timed from")
-    parser.add_argument("--stop", type=int, default=300, help="step the rate is timed to")
+    parser.add_argument("--stop", type=int, default=stop, help="step the rate is timed to")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+
+def rate_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The trainings' overrides (metrics every --start steps, then --set), once the shared
+    options are checked."""
+    if not 0 < args.start < args.stop:
+        parser.error("--start and --stop must satisfy 0 < start < stop")
+    if args.stop % args.start:
+        parser.error("--stop must be a multiple of --start (metrics are written every --start)")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return [f"training.report_interval={args.start}"] + args.set
+
+
+def print_rates(rates: dict[str, list[float]], heading: str = "condition") -> dict[str, float]:
+    """A table of each condition's rates and their mean; returns the means."""
+    mean = {c: sum(v) / len(v) for c, v in rates.items()}
+    print(f"\n{heading:10s} {'steps/s (each trial)':28s} mean")
+    for condition, values in rates.items():
+        listed = ", ".join(f"{v:.3f}" for v in values)
+        print(f"{condition:10s} {listed:28s} {mean[condition]:.3f}")
+    return mean
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_rate_arguments(parser)
     parser.add_argument(
         "--beside",
         choices=["busy", "training"],
@@ -144,11 +172,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the trainings")
     args = parser.parse_args()
-    if not 0 < args.start < args.stop:
-        parser.error("--start and --stop must satisfy 0 < start < stop")
-    overrides = [f"training.report_interval={args.start}"] + args.set
-    if args.stop % args.start:
-        parser.error("--stop must be a multiple of --start (metrics are written every --start)")
+    overrides = rate_overrides(parser, args)
     env = dict(os.environ)
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -171,12 +195,8 @@ def main() -> None:
             rates[condition].append(rate)
             print(f"trial {trial}: {condition:8s} {rate:.2f} steps/s", flush=True)
     stolen = stolen_fraction(counters, cpu_counters())
-    mean = {c: sum(v) / len(v) for c, v in rates.items()}
+    mean = print_rates(rates)
     slowdown = mean["alone"] / mean[other]
-    print(f"\n{'condition':10s} {'steps/s (each trial)':28s} mean")
-    for condition, values in rates.items():
-        listed = ", ".join(f"{v:.2f}" for v in values)
-        print(f"{condition:10s} {listed:28s} {mean[condition]:.2f}")
     if other == "busy":
         print(f"slowdown beside a nice-19 busy process: {slowdown:.2f}x (issue 32: at most 1.5x)")
     else:
