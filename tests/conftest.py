@@ -6,6 +6,18 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The tests run torch on one thread, as the package's commands do by default: their
+    operations are small, and a second OpenMP thread makes each one wait for it (twice as slow
+    on 2 cores, and several times slower while anything else runs: benchmarks/RESULTS.md,
+    "Torch threads in the training process"). Tests of the thread settings set their own."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def float64_and_seed(request):
     """float64 by default; a test marked ``float32`` runs as users do, in torch's float32."""
