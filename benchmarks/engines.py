@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def main() -> None:
         "steps_per_s": rates,
         "torch_over_openmm": ratio,
         "stolen_fraction": stolen,
+        # the trainings' torch threads: None is the command's default, one (machine_facts'
+        # torch_threads is this process's own count)
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         **machine_facts(),
     }
     print(json.dumps(line))
