@@ -30,16 +30,6 @@ from openmm_nice.training.trainer import Trainer
 EXACT_LEFT = 0.93273  # P(x < 0) of the note's double well, DoubleWell1D().probability_below(0, 0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models and chains here work on small batches, for which torch's thread pool only
-    costs (set before the module's other fixtures train their models)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def probability_below_zero(beta: float) -> float:
     """P(x < 0) under exp(-beta (x^4 - 4x^2 + x)), by quadrature."""
     x = np.linspace(-6.0, 6.0, 400_001)
